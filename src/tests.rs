@@ -1,0 +1,477 @@
+// SQL behaviour of the extension, run by `cargo pgrx test` inside a real PostgreSQL with the
+// extension created (included into `mod tests` in lib.rs). Each test runs in a transaction
+// that is rolled back afterwards, so `now()` is fixed within a test; behaviour across time
+// and connections is covered by the whole-system tests in `tests/`.
+
+use pgrx::prelude::*;
+
+/// Runs `sql` and returns "SQLSTATE message" if it failed, or `None` if it succeeded. The
+/// statement runs in a subtransaction, so a refusal leaves nothing behind.
+fn error_of(sql: &str) -> Option<String> {
+    Spi::run(
+        "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$
+         BEGIN EXECUTE q; RETURN NULL;
+         EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE || ' ' || SQLERRM; END $$",
+    )
+    .unwrap();
+    Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()]).unwrap()
+}
+
+/// The SQLSTATE `sql` failed with, or `None` if it succeeded.
+fn sqlstate_of(sql: &str) -> Option<String> {
+    error_of(sql).map(|s| s.split_once(' ').map(|(code, _)| code.to_string()).unwrap_or(s))
+}
+
+fn assert_refused(sql: &str, code: &str) {
+    assert_eq!(sqlstate_of(sql).as_deref(), Some(code), "expected SQLSTATE {code} from: {sql}");
+}
+
+fn count(sql: &str) -> i64 {
+    Spi::get_one::<i64>(sql).unwrap().unwrap()
+}
+
+fn text(sql: &str) -> String {
+    Spi::get_one::<String>(sql).unwrap().unwrap()
+}
+
+fn endpoint(url: &str, extra: &str) -> String {
+    text(&format!("SELECT outbox.create_endpoint('{url}'{extra})::text"))
+}
+
+#[pg_test]
+fn create_endpoint_generates_a_standard_secret() {
+    let id = endpoint("https://example.com/hooks", "");
+    let secret = text(&format!("SELECT outbox.endpoint_secret('{id}')"));
+    assert!(secret.starts_with("whsec_"));
+    assert!(outbox_core::signing::SigningKey::parse(&secret).is_ok());
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD.decode(&secret[6..]).unwrap();
+    assert_eq!(key.len(), 32);
+    let other = endpoint("https://example.com/other", "");
+    assert_ne!(secret, text(&format!("SELECT outbox.endpoint_secret('{other}')")));
+    // The view people read has no secret in it.
+    assert_eq!(
+        count("SELECT count(*) FROM information_schema.columns WHERE table_schema = 'outbox' AND table_name = 'endpoints' AND column_name = 'secret'"),
+        0
+    );
+    assert_eq!(text(&format!("SELECT url FROM outbox.endpoints WHERE id = '{id}'")), "https://example.com/hooks");
+}
+
+#[pg_test]
+fn create_endpoint_keeps_given_settings() {
+    let id = endpoint(
+        "https://Example.com:8443/a?b=c",
+        ", event_types => '{order.*,user.created}', secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', \
+           headers => '{\"Authorization\": \"Bearer t\"}', timeout => '5 seconds', tenant_id => 'acme', description => 'orders'",
+    );
+    let row = text(&format!(
+        "SELECT concat_ws('|', url, event_types::text, headers::text, timeout::text, tenant_id, description, enabled)
+           FROM outbox.endpoints WHERE id = '{id}'"
+    ));
+    assert_eq!(
+        row,
+        "https://example.com:8443/a?b=c|{order.*,user.created}|{\"Authorization\": \"Bearer t\"}|00:00:05|acme|orders|t"
+    );
+    assert_eq!(
+        text(&format!("SELECT outbox.endpoint_secret('{id}')")),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    );
+    // '*' anywhere means "everything" and is stored as NULL.
+    let all = endpoint("https://example.com/all", ", event_types => '{a.b,*}'");
+    assert_eq!(count(&format!("SELECT count(*) FROM outbox.endpoints WHERE id = '{all}' AND event_types IS NULL")), 1);
+}
+
+#[pg_test]
+fn create_endpoint_refuses_bad_input() {
+    assert_refused("SELECT outbox.create_endpoint('not a url')", "22P02");
+    assert_refused("SELECT outbox.create_endpoint('example.com/hook')", "22P02");
+    assert_refused("SELECT outbox.create_endpoint('ftp://example.com/x')", "22023");
+    assert_refused("SELECT outbox.create_endpoint('https://user:pw@example.com/x')", "22023");
+    assert_refused("SELECT outbox.create_endpoint(NULL)", "23502");
+    assert_refused("SELECT outbox.create_endpoint('https://e.com', secret => 'secret')", "22023");
+    assert_refused("SELECT outbox.create_endpoint('https://e.com', secret => 'whsec_c2hvcnQ=')", "22023");
+    assert_refused("SELECT outbox.create_endpoint('https://e.com', event_types => '{}')", "22023");
+    assert_refused("SELECT outbox.create_endpoint('https://e.com', event_types => '{\"a*b\"}')", "22023");
+    assert_refused("SELECT outbox.create_endpoint('https://e.com', headers => '[1]')", "22023");
+    assert_refused(
+        "SELECT outbox.create_endpoint('https://e.com', headers => '{\"webhook-signature\": \"x\"}')",
+        "22023",
+    );
+    assert_refused(
+        "SELECT outbox.create_endpoint('https://e.com', headers => '{\"X-A\": \"a\\r\\nB: c\"}')",
+        "22023",
+    );
+    assert_refused("SELECT outbox.create_endpoint('https://e.com', timeout => '0')", "22023");
+    assert_refused("SELECT outbox.create_endpoint('https://e.com', timeout => '1 hour')", "22023");
+    assert_refused("SELECT outbox.create_endpoint('https://e.com', tenant_id => '')", "22023");
+    assert_eq!(count("SELECT count(*) FROM outbox.endpoint"), 0, "refusals leave nothing behind");
+    let msg = error_of("SELECT outbox.create_endpoint('ftp://example.com/x')").unwrap();
+    assert!(msg.contains("http or https"), "{msg}");
+}
+
+#[pg_test]
+fn endpoints_can_be_updated_disabled_enabled_and_deleted() {
+    let id = endpoint("https://example.com/a", "");
+    Spi::run(&format!(
+        "SELECT outbox.update_endpoint('{id}', url => 'https://example.com/b', event_types => '{{x.*}}', timeout => '2s', description => 'd')"
+    ))
+    .unwrap();
+    assert_eq!(
+        text(&format!("SELECT concat_ws('|', url, event_types::text, timeout::text, description) FROM outbox.endpoints WHERE id = '{id}'")),
+        "https://example.com/b|{x.*}|00:00:02|d"
+    );
+    Spi::run(&format!("SELECT outbox.update_endpoint('{id}', event_types => '{{*}}', timeout => '0')")).unwrap();
+    assert_eq!(
+        count(&format!("SELECT count(*) FROM outbox.endpoints WHERE id = '{id}' AND event_types IS NULL AND timeout IS NULL")),
+        1
+    );
+    assert_refused(&format!("SELECT outbox.update_endpoint('{id}', url => 'gopher://x')"), "22023");
+
+    Spi::run(&format!("SELECT outbox.disable_endpoint('{id}', 'maintenance')")).unwrap();
+    assert_eq!(text(&format!("SELECT concat_ws('|', enabled, disabled_reason) FROM outbox.endpoints WHERE id = '{id}'")), "f|maintenance");
+    Spi::run(&format!("SELECT outbox.enable_endpoint('{id}')")).unwrap();
+    assert_eq!(text(&format!("SELECT concat_ws('|', enabled, disabled_reason) FROM outbox.endpoints WHERE id = '{id}'")), "t");
+
+    let missing = "00000000-0000-0000-0000-000000000000";
+    for f in ["enable_endpoint", "disable_endpoint", "delete_endpoint", "endpoint_secret"] {
+        assert_refused(&format!("SELECT outbox.{f}('{missing}')"), "P0002");
+    }
+    assert_refused(&format!("SELECT outbox.update_endpoint('{missing}', url => 'https://x.com')"), "P0002");
+}
+
+#[pg_test]
+fn deleting_an_endpoint_cancels_its_unfinished_deliveries() {
+    let id = endpoint("https://example.com/a", "");
+    let keep = endpoint("https://example.com/b", "");
+    for i in 0..3 {
+        Spi::run(&format!("SELECT outbox.enqueue('t.{i}', '{{}}')")).unwrap();
+    }
+    // One is in flight at the moment of deletion; its late ack must be refused.
+    let claimed = text(&format!(
+        "SELECT delivery_id::text FROM outbox.claim(1, endpoint_id => '{id}')"
+    ));
+    assert_eq!(count(&format!("SELECT outbox.delete_endpoint('{id}')")), 3);
+    assert_eq!(count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id = '{id}' AND status = 'cancelled'")), 3);
+    assert_eq!(count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id = '{keep}' AND status = 'pending'")), 3);
+    assert_refused(&format!("SELECT outbox.ack('{claimed}', 1, 'delivered')"), "55000");
+    assert_eq!(count(&format!("SELECT count(*) FROM outbox.endpoints WHERE id = '{id}'")), 0);
+    assert_refused(&format!("SELECT outbox.enqueue('t', '{{}}', endpoint_id => '{id}')"), "P0002");
+    // History still resolves to the endpoint's URL.
+    assert_eq!(count(&format!("SELECT count(*) FROM outbox.deliveries WHERE endpoint_id = '{id}' AND endpoint_url = 'https://example.com/a'")), 3);
+}
+
+#[pg_test]
+fn enqueue_fans_out_to_matching_enabled_endpoints() {
+    let all = endpoint("https://example.com/all", "");
+    let orders = endpoint("https://example.com/orders", ", event_types => '{order.*}'");
+    let users = endpoint("https://example.com/users", ", event_types => '{user.created}'");
+    let off = endpoint("https://example.com/off", ", enabled => false");
+    let tenant = endpoint("https://example.com/acme", ", tenant_id => 'acme'");
+
+    let n = count("SELECT count(*) FROM outbox.enqueue('order.created', '{\"id\": 1}')");
+    assert_eq!(n, 2);
+    let got = text("SELECT string_agg(endpoint_id::text, ',' ORDER BY endpoint_id) FROM outbox.delivery");
+    let mut want = [all.clone(), orders.clone()];
+    want.sort();
+    assert_eq!(got, want.join(","));
+
+    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('user.created', '{}')"), 2);
+    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('user.deleted', '{}')"), 1);
+    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('orders', '{}')"), 1, "'order.*' needs the dot");
+    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('order.created', '{}', tenant_id => 'acme')"), 1);
+    assert_eq!(count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id = '{tenant}' AND tenant_id = 'acme'")), 1);
+    assert_eq!(count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id IN ('{users}', '{off}') AND event_id IS NULL")), 0);
+    assert_eq!(count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id = '{off}'")), 0);
+
+    // Naming an endpoint bypasses its filter and its enabled flag.
+    assert_eq!(count(&format!("SELECT count(*) FROM outbox.enqueue('x.y', '{{}}', endpoint_id => '{off}')")), 1);
+    // Nobody subscribed: nothing stored.
+    let events = count("SELECT count(*) FROM outbox.event");
+    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('nobody', '{}', tenant_id => 'other')"), 0);
+    assert_eq!(count("SELECT count(*) FROM outbox.event"), events);
+
+    // The event is stored once however many endpoints receive it.
+    assert_eq!(count("SELECT count(*) FROM outbox.event WHERE event_type = 'user.created'"), 1);
+    assert!(text("SELECT min(id) FROM outbox.event").starts_with("msg_"));
+}
+
+#[pg_test]
+fn enqueue_with_an_event_id_is_idempotent() {
+    endpoint("https://example.com/a", "");
+    endpoint("https://example.com/b", "");
+    let first = text("SELECT string_agg(x::text, ',' ORDER BY x) FROM outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'order-42') x");
+    let again = text("SELECT string_agg(x::text, ',' ORDER BY x) FROM outbox.enqueue('a.b', '{\"v\": 2}', event_id => 'order-42') x");
+    assert_eq!(first, again);
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery"), 2);
+    assert_eq!(text("SELECT payload::text FROM outbox.event WHERE id = 'order-42'"), "{\"v\": 1}");
+    // A new endpoint joining later gets its own delivery for the same event id.
+    endpoint("https://example.com/c", "");
+    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('a.b', '{}', event_id => 'order-42')"), 3);
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery"), 3);
+}
+
+#[pg_test]
+fn enqueue_refuses_bad_input() {
+    endpoint("https://example.com/a", "");
+    assert_refused("SELECT outbox.enqueue('', '{}')", "22023");
+    assert_refused("SELECT outbox.enqueue(NULL, '{}')", "22004");
+    assert_refused("SELECT outbox.enqueue(E'a\\nb', '{}')", "22023");
+    assert_refused(&format!("SELECT outbox.enqueue('{}', '{{}}')", "x".repeat(256)), "22023");
+    assert_refused("SELECT outbox.enqueue('a', NULL)", "22004");
+    assert_refused("SELECT outbox.enqueue('a', '{}', event_id => 'has.dot')", "22023");
+    assert_refused("SELECT outbox.enqueue('a', '{}', event_id => '')", "22023");
+    assert_refused("SELECT outbox.enqueue('a', '{}', tenant_id => E'\\t')", "22023");
+    assert_refused("SELECT outbox.enqueue('a', '{not json')", "22P02");
+    assert_refused(
+        "SELECT outbox.enqueue('a', '{}', endpoint_id => '00000000-0000-0000-0000-000000000000')",
+        "P0002",
+    );
+    Spi::run("SET LOCAL outbox.max_payload_size = 100").unwrap();
+    assert_refused(&format!("SELECT outbox.enqueue('a', '\"{}\"')", "x".repeat(200)), "54000");
+    let msg = error_of(&format!("SELECT outbox.enqueue('a', '\"{}\"')", "x".repeat(200))).unwrap();
+    assert!(msg.contains("outbox.max_payload_size"), "{msg}");
+    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('a', '\"small\"')"), 1);
+    assert_eq!(count("SELECT count(*) FROM outbox.event"), 1, "refusals leave nothing behind");
+}
+
+#[pg_test]
+fn the_trigger_enqueues_row_changes() {
+    endpoint("https://example.com/a", ", event_types => '{order.*}'");
+    Spi::run(
+        "CREATE TABLE public.orders (id int PRIMARY KEY, total numeric, shop text);
+         CREATE TRIGGER orders_outbox AFTER INSERT OR UPDATE OR DELETE ON public.orders
+             FOR EACH ROW EXECUTE FUNCTION outbox.trigger('order');
+         INSERT INTO public.orders VALUES (1, 9.5, 'acme');
+         UPDATE public.orders SET total = 10 WHERE id = 1;
+         DELETE FROM public.orders WHERE id = 1;",
+    )
+    .unwrap();
+    assert_eq!(
+        text("SELECT string_agg(event_type, ',' ORDER BY created_at, event_type) FROM outbox.event"),
+        "order.created,order.deleted,order.updated"
+    );
+    assert_eq!(
+        text("SELECT payload::text FROM outbox.event WHERE event_type = 'order.updated'"),
+        r#"{"op": "UPDATE", "table": "orders", "record": {"id": 1, "shop": "acme", "total": 10}, "schema": "public", "old_record": {"id": 1, "shop": "acme", "total": 9.5}}"#
+    );
+    assert_eq!(
+        text("SELECT payload->'record'->>'total' FROM outbox.event WHERE event_type = 'order.deleted'"),
+        "10"
+    );
+
+    // A second argument names the tenant column.
+    let acme = endpoint("https://example.com/acme", ", tenant_id => 'acme'");
+    Spi::run(
+        "CREATE TABLE public.invoices (id int, shop text);
+         CREATE TRIGGER invoices_outbox AFTER INSERT ON public.invoices
+             FOR EACH ROW EXECUTE FUNCTION outbox.trigger('invoice', 'shop');
+         INSERT INTO public.invoices VALUES (1, 'acme'), (2, 'other');",
+    )
+    .unwrap();
+    assert_eq!(count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id = '{acme}'")), 1);
+
+    Spi::run(
+        "CREATE TABLE public.bad (id int);
+         CREATE TRIGGER bad_outbox BEFORE INSERT ON public.bad FOR EACH ROW EXECUTE FUNCTION outbox.trigger('bad');",
+    )
+    .unwrap();
+    assert_refused("INSERT INTO public.bad VALUES (1)", "22023");
+    Spi::run(
+        "CREATE TABLE public.bad2 (id int);
+         CREATE TRIGGER bad2_outbox AFTER INSERT ON public.bad2 FOR EACH ROW EXECUTE FUNCTION outbox.trigger('bad2', 'nope');",
+    )
+    .unwrap();
+    assert_refused("INSERT INTO public.bad2 VALUES (1)", "42703");
+}
+
+#[pg_test]
+fn claim_hands_out_due_deliveries_with_what_a_sender_needs() {
+    let a = endpoint("https://example.com/a", ", headers => '{\"X-Env\": \"test\"}', timeout => '3s'");
+    let b = endpoint("https://example.com/b", "");
+    let off = endpoint("https://example.com/off", "");
+    Spi::run(&format!("SELECT outbox.disable_endpoint('{off}')")).unwrap();
+    Spi::run(&format!("SELECT outbox.enqueue('x', '1', endpoint_id => '{off}')")).unwrap();
+    Spi::run("SELECT outbox.enqueue('order.created', '{\"id\": 7}', event_id => 'evt_1')").unwrap();
+    Spi::run("SELECT outbox.enqueue('later', '{}', deliver_at => now() + interval '1 hour')").unwrap();
+
+    let rows = text(&format!(
+        "SELECT string_agg(concat_ws('|', event_id, attempt, url, headers::text, timeout::text, event_type), ';' ORDER BY url)
+           FROM outbox.claim(10, 'w1', '30 seconds', endpoint_id => '{a}')"
+    ));
+    assert_eq!(rows, "evt_1|1|https://example.com/a|{\"X-Env\": \"test\"}|00:00:03|order.created");
+
+    let body = text(&format!("SELECT body FROM outbox.claim(10, 'w2') WHERE endpoint_id = '{b}'"));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["type"], "order.created");
+    assert_eq!(v["data"]["id"], 7);
+    let ts = v["timestamp"].as_str().unwrap();
+    assert!(ts.ends_with('Z') && ts.contains('T'), "{ts}");
+    assert!(body.starts_with("{\"type\""), "{body}");
+
+    // Everything due is taken; the future one and the disabled endpoint's stay pending.
+    assert_eq!(count("SELECT count(*) FROM outbox.claim(10)"), 0);
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery WHERE status = 'in_flight'"), 2);
+    assert_eq!(
+        text("SELECT string_agg(DISTINCT lease_owner, ',' ORDER BY lease_owner) FROM outbox.delivery"),
+        "w1,w2"
+    );
+    assert_eq!(count("SELECT count(*) FROM outbox.deliveries WHERE status = 'in_flight' AND lease_expires_at > now()"), 2);
+    // The claim returns the secret so the sender can sign.
+    Spi::run(&format!("SELECT outbox.enable_endpoint('{off}')")).unwrap();
+    let secret = text(&format!("SELECT secret FROM outbox.claim(10) WHERE endpoint_id = '{off}'"));
+    assert_eq!(secret, text(&format!("SELECT outbox.endpoint_secret('{off}')")));
+}
+
+#[pg_test]
+fn claim_can_be_scoped_to_a_tenant() {
+    endpoint("https://example.com/a", ", tenant_id => 'acme'");
+    endpoint("https://example.com/b", ", tenant_id => 'globex'");
+    Spi::run("SELECT outbox.enqueue('x', '{}', tenant_id => 'acme'), outbox.enqueue('x', '{}', tenant_id => 'globex')").unwrap();
+    assert_eq!(text("SELECT string_agg(tenant_id, ',') FROM outbox.claim(10, tenant_id => 'globex')"), "globex");
+    assert_eq!(text("SELECT string_agg(tenant_id, ',') FROM outbox.claim(10)"), "acme");
+}
+
+#[pg_test]
+fn claim_refuses_bad_arguments() {
+    assert_refused("SELECT * FROM outbox.claim(0)", "22023");
+    assert_refused("SELECT * FROM outbox.claim(10001)", "22023");
+    assert_refused("SELECT * FROM outbox.claim(NULL)", "22023");
+    assert_refused("SELECT * FROM outbox.claim(10, 'w', '0 seconds')", "22023");
+    assert_refused("SELECT * FROM outbox.claim(10, 'w', '-5 seconds')", "22023");
+    assert_refused("SELECT * FROM outbox.claim(10, 'w', '2 days')", "22023");
+}
+
+fn claim_one() -> (String, i32) {
+    let id = text("SELECT delivery_id::text FROM outbox.claim(1, 'test')");
+    let attempt = Spi::get_one::<i32>(&format!("SELECT attempts FROM outbox.delivery WHERE id = '{id}'"))
+        .unwrap()
+        .unwrap();
+    (id, attempt)
+}
+
+#[pg_test]
+fn ack_records_outcomes_and_enforces_the_lease() {
+    endpoint("https://example.com/a", "");
+    Spi::run("SELECT outbox.enqueue('x', '{}')").unwrap();
+    let (id, attempt) = claim_one();
+    assert_eq!(attempt, 1);
+    assert_refused(&format!("SELECT outbox.ack('{id}', 2, 'delivered')"), "55000");
+    assert_eq!(
+        text(&format!("SELECT outbox.ack('{id}', 1, 'delivered', 200, NULL, 12.5, response_body => 'ok', worker => 'w')::text")),
+        "delivered"
+    );
+    // Acknowledging twice is refused and changes nothing.
+    assert_refused(&format!("SELECT outbox.ack('{id}', 1, 'dead')"), "55000");
+    assert_eq!(
+        text(&format!("SELECT concat_ws('|', status, attempts, last_status_code, finished_at IS NOT NULL) FROM outbox.deliveries WHERE id = '{id}'")),
+        "delivered|1|200|t"
+    );
+    assert_eq!(
+        text(&format!("SELECT concat_ws('|', attempt, outcome, status_code, duration_ms, response_body, worker) FROM outbox.attempts WHERE delivery_id = '{id}'")),
+        "1|delivered|200|12.5|ok|w"
+    );
+    assert_refused("SELECT outbox.ack('00000000-0000-0000-0000-000000000000', 1, 'delivered')", "P0002");
+    assert_refused(&format!("SELECT outbox.ack('{id}', 1, 'maybe')"), "22P02");
+    assert_refused(&format!("SELECT outbox.ack('{id}', NULL, 'delivered')"), "22004");
+}
+
+#[pg_test]
+fn ack_retry_follows_the_given_time_or_the_schedule() {
+    endpoint("https://example.com/a", "");
+    Spi::run("SET LOCAL outbox.retry_schedule = '10s, 1m'").unwrap();
+    Spi::run("SELECT outbox.enqueue('x', '{}')").unwrap();
+
+    let (id, a1) = claim_one();
+    Spi::run(&format!("SELECT outbox.ack('{id}', {a1}, 'retry', 503, 'HTTP 503', retry_at => now() - interval '1 second')")).unwrap();
+    assert_eq!(
+        text(&format!("SELECT concat_ws('|', status, retrying, last_status_code, last_error) FROM outbox.deliveries WHERE id = '{id}'")),
+        "pending|t|503|HTTP 503"
+    );
+
+    let (id2, a2) = claim_one();
+    assert_eq!((id2.as_str(), a2), (id.as_str(), 2));
+    Spi::run(&format!("SELECT outbox.ack('{id}', 2, 'retry', NULL, 'connection refused')")).unwrap();
+    // Second failure: the schedule's second delay (1 minute) +/- 20 % jitter.
+    assert_eq!(
+        count(&format!("SELECT count(*) FROM outbox.delivery WHERE id = '{id}' AND due_at BETWEEN now() + interval '48 seconds' AND now() + interval '72 seconds'")),
+        1
+    );
+    // Third failure: schedule exhausted, so the retry becomes dead.
+    Spi::run(&format!("UPDATE outbox.delivery SET due_at = now() WHERE id = '{id}'")).unwrap();
+    let (_, a3) = claim_one();
+    assert_eq!(text(&format!("SELECT outbox.ack('{id}', {a3}, 'retry', 500, 'HTTP 500')::text")), "dead");
+    assert_eq!(
+        text(&format!("SELECT concat_ws('|', attempts, last_error) FROM outbox.dead_letters WHERE id = '{id}'")),
+        "3|HTTP 500: retry schedule exhausted"
+    );
+    assert_eq!(
+        text(&format!("SELECT string_agg(outcome::text, ',' ORDER BY attempt) FROM outbox.attempts WHERE delivery_id = '{id}'")),
+        "retry,retry,dead"
+    );
+}
+
+#[pg_test]
+fn ack_batch_records_many_and_skips_stale_ones() {
+    endpoint("https://example.com/a", "");
+    Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 5)").unwrap();
+    Spi::run("CREATE TEMP TABLE c AS SELECT * FROM outbox.claim(5, 'w')").unwrap();
+    let accepted = count(
+        "SELECT count(*) FROM outbox.ack_batch(
+             (SELECT array_agg(delivery_id ORDER BY delivery_id) FROM c),
+             (SELECT array_agg(CASE WHEN n = 1 THEN 9 ELSE attempt END ORDER BY delivery_id)
+                FROM (SELECT *, row_number() OVER (ORDER BY delivery_id) n FROM c) s),
+             (SELECT array_agg(CASE WHEN n % 2 = 0 THEN 'dead' ELSE 'delivered' END::outbox.attempt_outcome ORDER BY delivery_id)
+                FROM (SELECT *, row_number() OVER (ORDER BY delivery_id) n FROM c) s),
+             status_codes => (SELECT array_agg(200 ORDER BY delivery_id) FROM c))",
+    );
+    assert_eq!(accepted, 4, "the ack with the wrong attempt number is skipped");
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery WHERE status = 'in_flight'"), 1);
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery WHERE status = 'dead'"), 2);
+    assert_eq!(count("SELECT count(*) FROM outbox.attempt"), 4);
+    assert_refused(
+        "SELECT outbox.ack_batch(ARRAY[gen_random_uuid()], ARRAY[1, 2], ARRAY['delivered']::outbox.attempt_outcome[])",
+        "2202E",
+    );
+}
+
+#[pg_test]
+fn stats_report_queue_health() {
+    endpoint("https://example.com/a", "");
+    Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 6)").unwrap();
+    Spi::run("SELECT outbox.enqueue('later', '{}', deliver_at => now() + interval '1 day')").unwrap();
+    Spi::run("CREATE TEMP TABLE c AS SELECT * FROM outbox.claim(4, 'w')").unwrap();
+    let ids: Vec<String> = (1..=4)
+        .map(|n| text(&format!("SELECT delivery_id::text FROM c ORDER BY delivery_id OFFSET {} LIMIT 1", n - 1)))
+        .collect();
+    Spi::run(&format!("SELECT outbox.ack('{}', 1, 'delivered')", ids[0])).unwrap();
+    Spi::run(&format!("SELECT outbox.ack('{}', 1, 'delivered')", ids[1])).unwrap();
+    Spi::run(&format!("SELECT outbox.ack('{}', 1, 'dead', 400)", ids[2])).unwrap();
+    let row = text(
+        "SELECT concat_ws('|', pending, due, in_flight, retrying, dead, delivered_last_hour, dead_last_hour,
+                          failed_attempts_last_hour, round(success_rate_last_hour::numeric, 3), oldest_pending_age IS NOT NULL)
+           FROM outbox.stats()",
+    );
+    assert_eq!(row, "3|2|1|0|1|2|1|1|0.667|t");
+}
+
+#[pg_test]
+fn sign_matches_the_standard_webhooks_vector() {
+    assert_eq!(
+        text(r#"SELECT outbox.sign('whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', 'msg_p5jXN8AQM9LWM0D4loKWxJek', 1614265330, '{"test": 2432232314}')"#),
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    );
+    assert_refused("SELECT outbox.sign('nope', 'm', 1, 'b')", "22023");
+}
+
+#[pg_test]
+fn retry_delay_follows_the_guc() {
+    Spi::run("SET LOCAL outbox.retry_schedule = '10s, 2m'").unwrap();
+    assert_eq!(count("SELECT count(*) FROM generate_series(1, 50) WHERE outbox.retry_delay(1) BETWEEN '8s' AND '12s'"), 50);
+    assert_eq!(count("SELECT count(*) FROM generate_series(1, 50) WHERE outbox.retry_delay(2) BETWEEN '96s' AND '144s'"), 50);
+    assert!(
+        count("SELECT count(DISTINCT outbox.retry_delay(1)) FROM generate_series(1, 50)") > 1,
+        "jittered"
+    );
+    assert_eq!(count("SELECT count(*) FROM (SELECT outbox.retry_delay(3) d) s WHERE d IS NULL"), 1);
+    assert_eq!(count("SELECT count(*) FROM (SELECT outbox.retry_delay(0) d) s WHERE d IS NULL"), 1);
+}

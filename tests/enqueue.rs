@@ -1,0 +1,86 @@
+//! `outbox.enqueue` between real connections: it belongs to the caller's transaction, and an
+//! event id deduplicates even when two transactions race with it.
+
+mod common;
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::Cluster;
+
+fn deliveries(c: &mut postgres::Client) -> i64 {
+    c.query_one("SELECT count(*) FROM outbox.delivery", &[])
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn a_rolled_back_enqueue_leaves_nothing() {
+    let cluster = Cluster::start(&[]);
+    let mut c = cluster.client();
+    c.batch_execute("SELECT outbox.create_endpoint('http://127.0.0.1:9/hook')")
+        .unwrap();
+    let mut t = c.transaction().unwrap();
+    t.batch_execute("SELECT outbox.enqueue('a.b', '{}') FROM generate_series(1, 5)")
+        .unwrap();
+    t.rollback().unwrap();
+    assert_eq!(deliveries(&mut c), 0);
+    let events: i64 = c
+        .query_one("SELECT count(*) FROM outbox.event", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 0);
+    c.batch_execute("BEGIN; SELECT outbox.enqueue('a.b', '{}'); COMMIT;")
+        .unwrap();
+    assert_eq!(deliveries(&mut c), 1);
+}
+
+/// Two transactions enqueue the same event id at once; `first_commits` decides whether the
+/// first one commits or rolls back while the second is waiting on it.
+fn race(first_commits: bool) {
+    let cluster = Cluster::start(&[]);
+    let mut a = cluster.client();
+    a.batch_execute("SELECT outbox.create_endpoint('http://127.0.0.1:9/hook')")
+        .unwrap();
+    let mut b = cluster.client();
+
+    let q = "SELECT x::text FROM outbox.enqueue('order.paid', '{\"n\": 1}', event_id => 'order-7-paid') x";
+    let mut ta = a.transaction().unwrap();
+    let first: String = ta.query_one(q, &[]).unwrap().get(0);
+
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let mut tb = b.transaction().unwrap();
+        let second: String = tb.query_one(q, &[]).unwrap().get(0);
+        tx.send(()).unwrap();
+        tb.commit().unwrap();
+        second
+    });
+    // The second transaction must wait for the first, not create a twin.
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "second enqueue did not wait"
+    );
+    if first_commits {
+        ta.commit().unwrap();
+    } else {
+        ta.rollback().unwrap();
+    }
+    let second = waiter.join().unwrap();
+    if first_commits {
+        assert_eq!(first, second, "the same delivery is returned");
+    } else {
+        assert_ne!(first, second, "the rolled-back delivery never existed");
+    }
+    assert_eq!(deliveries(&mut a), 1);
+}
+
+#[test]
+fn concurrent_enqueues_of_one_event_id_create_one_delivery() {
+    race(true);
+}
+
+#[test]
+fn an_enqueue_waiting_on_a_rolled_back_twin_creates_the_delivery() {
+    race(false);
+}
