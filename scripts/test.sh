@@ -15,7 +15,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "unit tests of the pure crates"
-cargo test -p outbox-core -p outbox-receiver
+cargo test -p outbox-core -p outbox-receiver -p outbox-sender
 
 step "SQL tests inside PostgreSQL (#[pg_test])"
 PGDATA_ROOT=/tmp/webhook-outbox-pgdata

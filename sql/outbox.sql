@@ -382,6 +382,7 @@ BEGIN
             SELECT d.id FROM outbox.delivery d
              WHERE d.event_id = v_event_id AND d.endpoint_id = ANY (v_targets);
     END IF;
+    PERFORM outbox._wake_at_commit();
 END
 $$;
 
@@ -550,7 +551,14 @@ AS $$
                                  ELSE x.error END
           FROM decided x
          WHERE d.id = x.id AND d.status = 'in_flight' AND d.attempts = x.attempt
-        RETURNING d.id
+        RETURNING d.id, d.endpoint_id
+    ),
+    gone AS (
+        -- 410 Gone: the receiver wants no more deliveries; stop sending there.
+        UPDATE outbox.endpoint e
+           SET enabled = false, disabled_reason = 'receiver answered 410 Gone', updated_at = now()
+          FROM decided x JOIN upd ON upd.id = x.id
+         WHERE e.id = upd.endpoint_id AND x.status_code = 410 AND x.final_outcome = 'dead' AND e.enabled
     ),
     hist AS (
         INSERT INTO outbox.attempt (delivery_id, attempt, outcome, status_code, error, duration_ms, response_body, worker)
@@ -689,4 +697,19 @@ AS $$
            CASE WHEN recent.delivered + recent.dead = 0 THEN NULL
                 ELSE recent.delivered::double precision / (recent.delivered + recent.dead) END
       FROM live, recent, failures
+$$;
+
+-------------------------------------------------------------------------------------------
+-- A word at CREATE EXTENSION time if nothing will send what gets queued here
+-------------------------------------------------------------------------------------------
+
+DO $$
+BEGIN
+    IF current_setting('shared_preload_libraries') !~ '(^|[\s,"])webhook_outbox([\s,"]|$)' THEN
+        RAISE NOTICE 'webhook_outbox: deliveries will queue up but not be sent: the delivery worker needs shared_preload_libraries = ''webhook_outbox'' and a server restart';
+    ELSIF coalesce(current_setting('outbox.database', true), 'postgres') <> current_database() THEN
+        RAISE NOTICE 'webhook_outbox: the delivery worker serves database "%", not "%"; set outbox.database = ''%'' and reload to deliver from here',
+            coalesce(current_setting('outbox.database', true), 'postgres'), current_database(), current_database();
+    END IF;
+END
 $$;

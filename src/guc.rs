@@ -18,7 +18,98 @@ pub static MAX_PAYLOAD_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024
 pub static RETRY_SCHEDULE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"5s, 5m, 30m, 2h, 5h, 10h, 10h"));
 
+/// Database the worker connects to (the one where `CREATE EXTENSION webhook_outbox` ran).
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Deliveries claimed per round trip: large enough to amortise the claim's cost, small
+/// enough that one claim is a short transaction.
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(200);
+/// Requests in flight at once across all endpoints.
+pub static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(256);
+/// Default per-request timeout (an endpoint's own timeout wins).
+pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+/// How long a claim holds a delivery. Requests are cut off 5 s before it ends, so an attempt
+/// never outlives its lease and a delivery is never sent by two senders at once.
+pub static LEASE_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// The longest the worker sleeps without looking at the queue. Commits of `outbox.enqueue`
+/// wake it at once; this only bounds the delay for rows written other ways.
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+/// Bytes of each response body kept in the attempt history.
+pub static MAX_RESPONSE_BODY: GucSetting<i32> = GucSetting::<i32>::new(1024);
+
+/// The most requests the sender can ever hold; `outbox.max_in_flight` moves below it
+/// without a restart.
+pub const MAX_IN_FLIGHT_LIMIT: i32 = 10_000;
+
 pub fn register() {
+    GucRegistry::define_string_guc(
+        c"outbox.database",
+        c"Database the webhook_outbox worker connects to.",
+        c"The worker restarts and reconnects when this changes.",
+        &DATABASE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.batch_size",
+        c"Deliveries the worker claims per round trip.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.max_in_flight",
+        c"HTTP requests the worker has in flight at once.",
+        c"",
+        &MAX_IN_FLIGHT,
+        1,
+        MAX_IN_FLIGHT_LIMIT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.request_timeout",
+        c"Default timeout of one delivery attempt (an endpoint's own timeout wins).",
+        c"",
+        &REQUEST_TIMEOUT_MS,
+        100,
+        300_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.lease",
+        c"How long a claim holds a delivery before another sender may take it.",
+        c"Requests are cut off 5 seconds before the lease ends.",
+        &LEASE_S,
+        10,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.poll_interval",
+        c"Longest sleep of the worker between looks at the queue.",
+        c"Commits of outbox.enqueue wake the worker at once; this bounds the delay for rows written other ways.",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.max_response_body",
+        c"Bytes of each response body kept in the attempt history.",
+        c"",
+        &MAX_RESPONSE_BODY,
+        0,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
     GucRegistry::define_int_guc(
         c"outbox.max_payload_size",
         c"Largest event payload outbox.enqueue accepts (bytes of JSON text).",
@@ -47,14 +138,57 @@ pub fn max_payload_size() -> usize {
 /// The configured retry schedule. An unparsable setting falls back to the default with a
 /// warning, so a typo in postgresql.conf slows nothing down and loses nothing.
 pub fn retry_schedule() -> RetrySchedule {
-    let text = RETRY_SCHEDULE
-        .get()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| DEFAULT_SCHEDULE.to_string());
-    RetrySchedule::parse(&text).unwrap_or_else(|e| {
+    RetrySchedule::parse(&text(&RETRY_SCHEDULE, DEFAULT_SCHEDULE)).unwrap_or_else(|e| {
         pgrx::warning!(
             "outbox.retry_schedule is invalid ({e}); using the default '{DEFAULT_SCHEDULE}'"
         );
         RetrySchedule::default()
     })
+}
+
+fn text(setting: &GucSetting<Option<CString>>, default: &str) -> String {
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn positive(v: i32) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The worker's settings, read together once per reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerSettings {
+    pub database: String,
+    pub batch_size: i32,
+    pub max_in_flight: usize,
+    pub request_timeout: std::time::Duration,
+    pub lease: std::time::Duration,
+    pub poll_interval: std::time::Duration,
+    pub max_response_body: usize,
+}
+
+impl WorkerSettings {
+    pub fn read() -> WorkerSettings {
+        use std::time::Duration;
+        WorkerSettings {
+            database: text(&DATABASE, "postgres"),
+            batch_size: BATCH_SIZE.get(),
+            max_in_flight: positive(MAX_IN_FLIGHT.get()) as usize,
+            request_timeout: Duration::from_millis(positive(REQUEST_TIMEOUT_MS.get())),
+            lease: Duration::from_secs(positive(LEASE_S.get())),
+            poll_interval: Duration::from_millis(positive(POLL_INTERVAL_MS.get())),
+            max_response_body: positive(MAX_RESPONSE_BODY.get()) as usize,
+        }
+    }
+
+    /// The longest one attempt may take: its timeout, but never past the lease.
+    pub fn attempt_limit(
+        &self,
+        endpoint_timeout: Option<std::time::Duration>,
+    ) -> std::time::Duration {
+        let cap = self.lease.saturating_sub(std::time::Duration::from_secs(5));
+        endpoint_timeout.unwrap_or(self.request_timeout).min(cap)
+    }
 }

@@ -9,6 +9,8 @@ use pgrx::prelude::*;
 mod api;
 mod errors;
 mod guc;
+mod wake;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -18,6 +20,17 @@ mod guc;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::register();
+    // SAFETY: a plain read of a PostgreSQL global on the main thread.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        wake::init_shared_memory();
+        worker::register();
+    } else {
+        log!(
+            "webhook_outbox is loaded without shared_preload_libraries: the delivery worker is not \
+             running, so deliveries queue up until shared_preload_libraries = 'webhook_outbox' is \
+             set and the server restarted"
+        );
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -48,6 +48,8 @@ pub enum Reply {
     StatusWithHeaders(u16, Vec<(String, String)>),
     /// Wait this long, then answer with this status.
     Delay(Duration, u16),
+    /// Answer at once with this status and this body.
+    Body(u16, Vec<u8>),
     /// Never answer; the request stays open until the client gives up or the receiver stops.
     Hang,
 }
@@ -387,6 +389,11 @@ async fn handle(
                 _ = stopped(&mut stop) => {}
             }
             status_only(status(code))
+        }
+        Reply::Body(code, body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status(code);
+            response
         }
         Reply::Hang => {
             stopped(&mut stop).await;

@@ -216,3 +216,4 @@ pub fn sqlstate(err: &postgres::Error) -> String {
         .map(|c| c.code().to_string())
         .unwrap_or_else(|| format!("no SQLSTATE: {err}"))
 }
+pub mod worker;

@@ -1,0 +1,222 @@
+//! The sender against the bundled receiver on 127.0.0.1: real HTTP, no PostgreSQL.
+
+use super::*;
+use outbox_receiver::{Receiver, Reply};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn request(url: String, timeout: Duration) -> Request {
+    Request {
+        delivery_id: [7; 16],
+        attempt: 1,
+        msg_id: "msg_test1".into(),
+        url,
+        keys: vec![SigningKey::parse(SECRET).unwrap()],
+        headers: vec![("X-Env".into(), "test".into())],
+        body: bytes::Bytes::from_static(
+            br#"{"type":"a.b","timestamp":"2026-11-22T10:00:00Z","data":{}}"#,
+        ),
+        timeout,
+    }
+}
+
+fn one(sender: &Sender) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut out = sender.take_outcomes();
+        if let Some(o) = out.pop() {
+            assert!(out.is_empty());
+            return o;
+        }
+        assert!(Instant::now() < deadline, "no outcome");
+        let mut pfd = libc::pollfd {
+            fd: sender.wake_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one local pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+    }
+}
+
+#[test]
+fn sends_signed_requests_that_the_reference_library_accepts() {
+    let rx = Receiver::start().unwrap();
+    rx.set_secret(Some(SECRET.into()));
+    let sender = Sender::start(Config::default()).unwrap();
+    sender.submit(request(rx.url("/hook"), Duration::from_secs(5)));
+    let o = one(&sender);
+    assert_eq!(o.status_code(), Some(200));
+    assert_eq!(o.delivery_id, [7; 16]);
+    let got = &rx.received()[0];
+    assert_eq!(got.verified, Some(true));
+    assert_eq!(got.webhook_id, "msg_test1");
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    assert_eq!(got.header("x-env"), Some("test"));
+    assert!(got
+        .header("user-agent")
+        .unwrap()
+        .starts_with("webhook_outbox/"));
+    let ts: i64 = got.timestamp.parse().unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now - ts).abs() <= 2);
+    assert_eq!(sender.in_flight(), 0);
+}
+
+#[test]
+fn extra_headers_cannot_replace_the_signature() {
+    let rx = Receiver::start().unwrap();
+    rx.set_secret(Some(SECRET.into()));
+    let sender = Sender::start(Config::default()).unwrap();
+    let mut req = request(rx.url("/hook"), Duration::from_secs(5));
+    req.headers
+        .push(("webhook-signature".into(), "v1,forged".into()));
+    req.headers.push(("webhook-id".into(), "other".into()));
+    sender.submit(req);
+    assert_eq!(one(&sender).status_code(), Some(200));
+    let got = &rx.received()[0];
+    assert_eq!(got.verified, Some(true));
+    assert_eq!(
+        got.headers
+            .iter()
+            .filter(|(k, _)| k == "webhook-signature")
+            .count(),
+        1
+    );
+    assert_eq!(got.webhook_id, "msg_test1");
+}
+
+#[test]
+fn two_keys_give_two_signatures() {
+    let rx = Receiver::start().unwrap();
+    let sender = Sender::start(Config::default()).unwrap();
+    let mut req = request(rx.url("/hook"), Duration::from_secs(5));
+    req.keys.push(SigningKey::from_bytes(vec![3; 32]).unwrap());
+    sender.submit(req);
+    one(&sender);
+    assert_eq!(rx.received()[0].signature.matches("v1,").count(), 2);
+}
+
+#[test]
+fn a_hanging_receiver_times_out() {
+    let rx = Receiver::start().unwrap();
+    rx.set_default("/slow", Reply::Hang);
+    let sender = Sender::start(Config::default()).unwrap();
+    sender.submit(request(rx.url("/slow"), Duration::from_millis(300)));
+    let o = one(&sender);
+    match &o.response {
+        Response::Failed { error, timed_out } => {
+            assert!(*timed_out);
+            assert!(error.contains("timed out after 300 ms"), "{error}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(o.duration >= Duration::from_millis(300) && o.duration < Duration::from_secs(3));
+}
+
+#[test]
+fn a_refused_connection_is_a_failure_with_its_cause() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sender = Sender::start(Config::default()).unwrap();
+    sender.submit(request(
+        format!("http://127.0.0.1:{port}/x"),
+        Duration::from_secs(5),
+    ));
+    match one(&sender).response {
+        Response::Failed { error, timed_out } => {
+            assert!(!timed_out);
+            assert!(error.to_lowercase().contains("refused"), "{error}");
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn redirects_are_not_followed() {
+    let rx = Receiver::start().unwrap();
+    rx.set_default(
+        "/moved",
+        Reply::StatusWithHeaders(302, vec![("Location".into(), "/new".into())]),
+    );
+    let sender = Sender::start(Config::default()).unwrap();
+    sender.submit(request(rx.url("/moved"), Duration::from_secs(5)));
+    assert_eq!(one(&sender).status_code(), Some(302));
+    assert_eq!(rx.count(), 1);
+}
+
+#[test]
+fn retry_after_and_the_first_bytes_of_the_body_are_kept() {
+    let rx = Receiver::start().unwrap();
+    rx.script(
+        "/busy",
+        vec![Reply::StatusWithHeaders(
+            429,
+            vec![("Retry-After".into(), "7".into())],
+        )],
+    );
+    rx.set_default("/big", Reply::Body(500, vec![b'x'; 100_000]));
+    let sender = Sender::start(Config {
+        max_response_body: 16,
+        ..Config::default()
+    })
+    .unwrap();
+    sender.submit(request(rx.url("/busy"), Duration::from_secs(5)));
+    let o = one(&sender);
+    assert_eq!(
+        o.response,
+        Response::Status {
+            code: 429,
+            retry_after: Some("7".into())
+        }
+    );
+    sender.submit(request(rx.url("/big"), Duration::from_secs(5)));
+    let o = one(&sender);
+    assert_eq!(o.status_code(), Some(500));
+    assert_eq!(o.body_excerpt.as_deref(), Some("xxxxxxxxxxxxxxxx"));
+}
+
+#[test]
+fn in_flight_is_capped_and_shutdown_returns_finished_work() {
+    let rx = Receiver::start().unwrap();
+    rx.set_default("/slow", Reply::Delay(Duration::from_millis(300), 200));
+    let sender = Sender::start(Config {
+        max_in_flight: 2,
+        ..Config::default()
+    })
+    .unwrap();
+    assert_eq!(sender.capacity(), 2);
+    for _ in 0..2 {
+        sender.submit(request(rx.url("/slow"), Duration::from_secs(5)));
+    }
+    assert_eq!(sender.capacity(), 0);
+    // Over the cap: refused at once as a failed attempt, never queued without bound.
+    sender.submit(request(rx.url("/slow"), Duration::from_secs(5)));
+    let outcomes = sender.shutdown(Duration::from_secs(5));
+    assert_eq!(outcomes.len(), 3);
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| o.status_code() == Some(200))
+            .count(),
+        2
+    );
+    assert!(outcomes.iter().any(|o| matches!(&o.response, Response::Failed { error, .. } if error.contains("could not take"))));
+}
+
+#[test]
+fn shutdown_abandons_requests_past_the_grace_period() {
+    let rx = Receiver::start().unwrap();
+    rx.set_default("/slow", Reply::Hang);
+    let sender = Sender::start(Config::default()).unwrap();
+    sender.submit(request(rx.url("/slow"), Duration::from_secs(60)));
+    let started = Instant::now();
+    assert!(sender.shutdown(Duration::from_millis(200)).is_empty());
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

@@ -1,0 +1,330 @@
+//! The background worker: claims due deliveries, hands them to the sender's threads, and
+//! records what happened — all SQL on this process's main thread, all HTTP off it.
+//!
+//! One cycle: take finished outcomes → one transaction that records them and claims as many
+//! new deliveries as there are free request slots → submit those → sleep on the latch and
+//! the sender's eventfd until a commit, an outcome, a retry coming due or the poll interval.
+//! Claiming, sending and recording overlap: the main thread never waits for HTTP.
+
+mod store;
+
+use std::time::Duration;
+
+use outbox_sender::{Config, Sender};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+
+use crate::guc::{self, WorkerSettings};
+use crate::wake;
+use store::Record;
+
+/// How long a stopping worker lets requests in flight finish before it records what it has.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Pause after a cycle failed, so a persistent error (a dropped table) is not a hot loop.
+const ERROR_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest sleep while the extension is not created in the worker's database.
+const NOT_READY_POLL: Duration = Duration::from_secs(5);
+
+/// Registers the worker; only possible while `shared_preload_libraries` is processed.
+pub fn register() {
+    BackgroundWorkerBuilder::new("webhook_outbox worker")
+        .set_type("webhook_outbox worker")
+        .set_function("webhook_outbox_worker_main")
+        .set_library("webhook_outbox")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn webhook_outbox_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let settings = WorkerSettings::read();
+    BackgroundWorker::connect_worker_to_spi(Some(&settings.database), None);
+    let mut worker = match Worker::start(settings) {
+        Ok(w) => w,
+        Err(e) => {
+            log!("webhook_outbox worker: cannot start the HTTP sender: {e}");
+            // Exit code 1: the postmaster starts the worker again after the restart time.
+            unsafe { pg_sys::proc_exit(1) };
+        }
+    };
+    wake::publish_worker_latch(true);
+    log!(
+        "webhook_outbox worker started (database \"{}\", pid {})",
+        worker.settings.database,
+        std::process::id()
+    );
+    let restart = worker.run();
+    wake::publish_worker_latch(false);
+    worker.stop();
+    // Exit 1 means "start me again" (after a reload that changed the database); at server
+    // shutdown the postmaster does not restart anyone.
+    unsafe { pg_sys::proc_exit(if restart { 1 } else { 0 }) };
+}
+
+struct Worker {
+    settings: WorkerSettings,
+    sender: Sender,
+    name: String,
+    /// Outcomes taken from the sender but not recorded yet (their transaction failed).
+    unrecorded: Vec<Record>,
+    failed_cycles: u32,
+}
+
+/// What a successful cycle claimed.
+struct Claimed {
+    requests: Vec<outbox_sender::Request>,
+    claimed: usize,
+    next_due: Option<Duration>,
+}
+
+/// Consecutive failed cycles after which unrecorded outcomes are dropped.
+const MAX_FAILED_CYCLES: u32 = 3;
+
+/// What one cycle found.
+struct CycleResult {
+    claimed: usize,
+    requested: usize,
+    /// Time until the next delivery becomes due, when the queue had nothing more to give.
+    next_due: Option<Duration>,
+    ready: bool,
+}
+
+impl Worker {
+    fn start(settings: WorkerSettings) -> std::io::Result<Worker> {
+        let sender = Sender::start(Config {
+            max_in_flight: guc::MAX_IN_FLIGHT_LIMIT as usize,
+            max_response_body: settings.max_response_body,
+            ..Config::default()
+        })?;
+        Ok(Worker {
+            sender,
+            name: format!("worker:{}", std::process::id()),
+            unrecorded: Vec::new(),
+            failed_cycles: 0,
+            settings,
+        })
+    }
+
+    /// The main loop; returns true when the worker should be restarted.
+    fn run(&mut self) -> bool {
+        loop {
+            if BackgroundWorker::sigterm_received() {
+                return false;
+            }
+            if BackgroundWorker::sighup_received() {
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                let new = WorkerSettings::read();
+                if new.database != self.settings.database {
+                    log!(
+                        "webhook_outbox worker: outbox.database changed to \"{}\"; restarting",
+                        new.database
+                    );
+                    return true;
+                }
+                self.sender.set_max_response_body(new.max_response_body);
+                self.settings = new;
+            }
+
+            let timeout = match self.cycle() {
+                Ok(r) if !r.ready => {
+                    NOT_READY_POLL.min(self.settings.poll_interval.max(Duration::from_secs(1)))
+                }
+                // A full batch: more may be due right now.
+                Ok(r) if r.claimed == r.requested && r.requested > 0 => Duration::ZERO,
+                Ok(r) => {
+                    let poll = self.settings.poll_interval;
+                    // Rows due "now" that were not claimed are held by another claimer.
+                    let due = r.next_due.map(|d| d.max(Duration::from_millis(50)));
+                    due.map_or(poll, |d| d.min(poll))
+                }
+                Err(e) => {
+                    log!("webhook_outbox worker: {e}");
+                    ERROR_BACKOFF
+                }
+            };
+            unsafe { pg_sys::pgstat_report_stat(false) };
+            self.wait(timeout);
+        }
+    }
+
+    /// Sleeps until the latch is set (a commit, a signal), an outcome is ready, or `timeout`.
+    /// Exits the process if the postmaster dies.
+    fn wait(&self, timeout: Duration) {
+        let events = pg_sys::WL_LATCH_SET
+            | pg_sys::WL_SOCKET_READABLE
+            | pg_sys::WL_TIMEOUT
+            | pg_sys::WL_EXIT_ON_PM_DEATH;
+        let ms = timeout.as_millis().min(i64::MAX as u128) as std::ffi::c_long;
+        unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                events as i32,
+                self.sender.wake_fd(),
+                ms,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+    }
+
+    fn take_records(&mut self) {
+        let schedule = guc::retry_schedule();
+        let outcomes = self.sender.take_outcomes();
+        self.unrecorded.extend(
+            outcomes
+                .into_iter()
+                .map(|o| Record::from_outcome(o, &schedule)),
+        );
+    }
+
+    /// Records finished attempts and claims new work, in one transaction.
+    fn cycle(&mut self) -> Result<CycleResult, String> {
+        self.take_records();
+        let free = self
+            .settings
+            .max_in_flight
+            .saturating_sub(self.sender.in_flight());
+        let requested = free.min(usize::try_from(self.settings.batch_size).unwrap_or(1));
+        let records = std::mem::take(&mut self.unrecorded);
+        let (settings, name) = (&self.settings, self.name.as_str());
+        let outcome = in_transaction(|| {
+            Spi::connect_mut(|client| -> Result<Option<Claimed>, String> {
+                if !store::extension_ready(client)? {
+                    return Ok(None);
+                }
+                store::record(client, &records, name)?;
+                let (requests, unsendable) = if requested > 0 {
+                    store::claim(client, requested as i32, name, settings)?
+                } else {
+                    (Vec::new(), Vec::new())
+                };
+                let dead: Vec<Record> = unsendable
+                    .into_iter()
+                    .map(Record::from_unsendable)
+                    .collect();
+                store::record(client, &dead, name)?;
+                let claimed = requests.len() + dead.len();
+                let next_due = if claimed < requested {
+                    store::next_due(client)?
+                } else {
+                    None
+                };
+                Ok(Some(Claimed {
+                    requests,
+                    claimed,
+                    next_due,
+                }))
+            })
+        })
+        .and_then(|r| r);
+        match outcome {
+            Ok(Some(c)) => {
+                self.failed_cycles = 0;
+                for r in c.requests {
+                    self.sender.submit(r);
+                }
+                Ok(CycleResult {
+                    claimed: c.claimed,
+                    requested,
+                    next_due: c.next_due,
+                    ready: true,
+                })
+            }
+            // The extension is not (or no longer) there: nothing to record outcomes in, and
+            // their deliveries went with it.
+            Ok(None) => Ok(CycleResult {
+                claimed: 0,
+                requested,
+                next_due: None,
+                ready: false,
+            }),
+            Err(e) => {
+                // Rolled back: nothing claimed, nothing recorded. Keep the outcomes for the
+                // next cycle, unless they keep failing: then their leases expire and the
+                // deliveries are sent again, which at-least-once allows.
+                self.failed_cycles += 1;
+                if self.failed_cycles < MAX_FAILED_CYCLES {
+                    self.unrecorded = records;
+                } else if !records.is_empty() {
+                    log!(
+                        "webhook_outbox worker: giving up recording {} attempts; their deliveries will be retried after their leases expire",
+                        records.len()
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops taking work, lets requests in flight finish briefly, and records them.
+    fn stop(self) {
+        let Worker {
+            sender,
+            name,
+            mut unrecorded,
+            ..
+        } = self;
+        let schedule = guc::retry_schedule();
+        let in_flight = sender.in_flight();
+        let outcomes = sender.shutdown(SHUTDOWN_GRACE);
+        unrecorded.extend(
+            outcomes
+                .into_iter()
+                .map(|o| Record::from_outcome(o, &schedule)),
+        );
+        if unrecorded.is_empty() {
+            return;
+        }
+        let n = unrecorded.len();
+        let result = in_transaction(|| {
+            Spi::connect_mut(|client| {
+                if store::extension_ready(client)? {
+                    store::record(client, &unrecorded, &name)
+                } else {
+                    Ok(0)
+                }
+            })
+        });
+        match result.and_then(|r| r) {
+            Ok(_) => log!("webhook_outbox worker stopping: recorded {n} attempts ({in_flight} were in flight)"),
+            Err(e) => log!("webhook_outbox worker stopping: could not record {n} attempts: {e}"),
+        }
+    }
+}
+
+/// Runs `f` in its own transaction. An ERROR inside rolls the transaction back and comes
+/// back as `Err` with its message, so one bad cycle never takes the worker down.
+fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(move || {
+        let r = f();
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        }
+        Ok(r)
+    }))
+    .catch_others(|e| {
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        Err(describe(&e))
+    })
+    .execute()
+}
+
+fn describe(e: &CaughtError) -> String {
+    match e {
+        CaughtError::PostgresError(r)
+        | CaughtError::ErrorReport(r)
+        | CaughtError::RustPanic { ereport: r, .. } => {
+            format!("{} (SQLSTATE {:?})", r.message(), r.sql_error_code())
+        }
+    }
+}

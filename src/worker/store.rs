@@ -1,0 +1,231 @@
+//! The worker's SQL: the same `outbox.claim` and `outbox.ack_batch` any client uses, called
+//! through SPI on the worker's main thread, one batch per statement.
+
+use std::time::Duration;
+
+use outbox_core::signing::SigningKey;
+use outbox_sender::{Outcome, Request};
+use pgrx::spi::SpiClient;
+
+/// Why a cycle's SQL failed (logged, then the loop goes on).
+pub type StoreError = String;
+
+/// Is the extension created in this database? The worker idles until it is.
+pub fn extension_ready(client: &SpiClient<'_>) -> Result<bool, StoreError> {
+    client
+        .select(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'webhook_outbox')",
+            None,
+            &[],
+        )
+        .and_then(|t| t.first().get::<bool>(1))
+        .map(|v| v.unwrap_or(false))
+        .map_err(|e| e.to_string())
+}
+
+/// A claimed delivery that could not be turned into a request (e.g. a secret edited by
+/// hand into something unusable): recorded as a failed attempt without sending.
+pub struct Unsendable {
+    pub delivery_id: [u8; 16],
+    pub attempt: i32,
+    pub error: String,
+}
+
+/// Claims up to `limit` due deliveries and turns them into requests.
+pub fn claim(
+    client: &mut SpiClient<'_>,
+    limit: i32,
+    worker: &str,
+    settings: &crate::guc::WorkerSettings,
+) -> Result<(Vec<Request>, Vec<Unsendable>), StoreError> {
+    let lease = format!("{} seconds", settings.lease.as_secs());
+    let rows = client
+        .update(
+            "SELECT delivery_id, event_id, attempt, url, secret, headers::text,
+                    (extract(epoch FROM timeout) * 1000)::float8, body
+               FROM outbox.claim($1, $2, $3::interval)",
+            None,
+            &[limit.into(), worker.into(), lease.as_str().into()],
+        )
+        .map_err(|e| e.to_string())?;
+    let mut requests = Vec::with_capacity(rows.len());
+    let mut unsendable = Vec::new();
+    for row in rows {
+        let get_err = |e: pgrx::spi::SpiError| e.to_string();
+        let id: pgrx::Uuid = row.get(1).map_err(get_err)?.ok_or("claim returned no id")?;
+        let delivery_id = *id.as_bytes();
+        let msg_id: String = row.get(2).map_err(get_err)?.unwrap_or_default();
+        let attempt: i32 = row.get(3).map_err(get_err)?.unwrap_or(1);
+        let url: String = row.get(4).map_err(get_err)?.unwrap_or_default();
+        let secret: String = row.get(5).map_err(get_err)?.unwrap_or_default();
+        let headers: String = row.get(6).map_err(get_err)?.unwrap_or_else(|| "{}".into());
+        let timeout_ms: Option<f64> = row.get(7).map_err(get_err)?;
+        let body: String = row.get(8).map_err(get_err)?.unwrap_or_default();
+
+        let key = match SigningKey::parse(&secret) {
+            Ok(k) => k,
+            Err(e) => {
+                unsendable.push(Unsendable {
+                    delivery_id,
+                    attempt,
+                    error: format!("the endpoint's secret is unusable: {e}"),
+                });
+                continue;
+            }
+        };
+        let headers = parse_headers(&headers);
+        let timeout =
+            settings.attempt_limit(timeout_ms.map(|ms| Duration::from_millis(ms.max(0.0) as u64)));
+        requests.push(Request {
+            delivery_id,
+            attempt,
+            msg_id,
+            url,
+            keys: vec![key],
+            headers,
+            body: body.into(),
+            timeout,
+        });
+    }
+    Ok((requests, unsendable))
+}
+
+fn parse_headers(json: &str) -> Vec<(String, String)> {
+    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) {
+        Ok(map) => map
+            .into_iter()
+            .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// One attempt's record, ready for `outbox.ack_batch`.
+pub struct Record {
+    pub delivery_id: [u8; 16],
+    pub attempt: i32,
+    pub outcome: &'static str,
+    pub status_code: Option<i32>,
+    pub error: Option<String>,
+    pub duration_ms: Option<f64>,
+    /// Wait at least this long before the next attempt (a `Retry-After`); `None` lets the
+    /// retry schedule decide.
+    pub retry_after_ms: Option<f64>,
+    pub response_body: Option<String>,
+}
+
+impl Record {
+    pub fn from_unsendable(u: Unsendable) -> Record {
+        Record {
+            delivery_id: u.delivery_id,
+            attempt: u.attempt,
+            outcome: "dead",
+            status_code: None,
+            error: Some(u.error),
+            duration_ms: None,
+            retry_after_ms: None,
+            response_body: None,
+        }
+    }
+
+    pub fn from_outcome(o: Outcome, schedule: &outbox_core::retry::RetrySchedule) -> Record {
+        use outbox_core::outcome::{decide, Class, Response};
+        let attempt_no = u32::try_from(o.attempt).unwrap_or(0);
+        let decision = decide(
+            &o.response,
+            attempt_no,
+            schedule,
+            std::time::SystemTime::now(),
+        );
+        let outcome = match decision.class {
+            Class::Delivered => "delivered",
+            Class::Retry => "retry",
+            Class::Dead | Class::Gone => "dead",
+        };
+        let error = match (&o.response, decision.class) {
+            (_, Class::Delivered) => None,
+            (Response::Failed { error, .. }, _) => Some(error.clone()),
+            (Response::Status { code, .. }, Class::Gone) => {
+                Some(format!("HTTP {code} Gone: endpoint disabled"))
+            }
+            (Response::Status { code, .. }, _) if (300..400).contains(code) => Some(format!(
+                "HTTP {code}: redirects are not followed; update the endpoint's URL"
+            )),
+            (Response::Status { code, .. }, _) => Some(format!("HTTP {code}")),
+        };
+        // PostgreSQL text cannot hold NUL bytes.
+        let error = error.map(|e| e.replace('\0', ""));
+        Record {
+            delivery_id: o.delivery_id,
+            attempt: o.attempt,
+            outcome,
+            status_code: o.status_code().map(i32::from),
+            error,
+            duration_ms: Some(o.duration.as_secs_f64() * 1000.0),
+            retry_after_ms: decision.retry_after.map(|d| d.as_secs_f64() * 1000.0),
+            response_body: o.body_excerpt.map(|b| b.replace('\0', "")),
+        }
+    }
+}
+
+/// Records a batch of attempts in one statement; returns how many were accepted (the rest
+/// were no longer held by this worker: lease expired and claimed again, or cancelled).
+pub fn record(
+    client: &mut SpiClient<'_>,
+    records: &[Record],
+    worker: &str,
+) -> Result<i64, StoreError> {
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<pgrx::Uuid> = records
+        .iter()
+        .map(|r| pgrx::Uuid::from_bytes(r.delivery_id))
+        .collect();
+    let attempts: Vec<i32> = records.iter().map(|r| r.attempt).collect();
+    let outcomes: Vec<String> = records.iter().map(|r| r.outcome.to_string()).collect();
+    let codes: Vec<Option<i32>> = records.iter().map(|r| r.status_code).collect();
+    let errors: Vec<Option<String>> = records.iter().map(|r| r.error.clone()).collect();
+    let durations: Vec<Option<f64>> = records.iter().map(|r| r.duration_ms).collect();
+    let waits: Vec<Option<f64>> = records.iter().map(|r| r.retry_after_ms).collect();
+    let bodies: Vec<Option<String>> = records.iter().map(|r| r.response_body.clone()).collect();
+    client
+        .update(
+            "SELECT count(*) FROM outbox.ack_batch(
+                 $1, $2, $3::text[]::outbox.attempt_outcome[], $4, $5, $6,
+                 (SELECT array_agg(now() + w * interval '1 millisecond' ORDER BY i)
+                    FROM unnest($7::float8[]) WITH ORDINALITY AS t(w, i)),
+                 $8, $9)",
+            None,
+            &[
+                ids.into(),
+                attempts.into(),
+                outcomes.into(),
+                codes.into(),
+                errors.into(),
+                durations.into(),
+                waits.into(),
+                bodies.into(),
+                worker.into(),
+            ],
+        )
+        .and_then(|t| t.first().get::<i64>(1))
+        .map(|n| n.unwrap_or(0))
+        .map_err(|e| e.to_string())
+}
+
+/// How long until the next delivery becomes due (a retry's time, or an expired lease), if
+/// any is waiting on an enabled endpoint.
+pub fn next_due(client: &SpiClient<'_>) -> Result<Option<Duration>, StoreError> {
+    client
+        .select(
+            "SELECT greatest(extract(epoch FROM min(d.due_at) - clock_timestamp()), 0)::float8
+               FROM outbox.delivery d JOIN outbox.endpoint e ON e.id = d.endpoint_id
+              WHERE d.status IN ('pending', 'in_flight') AND e.enabled AND e.deleted_at IS NULL",
+            None,
+            &[],
+        )
+        .and_then(|t| t.first().get::<f64>(1))
+        .map(|s| s.map(Duration::from_secs_f64))
+        .map_err(|e| e.to_string())
+}
