@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end: a local PostgreSQL 15 cluster with webhook_outbox preloaded, the
 # bundled receiver on 127.0.0.1, an endpoint pointing at it, events enqueued in a transaction
-# (and one in a transaction that rolls back), then what happened to them.
+# (and one in a transaction that rolls back), delivered by the background worker, and what the
+# receiver and the outbox tables say about them.
 #
 #   scripts/demo.sh          set up (once), (re)start, enqueue, show
 #   scripts/demo.sh stop     stop the demo cluster and receiver
@@ -90,9 +91,19 @@ SELECT count(*) AS enqueued_then_rolled_back FROM outbox.enqueue('order.refunded
 ROLLBACK;
 SQL
 
+log "waiting for the worker to deliver them"
+for _ in $(seq 1 100); do
+  left=$(psql -tA -c "SELECT pending + in_flight FROM outbox.stats()")
+  [ "$left" = "0" ] && break
+  sleep 0.1
+done
+
+echo
+log "what the receiver got (newest last; verified = the Standard Webhooks signature checked out):"
+tail -n 3 "$DEMO/receiver.log"
 echo
 log "deliveries (newest first)"
-psql -c "SELECT id, event_type, status, attempts, last_status_code, created_at
+psql -c "SELECT id, event_type, status, attempts, last_status_code, finished_at - created_at AS took
            FROM outbox.deliveries ORDER BY created_at DESC LIMIT 6"
 log "queue health: SELECT * FROM outbox.stats()"
 psql -x -c "SELECT * FROM outbox.stats()"
