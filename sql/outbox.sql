@@ -206,6 +206,7 @@ CREATE FUNCTION outbox.create_endpoint(
 )
 RETURNS uuid
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -241,6 +242,7 @@ CREATE FUNCTION outbox.update_endpoint(
 )
 RETURNS void
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -263,6 +265,7 @@ $$;
 CREATE FUNCTION outbox.enable_endpoint(endpoint_id uuid)
 RETURNS void
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -276,6 +279,7 @@ $$;
 CREATE FUNCTION outbox.disable_endpoint(endpoint_id uuid, reason text DEFAULT 'disabled by operator')
 RETURNS void
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -292,6 +296,7 @@ $$;
 CREATE FUNCTION outbox.delete_endpoint(endpoint_id uuid)
 RETURNS bigint
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -313,6 +318,7 @@ $$;
 CREATE FUNCTION outbox.endpoint_secret(endpoint_id uuid)
 RETURNS text
 LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT (outbox._endpoint_or_raise(endpoint_secret.endpoint_id)).secret
 $$;
@@ -336,6 +342,7 @@ CREATE FUNCTION outbox.enqueue(
 )
 RETURNS SETOF uuid
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -394,6 +401,7 @@ $$;
 CREATE FUNCTION outbox.trigger()
 RETURNS trigger
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -466,6 +474,7 @@ RETURNS TABLE (
     tenant_id   text
 )
 LANGUAGE sql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     WITH due AS (
         SELECT d.id
@@ -514,6 +523,7 @@ CREATE FUNCTION outbox.ack_batch(
 )
 RETURNS SETOF uuid
 LANGUAGE sql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     WITH input AS (
         SELECT i.*,
@@ -584,6 +594,7 @@ CREATE FUNCTION outbox.ack(
 )
 RETURNS outbox.delivery_status
 LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -669,6 +680,7 @@ CREATE FUNCTION outbox.stats(
     OUT success_rate_last_hour double precision
 )
 LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     WITH live AS (
         SELECT count(*) FILTER (WHERE status = 'pending')                        AS pending,
@@ -698,6 +710,70 @@ AS $$
                 ELSE recent.delivered::double precision / (recent.delivered + recent.dead) END
       FROM live, recent, failures
 $$;
+
+-------------------------------------------------------------------------------------------
+-- Privileges
+--
+-- Nothing is granted to PUBLIC. The API functions run as the extension's owner (SECURITY
+-- DEFINER, with a pinned search_path), so a role needs only EXECUTE on the functions of its
+-- job and never any privilege on the tables: in particular no role but the owner can read
+-- outbox.endpoint.secret. The grant_* functions below hand out the three usual jobs.
+-------------------------------------------------------------------------------------------
+
+REVOKE ALL ON SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
+
+-- Producers enqueue events (directly or through outbox.trigger) and nothing else.
+CREATE FUNCTION outbox.grant_producer(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA outbox TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.enqueue(text, jsonb, uuid, text, text, timestamptz), outbox.trigger() TO %s', role);
+END
+$$;
+
+-- Operators watch and steer delivery: the views, statistics, enabling and disabling
+-- endpoints. They cannot read secrets, create endpoints, enqueue, or claim.
+CREATE FUNCTION outbox.grant_operator(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA outbox TO %s', role);
+    EXECUTE format('GRANT SELECT ON outbox.endpoints, outbox.deliveries, outbox.attempts, outbox.dead_letters TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.stats(), outbox.enable_endpoint(uuid), outbox.disable_endpoint(uuid, text) TO %s', role);
+END
+$$;
+
+-- Administrators manage endpoints (and their secrets), and may act as a sender with
+-- outbox.claim / outbox.ack; they get everything an operator and a producer get.
+CREATE FUNCTION outbox.grant_admin(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM outbox.grant_producer(role);
+    PERFORM outbox.grant_operator(role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION
+        outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean),
+        outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text),
+        outbox.delete_endpoint(uuid), outbox.endpoint_secret(uuid), outbox.generate_secret(),
+        outbox.sign(text, text, bigint, text), outbox.retry_delay(integer),
+        outbox.claim(integer, text, interval, uuid, text),
+        outbox.ack(uuid, integer, outbox.attempt_outcome, integer, text, double precision, timestamptz, text, text),
+        outbox.ack_batch(uuid[], integer[], outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[], text)
+        TO %s', role);
+END
+$$;
+
+REVOKE ALL ON FUNCTION outbox.grant_producer(regrole), outbox.grant_operator(regrole), outbox.grant_admin(regrole) FROM PUBLIC;
 
 -------------------------------------------------------------------------------------------
 -- A word at CREATE EXTENSION time if nothing will send what gets queued here
