@@ -60,6 +60,9 @@ fi
 
 psql() { PGOPTIONS="-c client_min_messages=warning" "$BIN/psql" -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
 
+# The receiver is on loopback, which the SSRF guard refuses unless allowed.
+psql -c "ALTER SYSTEM SET outbox.allowed_targets = '127.0.0.1/32'"
+psql -c "SELECT pg_reload_conf()" >/dev/null
 psql -c "CREATE EXTENSION IF NOT EXISTS webhook_outbox"
 URL="http://127.0.0.1:$RECEIVER_PORT/webhooks"
 EP=$(psql -tA -c "SELECT id FROM outbox.endpoints WHERE url = '$URL' LIMIT 1")

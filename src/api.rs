@@ -66,9 +66,11 @@ fn retry_delay(attempt: i32) -> Option<Interval> {
     }))
 }
 
-#[pg_extern(name = "_check_url", immutable, parallel_safe)]
+#[pg_extern(name = "_check_url", stable, parallel_safe)]
 fn check_url(url: Option<&str>) -> Option<String> {
-    url.map(|u| validate::endpoint_url(u).or_refuse())
+    let url = validate::endpoint_url(url?).or_refuse();
+    validate::endpoint_target(&url, &guc::allowed_targets()).or_refuse();
+    Some(url)
 }
 
 #[pg_extern(name = "_check_secret", immutable, parallel_safe)]

@@ -37,6 +37,11 @@ pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 /// Bytes of each response body kept in the attempt history.
 pub static MAX_RESPONSE_BODY: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
+/// Private and special-purpose targets the worker may contact anyway (the SSRF guard refuses
+/// them by default): CIDR blocks and exact host names, comma-separated.
+pub static ALLOWED_TARGETS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+
 /// The most requests the sender can ever hold; `outbox.max_in_flight` moves below it
 /// without a restart.
 pub const MAX_IN_FLIGHT_LIMIT: i32 = 10_000;
@@ -121,6 +126,14 @@ pub fn register() {
         GucFlags::UNIT_BYTE,
     );
     GucRegistry::define_string_guc(
+        c"outbox.allowed_targets",
+        c"Private or special-purpose targets the worker may send to, e.g. '10.0.0.0/8, hooks.internal'.",
+        c"Loopback, private, link-local, CGNAT, multicast and other non-public addresses are refused unless listed here (CIDR blocks or exact host names).",
+        &ALLOWED_TARGETS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
         c"outbox.retry_schedule",
         c"Delays between delivery attempts, e.g. '5s, 5m, 30m, 2h'.",
         c"One delay per failed attempt (units ms, s, m, h, d), each with +/-20% jitter; when the list is used up the delivery is dead.",
@@ -157,6 +170,16 @@ fn positive(v: i32) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// The SSRF allow-list. An unparsable setting allows nothing extra (the safe side) and says
+/// so in the log.
+pub fn allowed_targets() -> outbox_core::ssrf::AllowList {
+    let text = text(&ALLOWED_TARGETS, "");
+    outbox_core::ssrf::AllowList::parse(&text).unwrap_or_else(|e| {
+        pgrx::warning!("outbox.allowed_targets is invalid ({e}); no private target is allowed");
+        outbox_core::ssrf::AllowList::default()
+    })
+}
+
 /// The worker's settings, read together once per reload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerSettings {
@@ -167,6 +190,7 @@ pub struct WorkerSettings {
     pub lease: std::time::Duration,
     pub poll_interval: std::time::Duration,
     pub max_response_body: usize,
+    pub allowed_targets: outbox_core::ssrf::AllowList,
 }
 
 impl WorkerSettings {
@@ -180,6 +204,7 @@ impl WorkerSettings {
             lease: Duration::from_secs(positive(LEASE_S.get())),
             poll_interval: Duration::from_millis(positive(POLL_INTERVAL_MS.get())),
             max_response_body: positive(MAX_RESPONSE_BODY.get()) as usize,
+            allowed_targets: allowed_targets(),
         }
     }
 

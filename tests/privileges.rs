@@ -6,7 +6,9 @@ mod common;
 use common::{sqlstate, Cluster};
 
 fn connect_as(cluster: &Cluster, role: &str) -> postgres::Client {
-    let info = cluster.conninfo().replace("user=postgres", &format!("user={role}"));
+    let info = cluster
+        .conninfo()
+        .replace("user=postgres", &format!("user={role}"));
     postgres::Client::connect(&info, postgres::NoTls).unwrap()
 }
 
@@ -33,7 +35,10 @@ fn setup() -> (Cluster, String) {
     )
     .unwrap();
     let ep: String = c
-        .query_one("SELECT outbox.create_endpoint('https://example.com/hook')::text", &[])
+        .query_one(
+            "SELECT outbox.create_endpoint('https://example.com/hook')::text",
+            &[],
+        )
         .unwrap()
         .get(0);
     (cluster, ep)
@@ -59,13 +64,23 @@ fn a_producer_can_enqueue_and_nothing_else() {
     let (cluster, ep) = setup();
     let mut p = connect_as(&cluster, "app_producer");
     assert_eq!(attempt(&mut p, "SELECT outbox.enqueue('a.b', '{}')"), "ok");
-    assert_eq!(attempt(&mut p, "INSERT INTO public.orders VALUES (1, 9.5)"), "ok", "through the trigger");
+    assert_eq!(
+        attempt(&mut p, "INSERT INTO public.orders VALUES (1, 9.5)"),
+        "ok",
+        "through the trigger"
+    );
     assert_no_secrets_or_tables(&mut p, &ep);
     assert_eq!(attempt(&mut p, "SELECT * FROM outbox.deliveries"), "42501");
     assert_eq!(attempt(&mut p, "SELECT * FROM outbox.stats()"), "42501");
-    assert_eq!(attempt(&mut p, &format!("SELECT outbox.disable_endpoint('{ep}')")), "42501");
+    assert_eq!(
+        attempt(&mut p, &format!("SELECT outbox.disable_endpoint('{ep}')")),
+        "42501"
+    );
     let mut admin = cluster.client();
-    let n: i64 = admin.query_one("SELECT count(*) FROM outbox.delivery", &[]).unwrap().get(0);
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM outbox.delivery", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 2);
 }
 
@@ -73,7 +88,9 @@ fn a_producer_can_enqueue_and_nothing_else() {
 fn an_operator_can_watch_and_steer_but_not_read_secrets() {
     let (cluster, ep) = setup();
     let mut admin = cluster.client();
-    admin.batch_execute("SELECT outbox.enqueue('a.b', '{}')").unwrap();
+    admin
+        .batch_execute("SELECT outbox.enqueue('a.b', '{}')")
+        .unwrap();
     let mut o = connect_as(&cluster, "app_operator");
     for sql in [
         "SELECT * FROM outbox.deliveries",
@@ -84,8 +101,17 @@ fn an_operator_can_watch_and_steer_but_not_read_secrets() {
     ] {
         assert_eq!(attempt(&mut o, sql), "ok", "{sql}");
     }
-    assert_eq!(attempt(&mut o, &format!("SELECT outbox.disable_endpoint('{ep}', 'maintenance')")), "ok");
-    assert_eq!(attempt(&mut o, &format!("SELECT outbox.enable_endpoint('{ep}')")), "ok");
+    assert_eq!(
+        attempt(
+            &mut o,
+            &format!("SELECT outbox.disable_endpoint('{ep}', 'maintenance')")
+        ),
+        "ok"
+    );
+    assert_eq!(
+        attempt(&mut o, &format!("SELECT outbox.enable_endpoint('{ep}')")),
+        "ok"
+    );
     let cols: Vec<String> = o
         .query("SELECT * FROM outbox.endpoints LIMIT 1", &[])
         .unwrap()[0]
@@ -95,7 +121,10 @@ fn an_operator_can_watch_and_steer_but_not_read_secrets() {
         .collect();
     assert!(!cols.iter().any(|c| c.contains("secret")), "{cols:?}");
     assert_no_secrets_or_tables(&mut o, &ep);
-    assert_eq!(attempt(&mut o, "SELECT outbox.enqueue('a.b', '{}')"), "42501");
+    assert_eq!(
+        attempt(&mut o, "SELECT outbox.enqueue('a.b', '{}')"),
+        "42501"
+    );
 }
 
 #[test]
@@ -103,14 +132,29 @@ fn an_admin_manages_endpoints_and_secrets() {
     let (cluster, ep) = setup();
     let mut a = connect_as(&cluster, "app_admin");
     let secret: String = a
-        .query_one(&format!("SELECT outbox.endpoint_secret('{ep}')") as &str, &[])
+        .query_one(
+            &format!("SELECT outbox.endpoint_secret('{ep}')") as &str,
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(secret.starts_with("whsec_"));
-    assert_eq!(attempt(&mut a, "SELECT outbox.create_endpoint('https://example.com/2')"), "ok");
+    assert_eq!(
+        attempt(
+            &mut a,
+            "SELECT outbox.create_endpoint('https://example.com/2')"
+        ),
+        "ok"
+    );
     assert_eq!(attempt(&mut a, "SELECT outbox.enqueue('a.b', '{}')"), "ok");
-    assert_eq!(attempt(&mut a, "SELECT * FROM outbox.claim(10, 'admin')"), "ok");
-    assert_eq!(attempt(&mut a, &format!("SELECT outbox.delete_endpoint('{ep}')")), "ok");
+    assert_eq!(
+        attempt(&mut a, "SELECT * FROM outbox.claim(10, 'admin')"),
+        "ok"
+    );
+    assert_eq!(
+        attempt(&mut a, &format!("SELECT outbox.delete_endpoint('{ep}')")),
+        "ok"
+    );
 }
 
 #[test]
@@ -140,5 +184,8 @@ fn nothing_is_granted_to_public() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(public_grants, 0, "no function, table or view of the extension is granted to PUBLIC");
+    assert_eq!(
+        public_grants, 0,
+        "no function, table or view of the extension is granted to PUBLIC"
+    );
 }

@@ -5,4 +5,5 @@
 pub mod outcome;
 pub mod retry;
 pub mod signing;
+pub mod ssrf;
 pub mod validate;

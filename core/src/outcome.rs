@@ -21,6 +21,9 @@ pub enum Response {
     },
     /// No (complete) answer: timeout, refused connection, DNS or TLS failure, reset.
     Failed { error: String, timed_out: bool },
+    /// Not sent at all: the target is forbidden (the SSRF guard). Asking again would be
+    /// refused again, so this is final.
+    Refused { error: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +38,7 @@ pub enum Class {
 pub fn classify(response: &Response) -> Class {
     match response {
         Response::Failed { .. } => Class::Retry,
+        Response::Refused { .. } => Class::Dead,
         Response::Status { code, .. } => match *code {
             200..=299 => Class::Delivered,
             410 => Class::Gone,

@@ -3,6 +3,8 @@
 
 use url::Url;
 
+use crate::ssrf::{self, AllowList};
+
 /// Why an input was refused. The message is written for the person who called the function.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -93,6 +95,20 @@ pub fn endpoint_url(text: &str) -> Result<String, Refusal> {
         ));
     }
     Ok(url.to_string())
+}
+
+/// Refuses, when the endpoint is saved, a URL whose host is a literal address the SSRF guard
+/// would refuse anyway (names are judged by the worker when it resolves them).
+pub fn endpoint_target(url: &str, allow: &AllowList) -> Result<(), Refusal> {
+    let Ok(url) = Url::parse(url) else {
+        return Ok(());
+    };
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(a)) => std::net::IpAddr::V4(a),
+        Some(url::Host::Ipv6(a)) => std::net::IpAddr::V6(a),
+        _ => return Ok(()),
+    };
+    ssrf::check(&ip.to_string(), ip, allow).map_err(Refusal::Invalid)
 }
 
 fn check_name(what: &str, text: &str) -> Result<(), Refusal> {
@@ -282,6 +298,23 @@ mod tests {
         ));
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_LEN));
         assert!(matches!(endpoint_url(&long), Err(Refusal::TooLarge(_))));
+    }
+
+    #[test]
+    fn literal_targets() {
+        let none = AllowList::default();
+        assert!(endpoint_target("https://example.com/x", &none).is_ok());
+        assert!(endpoint_target("https://93.184.216.34/x", &none).is_ok());
+        assert!(
+            matches!(endpoint_target("http://127.0.0.1:8080/x", &none), Err(Refusal::Invalid(m)) if m.contains("SSRF"))
+        );
+        assert!(endpoint_target("http://[::1]/x", &none).is_err());
+        assert!(endpoint_target("http://169.254.169.254/latest/meta-data", &none).is_err());
+        assert!(endpoint_target(
+            "http://127.0.0.1:8080/x",
+            &AllowList::parse("127.0.0.1").unwrap()
+        )
+        .is_ok());
     }
 
     #[test]

@@ -9,11 +9,12 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use outbox_core::outcome::Response;
 use outbox_core::signing::{signature_header, SigningKey};
+use outbox_core::ssrf::{self, AllowList};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -49,7 +50,7 @@ impl Outcome {
     pub fn status_code(&self) -> Option<u16> {
         match &self.response {
             Response::Status { code, .. } => Some(*code),
-            Response::Failed { .. } => None,
+            Response::Failed { .. } | Response::Refused { .. } => None,
         }
     }
 }
@@ -65,6 +66,8 @@ pub struct Config {
     /// compete with PostgreSQL for the cores.
     pub threads: usize,
     pub connect_timeout: Duration,
+    /// Private and special-purpose targets that may be contacted anyway.
+    pub allow: AllowList,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             user_agent: concat!("webhook_outbox/", env!("CARGO_PKG_VERSION")).to_string(),
             threads: 1,
             connect_timeout: Duration::from_secs(10),
+            allow: AllowList::default(),
         }
     }
 }
@@ -127,6 +131,53 @@ struct Shared {
     in_flight: AtomicUsize,
     /// Read per request, so a reload takes effect without restarting the sender.
     max_response_body: AtomicUsize,
+    allow: RwLock<Arc<AllowList>>,
+}
+
+impl Shared {
+    fn allow_list(&self) -> Arc<AllowList> {
+        self.allow.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A refusal by the SSRF guard, raised from name resolution and recognised again in the
+/// error chain reqwest hands back.
+#[derive(Debug)]
+struct GuardRefusal(String);
+
+impl std::fmt::Display for GuardRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GuardRefusal {}
+
+/// Resolves names itself and drops every address the guard refuses, so the connection is
+/// only ever made to an address that was checked (no rebinding between check and connect).
+struct GuardedResolver(Arc<Shared>);
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow = self.0.allow_list();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let resolved = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let mut usable = Vec::new();
+            let mut refusal = None;
+            for addr in resolved {
+                match ssrf::check(&host, addr.ip(), &allow) {
+                    Ok(()) => usable.push(addr),
+                    Err(e) => refusal = Some(e),
+                }
+            }
+            if usable.is_empty() {
+                let why = refusal.unwrap_or_else(|| format!("{host} has no addresses"));
+                return Err(Box::new(GuardRefusal(why)) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(usable.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 impl Shared {
@@ -155,6 +206,7 @@ impl Sender {
             waker: Waker::new()?,
             in_flight: AtomicUsize::new(0),
             max_response_body: AtomicUsize::new(config.max_response_body),
+            allow: RwLock::new(Arc::new(config.allow.clone())),
         });
         // Threads inherit the creating thread's mask: block before spawning, restore after.
         let previous = unsafe {
@@ -165,7 +217,8 @@ impl Sender {
         block_postgres_signals();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.threads.max(1))
-            .max_blocking_threads(1)
+            // Name resolution (getaddrinfo) runs on blocking threads.
+            .max_blocking_threads(4)
             .thread_name("outbox-sender")
             .on_thread_start(block_postgres_signals)
             .enable_all()
@@ -180,6 +233,9 @@ impl Sender {
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
+            // A proxy from the environment would connect on our behalf, past the guard.
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver(shared.clone())))
             .build()
             .map_err(io::Error::other)?;
 
@@ -197,7 +253,16 @@ impl Sender {
                 let shared = dispatcher_shared.clone();
                 tokio::spawn(async move {
                     let body_cap = shared.max_response_body.load(Ordering::Relaxed);
-                    let outcome = send(&client, req, body_cap).await;
+                    let outcome = match literal_ip_refusal(&req, &shared.allow_list()) {
+                        Some(error) => Outcome {
+                            delivery_id: req.delivery_id,
+                            attempt: req.attempt,
+                            response: Response::Refused { error },
+                            duration: Duration::ZERO,
+                            body_excerpt: None,
+                        },
+                        None => send(&client, req, body_cap).await,
+                    };
                     drop(permit);
                     shared.finish(outcome);
                 });
@@ -236,6 +301,11 @@ impl Sender {
         self.shared
             .max_response_body
             .store(bytes, Ordering::Relaxed);
+    }
+
+    /// Replaces the SSRF allow-list, from the next request on.
+    pub fn set_allow_list(&self, allow: AllowList) {
+        *self.shared.allow.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(allow);
     }
 
     /// Requests submitted and not finished yet.
@@ -298,6 +368,28 @@ fn failed(req: &Request, error: String, timed_out: bool, duration: Duration) -> 
         duration,
         body_excerpt: None,
     }
+}
+
+/// URLs with a literal IP address never reach the resolver, so they are checked here.
+fn literal_ip_refusal(req: &Request, allow: &AllowList) -> Option<String> {
+    let url = reqwest::Url::parse(&req.url).ok()?;
+    let ip = match url.host()? {
+        url::Host::Ipv4(a) => std::net::IpAddr::V4(a),
+        url::Host::Ipv6(a) => std::net::IpAddr::V6(a),
+        url::Host::Domain(_) => return None,
+    };
+    ssrf::check(&ip.to_string(), ip, allow).err()
+}
+
+fn guard_refusal(e: &reqwest::Error) -> Option<String> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(g) = s.downcast_ref::<GuardRefusal>() {
+            return Some(g.0.clone());
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// Describes a transport error with its causes ("error sending request: …: Connection
@@ -366,12 +458,21 @@ async fn send(client: &reqwest::Client, req: Request, body_cap: usize) -> Outcom
     let mut response = match response {
         Ok(r) => r,
         Err(e) => {
+            if let Some(error) = guard_refusal(&e) {
+                return Outcome {
+                    delivery_id: req.delivery_id,
+                    attempt: req.attempt,
+                    response: Response::Refused { error },
+                    duration: started.elapsed(),
+                    body_excerpt: None,
+                };
+            }
             return failed(
                 &req,
                 describe(&e, req.timeout),
                 e.is_timeout(),
                 started.elapsed(),
-            )
+            );
         }
     };
     let code = response.status().as_u16();

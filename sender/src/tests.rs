@@ -1,6 +1,7 @@
 //! The sender against the bundled receiver on 127.0.0.1: real HTTP, no PostgreSQL.
 
 use super::*;
+use outbox_core::ssrf::AllowList;
 use outbox_receiver::{Receiver, Reply};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -18,6 +19,11 @@ fn request(url: String, timeout: Duration) -> Request {
         ),
         timeout,
     }
+}
+
+/// The tests' receivers live on loopback, which the SSRF guard refuses by default.
+fn loopback() -> Config {
+    allowing("127.0.0.1/32")
 }
 
 fn one(sender: &Sender) -> Outcome {
@@ -43,7 +49,7 @@ fn one(sender: &Sender) -> Outcome {
 fn sends_signed_requests_that_the_reference_library_accepts() {
     let rx = Receiver::start().unwrap();
     rx.set_secret(Some(SECRET.into()));
-    let sender = Sender::start(Config::default()).unwrap();
+    let sender = Sender::start(loopback()).unwrap();
     sender.submit(request(rx.url("/hook"), Duration::from_secs(5)));
     let o = one(&sender);
     assert_eq!(o.status_code(), Some(200));
@@ -70,7 +76,7 @@ fn sends_signed_requests_that_the_reference_library_accepts() {
 fn extra_headers_cannot_replace_the_signature() {
     let rx = Receiver::start().unwrap();
     rx.set_secret(Some(SECRET.into()));
-    let sender = Sender::start(Config::default()).unwrap();
+    let sender = Sender::start(loopback()).unwrap();
     let mut req = request(rx.url("/hook"), Duration::from_secs(5));
     req.headers
         .push(("webhook-signature".into(), "v1,forged".into()));
@@ -92,7 +98,7 @@ fn extra_headers_cannot_replace_the_signature() {
 #[test]
 fn two_keys_give_two_signatures() {
     let rx = Receiver::start().unwrap();
-    let sender = Sender::start(Config::default()).unwrap();
+    let sender = Sender::start(loopback()).unwrap();
     let mut req = request(rx.url("/hook"), Duration::from_secs(5));
     req.keys.push(SigningKey::from_bytes(vec![3; 32]).unwrap());
     sender.submit(req);
@@ -104,7 +110,7 @@ fn two_keys_give_two_signatures() {
 fn a_hanging_receiver_times_out() {
     let rx = Receiver::start().unwrap();
     rx.set_default("/slow", Reply::Hang);
-    let sender = Sender::start(Config::default()).unwrap();
+    let sender = Sender::start(loopback()).unwrap();
     sender.submit(request(rx.url("/slow"), Duration::from_millis(300)));
     let o = one(&sender);
     match &o.response {
@@ -124,7 +130,7 @@ fn a_refused_connection_is_a_failure_with_its_cause() {
         .local_addr()
         .unwrap()
         .port();
-    let sender = Sender::start(Config::default()).unwrap();
+    let sender = Sender::start(loopback()).unwrap();
     sender.submit(request(
         format!("http://127.0.0.1:{port}/x"),
         Duration::from_secs(5),
@@ -145,7 +151,7 @@ fn redirects_are_not_followed() {
         "/moved",
         Reply::StatusWithHeaders(302, vec![("Location".into(), "/new".into())]),
     );
-    let sender = Sender::start(Config::default()).unwrap();
+    let sender = Sender::start(loopback()).unwrap();
     sender.submit(request(rx.url("/moved"), Duration::from_secs(5)));
     assert_eq!(one(&sender).status_code(), Some(302));
     assert_eq!(rx.count(), 1);
@@ -164,7 +170,7 @@ fn retry_after_and_the_first_bytes_of_the_body_are_kept() {
     rx.set_default("/big", Reply::Body(500, vec![b'x'; 100_000]));
     let sender = Sender::start(Config {
         max_response_body: 16,
-        ..Config::default()
+        ..loopback()
     })
     .unwrap();
     sender.submit(request(rx.url("/busy"), Duration::from_secs(5)));
@@ -188,7 +194,7 @@ fn in_flight_is_capped_and_shutdown_returns_finished_work() {
     rx.set_default("/slow", Reply::Delay(Duration::from_millis(300), 200));
     let sender = Sender::start(Config {
         max_in_flight: 2,
-        ..Config::default()
+        ..loopback()
     })
     .unwrap();
     assert_eq!(sender.capacity(), 2);
@@ -214,9 +220,45 @@ fn in_flight_is_capped_and_shutdown_returns_finished_work() {
 fn shutdown_abandons_requests_past_the_grace_period() {
     let rx = Receiver::start().unwrap();
     rx.set_default("/slow", Reply::Hang);
-    let sender = Sender::start(Config::default()).unwrap();
+    let sender = Sender::start(loopback()).unwrap();
     sender.submit(request(rx.url("/slow"), Duration::from_secs(60)));
     let started = Instant::now();
     assert!(sender.shutdown(Duration::from_millis(200)).is_empty());
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+fn allowing(list: &str) -> Config {
+    Config {
+        allow: AllowList::parse(list).unwrap(),
+        ..Config::default()
+    }
+}
+
+#[test]
+fn the_guard_refuses_private_targets_unless_allowed() {
+    let rx = Receiver::start().unwrap();
+    // Literal loopback address, not allowed: never sent.
+    let strict = Sender::start(Config::default()).unwrap();
+    strict.submit(request(rx.url("/x"), Duration::from_secs(5)));
+    match one(&strict).response {
+        Response::Refused { error } => assert!(error.contains("loopback"), "{error}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A name that resolves to loopback, not allowed: refused at resolution.
+    let by_name = format!("http://localhost:{}/x", rx.port());
+    strict.submit(request(by_name.clone(), Duration::from_secs(5)));
+    match one(&strict).response {
+        Response::Refused { error } => assert!(error.contains("SSRF guard"), "{error}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(rx.count(), 0, "nothing reached the receiver");
+
+    // Allowed by name, by block, and after a change of the list at run time.
+    let named = Sender::start(allowing("localhost")).unwrap();
+    named.submit(request(by_name, Duration::from_secs(5)));
+    assert_eq!(one(&named).status_code(), Some(200));
+    strict.set_allow_list(AllowList::parse("127.0.0.0/8").unwrap());
+    strict.submit(request(rx.url("/x"), Duration::from_secs(5)));
+    assert_eq!(one(&strict).status_code(), Some(200));
+    assert_eq!(rx.count(), 2);
 }

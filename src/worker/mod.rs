@@ -98,6 +98,7 @@ impl Worker {
         let sender = Sender::start(Config {
             max_in_flight: guc::MAX_IN_FLIGHT_LIMIT as usize,
             max_response_body: settings.max_response_body,
+            allow: settings.allowed_targets.clone(),
             ..Config::default()
         })?;
         Ok(Worker {
@@ -126,6 +127,7 @@ impl Worker {
                     return true;
                 }
                 self.sender.set_max_response_body(new.max_response_body);
+                self.sender.set_allow_list(new.allowed_targets.clone());
                 self.settings = new;
             }
 

@@ -144,7 +144,9 @@ impl Record {
         };
         let error = match (&o.response, decision.class) {
             (_, Class::Delivered) => None,
-            (Response::Failed { error, .. }, _) => Some(error.clone()),
+            (Response::Failed { error, .. } | Response::Refused { error }, _) => {
+                Some(error.clone())
+            }
             (Response::Status { code, .. }, Class::Gone) => {
                 Some(format!("HTTP {code} Gone: endpoint disabled"))
             }

@@ -89,7 +89,8 @@ impl Cluster {
         let port = free_port();
         let mut conf = format!(
             "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             fsync = off\nlog_min_messages = warning\nlogging_collector = off\n",
+             fsync = off\nlog_min_messages = warning\nlogging_collector = off\n\
+             outbox.allowed_targets = '127.0.0.1/32'\n",
             dir.display()
         );
         for s in settings {
