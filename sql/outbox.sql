@@ -711,6 +711,18 @@ AS $$
       FROM live, recent, failures
 $$;
 
+-- Seconds until the next delivery on an enabled endpoint becomes due (a retry's time or an
+-- expired lease), 0 if one is due now, NULL if none waits. The worker sleeps that long.
+CREATE FUNCTION outbox._next_due()
+RETURNS double precision
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT greatest(extract(epoch FROM min(d.due_at) - clock_timestamp()), 0)::double precision
+      FROM outbox.delivery d JOIN outbox.endpoint e ON e.id = d.endpoint_id
+     WHERE d.status IN ('pending', 'in_flight') AND e.enabled AND e.deleted_at IS NULL
+$$;
+
 -------------------------------------------------------------------------------------------
 -- Privileges
 --
@@ -773,7 +785,25 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION outbox.grant_producer(regrole), outbox.grant_operator(regrole), outbox.grant_admin(regrole) FROM PUBLIC;
+-- The role the background worker connects as (outbox.worker_role): exactly what a sender
+-- needs, through the same SECURITY DEFINER functions, and no table privilege at all.
+CREATE FUNCTION outbox.grant_worker(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA outbox TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION
+        outbox.claim(integer, text, interval, uuid, text),
+        outbox.ack_batch(uuid[], integer[], outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[], text),
+        outbox._next_due()
+        TO %s', role);
+END
+$$;
+
+REVOKE ALL ON FUNCTION outbox.grant_producer(regrole), outbox.grant_operator(regrole), outbox.grant_admin(regrole),
+                       outbox.grant_worker(regrole) FROM PUBLIC;
 
 -------------------------------------------------------------------------------------------
 -- A word at CREATE EXTENSION time if nothing will send what gets queued here

@@ -21,6 +21,9 @@ pub static RETRY_SCHEDULE: GucSetting<Option<CString>> =
 /// Database the worker connects to (the one where `CREATE EXTENSION webhook_outbox` ran).
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Role the worker connects as; empty = the bootstrap superuser. A dedicated login role
+/// given `outbox.grant_worker()` needs no superuser rights and no table privileges.
+pub static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 /// Deliveries claimed per round trip: large enough to amortise the claim's cost, small
 /// enough that one claim is a short transaction.
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(200);
@@ -52,6 +55,14 @@ pub fn register() {
         c"Database the webhook_outbox worker connects to.",
         c"The worker restarts and reconnects when this changes.",
         &DATABASE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.worker_role",
+        c"Role the webhook_outbox worker connects as (empty: the bootstrap superuser).",
+        c"Give the role outbox.grant_worker(); the worker restarts when this changes.",
+        &WORKER_ROLE,
         GucContext::Sighup,
         GucFlags::default(),
     );
@@ -184,6 +195,8 @@ pub fn allowed_targets() -> outbox_core::ssrf::AllowList {
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerSettings {
     pub database: String,
+    /// `None`: the bootstrap superuser.
+    pub role: Option<String>,
     pub batch_size: i32,
     pub max_in_flight: usize,
     pub request_timeout: std::time::Duration,
@@ -198,6 +211,7 @@ impl WorkerSettings {
         use std::time::Duration;
         WorkerSettings {
             database: text(&DATABASE, "postgres"),
+            role: Some(text(&WORKER_ROLE, "")).filter(|r| !r.is_empty()),
             batch_size: BATCH_SIZE.get(),
             max_in_flight: positive(MAX_IN_FLIGHT.get()) as usize,
             request_timeout: Duration::from_millis(positive(REQUEST_TIMEOUT_MS.get())),

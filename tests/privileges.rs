@@ -189,3 +189,51 @@ fn nothing_is_granted_to_public() {
         "no function, table or view of the extension is granted to PUBLIC"
     );
 }
+
+#[test]
+fn the_worker_can_run_as_a_dedicated_unprivileged_role() {
+    let cluster = Cluster::start(common::worker::FAST);
+    let rx = outbox_receiver::Receiver::start().unwrap();
+    let mut c = cluster.client();
+    c.batch_execute(
+        "CREATE ROLE outbox_worker LOGIN; SELECT outbox.grant_worker('outbox_worker');",
+    )
+    .unwrap();
+    c.batch_execute("ALTER SYSTEM SET outbox.worker_role = 'outbox_worker'")
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    assert!(
+        common::worker::wait_until(std::time::Duration::from_secs(20), || {
+            c.query(
+            "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'webhook_outbox worker' AND usename = 'outbox_worker'",
+            &[],
+        )
+        .map(|r| !r.is_empty())
+        .unwrap_or(false)
+        }),
+        "the worker did not reconnect as outbox_worker:\n{}",
+        cluster.log()
+    );
+    common::worker::endpoint(&mut c, &rx.url("/w"), "");
+    c.batch_execute("SELECT outbox.enqueue('x.y', '{}')")
+        .unwrap();
+    assert!(
+        rx.wait_for(1, std::time::Duration::from_secs(10)),
+        "{}",
+        cluster.log()
+    );
+    assert!(common::worker::wait_settled(
+        &cluster,
+        std::time::Duration::from_secs(10)
+    ));
+    // It holds no privilege on any table of the extension.
+    let tables: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relnamespace = 'outbox'::regnamespace AND relkind = 'r'
+                AND has_table_privilege('outbox_worker', oid, 'SELECT,INSERT,UPDATE,DELETE')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0);
+}

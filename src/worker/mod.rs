@@ -42,7 +42,7 @@ pub fn register() {
 pub extern "C-unwind" fn webhook_outbox_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let settings = WorkerSettings::read();
-    BackgroundWorker::connect_worker_to_spi(Some(&settings.database), None);
+    BackgroundWorker::connect_worker_to_spi(Some(&settings.database), settings.role.as_deref());
     let mut worker = match Worker::start(settings) {
         Ok(w) => w,
         Err(e) => {
@@ -53,8 +53,13 @@ pub extern "C-unwind" fn webhook_outbox_worker_main(_arg: pg_sys::Datum) {
     };
     wake::publish_worker_latch(true);
     log!(
-        "webhook_outbox worker started (database \"{}\", pid {})",
+        "webhook_outbox worker started (database \"{}\", role \"{}\", pid {})",
         worker.settings.database,
+        worker
+            .settings
+            .role
+            .as_deref()
+            .unwrap_or("bootstrap superuser"),
         std::process::id()
     );
     let restart = worker.run();
@@ -119,11 +124,8 @@ impl Worker {
             if BackgroundWorker::sighup_received() {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
                 let new = WorkerSettings::read();
-                if new.database != self.settings.database {
-                    log!(
-                        "webhook_outbox worker: outbox.database changed to \"{}\"; restarting",
-                        new.database
-                    );
+                if new.database != self.settings.database || new.role != self.settings.role {
+                    log!("webhook_outbox worker: outbox.database or outbox.worker_role changed; restarting");
                     return true;
                 }
                 self.sender.set_max_response_body(new.max_response_body);

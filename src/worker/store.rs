@@ -220,13 +220,7 @@ pub fn record(
 /// any is waiting on an enabled endpoint.
 pub fn next_due(client: &SpiClient<'_>) -> Result<Option<Duration>, StoreError> {
     client
-        .select(
-            "SELECT greatest(extract(epoch FROM min(d.due_at) - clock_timestamp()), 0)::float8
-               FROM outbox.delivery d JOIN outbox.endpoint e ON e.id = d.endpoint_id
-              WHERE d.status IN ('pending', 'in_flight') AND e.enabled AND e.deleted_at IS NULL",
-            None,
-            &[],
-        )
+        .select("SELECT outbox._next_due()", None, &[])
         .and_then(|t| t.first().get::<f64>(1))
         .map(|s| s.map(Duration::from_secs_f64))
         .map_err(|e| e.to_string())
