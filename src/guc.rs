@@ -24,6 +24,8 @@ pub static DATABASE: GucSetting<Option<CString>> =
 /// Role the worker connects as; empty = the bootstrap superuser. A dedicated login role
 /// given `outbox.grant_worker()` needs no superuser rights and no table privileges.
 pub static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+/// A PEM file of extra trusted root certificates (a private CA), on top of the system's.
+pub static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 /// Deliveries claimed per round trip: large enough to amortise the claim's cost, small
 /// enough that one claim is a short transaction.
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(200);
@@ -65,6 +67,14 @@ pub fn register() {
         &WORKER_ROLE,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.ca_file",
+        c"PEM file of extra trusted CA certificates for HTTPS endpoints (empty: system roots only).",
+        c"Read by the worker at start; the worker restarts when this changes.",
+        &CA_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
     );
     GucRegistry::define_int_guc(
         c"outbox.batch_size",
@@ -197,6 +207,7 @@ pub struct WorkerSettings {
     pub database: String,
     /// `None`: the bootstrap superuser.
     pub role: Option<String>,
+    pub ca_file: Option<String>,
     pub batch_size: i32,
     pub max_in_flight: usize,
     pub request_timeout: std::time::Duration,
@@ -212,6 +223,7 @@ impl WorkerSettings {
         WorkerSettings {
             database: text(&DATABASE, "postgres"),
             role: Some(text(&WORKER_ROLE, "")).filter(|r| !r.is_empty()),
+            ca_file: Some(text(&CA_FILE, "")).filter(|f| !f.is_empty()),
             batch_size: BATCH_SIZE.get(),
             max_in_flight: positive(MAX_IN_FLIGHT.get()) as usize,
             request_timeout: Duration::from_millis(positive(REQUEST_TIMEOUT_MS.get())),

@@ -130,6 +130,7 @@ impl Shared {
 pub struct Receiver {
     runtime: Option<tokio::runtime::Runtime>,
     addr: SocketAddr,
+    tls: bool,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
 }
@@ -150,6 +151,30 @@ impl Receiver {
 
     /// Listens on `127.0.0.1:port` (0 for a free port), answering 200 to everything.
     pub fn start_on(port: u16) -> io::Result<Receiver> {
+        Receiver::launch(port, None)
+    }
+
+    /// Listens on a free port with HTTPS, presenting `cert_pem` (a chain) and `key_pem`.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> io::Result<Receiver> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(io::Error::other)?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(io::Error::other)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Receiver::launch(0, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+    }
+
+    fn launch(port: u16, tls: Option<tokio_rustls::TlsAcceptor>) -> io::Result<Receiver> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("outbox-receiver")
@@ -165,10 +190,12 @@ impl Receiver {
             arrived: Condvar::new(),
         });
         let (shutdown, stop) = watch::channel(false);
-        runtime.spawn(accept_loop(listener, shared.clone(), stop));
+        let is_tls = tls.is_some();
+        runtime.spawn(accept_loop(listener, tls, shared.clone(), stop));
         Ok(Receiver {
             runtime: Some(runtime),
             addr,
+            tls: is_tls,
             shared,
             shutdown,
         })
@@ -176,7 +203,8 @@ impl Receiver {
 
     /// `http://127.0.0.1:PORT/path` (a leading `/` is added when missing).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, normalize(path))
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.addr, normalize(path))
     }
 
     /// The port listened on.
@@ -282,7 +310,12 @@ impl Drop for Receiver {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             _ = stopped(&mut stop) => return,
@@ -298,11 +331,25 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let stop = stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, shared.clone(), stop.clone()));
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let builder = auto::Builder::new(TokioExecutor::new());
+            match tls {
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+                // A failed handshake (an untrusting client) just ends the connection.
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+            }
         });
     }
 }

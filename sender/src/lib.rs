@@ -68,6 +68,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Private and special-purpose targets that may be contacted anyway.
     pub allow: AllowList,
+    /// Extra trusted root certificates (PEM), e.g. a private CA, on top of the system's.
+    pub extra_roots_pem: Option<Vec<u8>>,
 }
 
 impl Default for Config {
@@ -79,6 +81,7 @@ impl Default for Config {
             threads: 1,
             connect_timeout: Duration::from_secs(10),
             allow: AllowList::default(),
+            extra_roots_pem: None,
         }
     }
 }
@@ -227,7 +230,25 @@ impl Sender {
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
         let runtime = runtime?;
 
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &config.extra_roots_pem {
+            let roots = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("invalid CA certificates: {e}"),
+                )
+            })?;
+            if roots.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "no certificate in the CA file",
+                ));
+            }
+            for root in roots {
+                builder = builder.add_root_certificate(root);
+            }
+        }
+        let client = builder
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(config.user_agent.clone())
             .connect_timeout(config.connect_timeout)

@@ -262,3 +262,41 @@ fn the_guard_refuses_private_targets_unless_allowed() {
     assert_eq!(one(&strict).status_code(), Some(200));
     assert_eq!(rx.count(), 2);
 }
+
+#[test]
+fn tls_is_verified_against_the_system_roots_and_an_optional_ca() {
+    let issued =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert_pem = issued.cert.pem();
+    let rx = Receiver::start_tls(&cert_pem, &issued.key_pair.serialize_pem()).unwrap();
+    rx.set_secret(Some(SECRET.into()));
+    assert!(rx.url("/t").starts_with("https://127.0.0.1:"));
+
+    // A self-signed receiver is not trusted by default: a failed attempt (retried later).
+    let default = Sender::start(loopback()).unwrap();
+    default.submit(request(rx.url("/t"), Duration::from_secs(5)));
+    match one(&default).response {
+        Response::Failed { error, .. } => {
+            assert!(error.to_lowercase().contains("certificate"), "{error}")
+        }
+        other => panic!("expected a TLS failure, got {other:?}"),
+    }
+    assert_eq!(rx.count(), 0);
+
+    // With its certificate as an extra root it is.
+    let trusting = Sender::start(Config {
+        extra_roots_pem: Some(cert_pem.into_bytes()),
+        ..loopback()
+    })
+    .unwrap();
+    trusting.submit(request(rx.url("/t"), Duration::from_secs(5)));
+    assert_eq!(one(&trusting).status_code(), Some(200));
+    assert_eq!(rx.received()[0].verified, Some(true));
+
+    // A file with no certificate is refused at start.
+    assert!(Sender::start(Config {
+        extra_roots_pem: Some(b"not a pem".to_vec()),
+        ..loopback()
+    })
+    .is_err());
+}

@@ -100,11 +100,27 @@ struct CycleResult {
 
 impl Worker {
     fn start(settings: WorkerSettings) -> std::io::Result<Worker> {
-        let sender = Sender::start(Config {
+        let config = Config {
             max_in_flight: guc::MAX_IN_FLIGHT_LIMIT as usize,
             max_response_body: settings.max_response_body,
             allow: settings.allowed_targets.clone(),
+            extra_roots_pem: settings.ca_file.as_ref().and_then(|f| {
+                std::fs::read(f)
+                    .map_err(|e| {
+                        log!("webhook_outbox worker: cannot read outbox.ca_file \"{f}\": {e}")
+                    })
+                    .ok()
+            }),
             ..Config::default()
+        };
+        let sender = Sender::start(config.clone()).or_else(|e| {
+            // A broken CA file must not stop delivery to everyone else: HTTPS endpoints of
+            // that CA then fail (and retry) with a certificate error, which says what is wrong.
+            log!("webhook_outbox worker: ignoring outbox.ca_file: {e}");
+            Sender::start(Config {
+                extra_roots_pem: None,
+                ..config
+            })
         })?;
         Ok(Worker {
             sender,
@@ -124,8 +140,11 @@ impl Worker {
             if BackgroundWorker::sighup_received() {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
                 let new = WorkerSettings::read();
-                if new.database != self.settings.database || new.role != self.settings.role {
-                    log!("webhook_outbox worker: outbox.database or outbox.worker_role changed; restarting");
+                if new.database != self.settings.database
+                    || new.role != self.settings.role
+                    || new.ca_file != self.settings.ca_file
+                {
+                    log!("webhook_outbox worker: outbox.database, outbox.worker_role or outbox.ca_file changed; restarting");
                     return true;
                 }
                 self.sender.set_max_response_body(new.max_response_body);
