@@ -475,3 +475,38 @@ fn retry_delay_follows_the_guc() {
     assert_eq!(count("SELECT count(*) FROM (SELECT outbox.retry_delay(3) d) s WHERE d IS NULL"), 1);
     assert_eq!(count("SELECT count(*) FROM (SELECT outbox.retry_delay(0) d) s WHERE d IS NULL"), 1);
 }
+
+#[pg_test]
+fn hostile_text_and_json_are_refused_cleanly() {
+    endpoint("https://example.com/a", "");
+    // PostgreSQL itself refuses NUL bytes and invalid UTF-8 before any function sees them.
+    assert_refused("SELECT outbox.enqueue(E'a\\x00b', '{}')", "22021");
+    assert_refused("SELECT outbox.enqueue(convert_from('\\xff'::bytea, 'UTF8'), '{}')", "22021");
+    assert_refused("SELECT outbox.enqueue('a', '{\"k\": \"\\u0000\"}')", "22P05");
+    // Nesting deep enough to exhaust the parser's stack is an error, not a crash.
+    assert_refused(
+        "SELECT outbox.enqueue('a', (repeat('[', 100000) || repeat(']', 100000))::jsonb)",
+        "54001",
+    );
+    // Header injection, overrides and credentials in URLs.
+    assert_refused(
+        "SELECT outbox.create_endpoint('https://e.com', headers => '{\"X-A\": \"v\\nX-Injected: 1\"}')",
+        "22023",
+    );
+    assert_refused(
+        "SELECT outbox.create_endpoint('https://e.com', headers => '{\"Transfer-Encoding\": \"chunked\"}')",
+        "22023",
+    );
+    assert_refused(
+        "SELECT outbox.create_endpoint('https://e.com', headers => '{\"X:A\": \"v\"}')",
+        "22023",
+    );
+    assert_refused("SELECT outbox.create_endpoint('https://user@e.com/')", "22023");
+    assert_refused("SELECT outbox.create_endpoint(E'https://e.com/\\r\\nHost: evil')", "22P02");
+    // Sizes and intervals out of range.
+    assert_refused("SELECT * FROM outbox.claim(2147483647)", "22023");
+    assert_refused("SELECT * FROM outbox.claim(10, 'w', '-1 day')", "22023");
+    assert_refused("SELECT outbox.create_endpoint('https://e.com', timeout => '-5 seconds')", "22023");
+    assert_eq!(count("SELECT count(*) FROM outbox.event"), 0, "nothing left behind");
+    assert_eq!(count("SELECT count(*) FROM outbox.endpoint"), 1);
+}

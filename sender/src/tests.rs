@@ -300,3 +300,76 @@ fn tls_is_verified_against_the_system_roots_and_an_optional_ca() {
     })
     .is_err());
 }
+
+/// A raw TCP server that answers every connection with `respond` (on its own thread).
+fn raw_server(respond: fn(std::net::TcpStream)) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || respond(stream));
+        }
+    });
+    port
+}
+
+fn read_request(stream: &mut std::net::TcpStream) {
+    use std::io::Read;
+    let mut buf = [0u8; 8192];
+    let _ = stream.read(&mut buf);
+}
+
+#[test]
+fn endless_headers_and_slow_drip_bodies_cannot_hold_the_sender() {
+    use std::io::Write;
+    // Headers that never end: hyper gives up on the oversized head, long before any timeout.
+    let endless = raw_server(|mut s| {
+        read_request(&mut s);
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n");
+        for i in 0..2_000_000u32 {
+            if s.write_all(format!("X-{i}: {}\r\n", "y".repeat(64)).as_bytes())
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    // A body dripped one byte at a time, forever.
+    let drip = raw_server(|mut s| {
+        read_request(&mut s);
+        let _ =
+            s.write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 1000000\r\n\r\n");
+        while s.write_all(b"x").is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let sender = Sender::start(loopback()).unwrap();
+    let started = Instant::now();
+    sender.submit(request(
+        format!("http://127.0.0.1:{endless}/"),
+        Duration::from_secs(3),
+    ));
+    match one(&sender).response {
+        Response::Failed { .. } => {}
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let started = Instant::now();
+    sender.submit(request(
+        format!("http://127.0.0.1:{drip}/"),
+        Duration::from_millis(800),
+    ));
+    let o = one(&sender);
+    assert_eq!(o.status_code(), Some(500));
+    assert!(o.body_excerpt.as_deref().unwrap_or("").len() <= 1024);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
