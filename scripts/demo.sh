@@ -64,6 +64,7 @@ psql() { PGOPTIONS="-c client_min_messages=warning" "$BIN/psql" -X -q -h 127.0.0
 psql -c "ALTER SYSTEM SET outbox.allowed_targets = '127.0.0.1/32'"
 psql -c "SELECT pg_reload_conf()" >/dev/null
 psql -c "CREATE EXTENSION IF NOT EXISTS webhook_outbox"
+psql -c "ALTER EXTENSION webhook_outbox UPDATE"   # a demo cluster from an earlier release
 URL="http://127.0.0.1:$RECEIVER_PORT/webhooks"
 EP=$(psql -tA -c "SELECT id FROM outbox.endpoints WHERE url = '$URL' LIMIT 1")
 if [ -z "$EP" ]; then

@@ -44,4 +44,7 @@ log "toolchain ready (cargo-pgrx $PGRX_VERSION, PostgreSQL $("$PG_CONFIG" --vers
 install_extension() {
   log "installing the extension into $("$PG_CONFIG" --pkglibdir) ${1:-(debug build)}"
   (cd "$ROOT" && as_root env "PATH=$PATH" "HOME=$HOME" cargo pgrx install ${1:-} --pg-config "$PG_CONFIG" >/dev/null)
+  # Install scripts of earlier releases, so `CREATE EXTENSION ... VERSION` and upgrade paths
+  # from them work (pgrx itself installs the current script and the upgrade scripts).
+  as_root cp "$ROOT"/sql/webhook_outbox--[0-9]*.[0-9]*.[0-9]*.sql "$("$PG_CONFIG" --sharedir)/extension/"
 }

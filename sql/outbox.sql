@@ -19,8 +19,9 @@
 -- delivered, dead and cancelled are final.
 CREATE TYPE outbox.delivery_status AS ENUM ('pending', 'in_flight', 'delivered', 'dead', 'cancelled');
 
--- What one attempt ended with, as decided by the sender's retry policy.
-CREATE TYPE outbox.attempt_outcome AS ENUM ('delivered', 'retry', 'dead');
+-- What one attempt ended with, as decided by the sender's retry policy; or, for the last
+-- three, an operator's repair recorded in the same history (no request was sent).
+CREATE TYPE outbox.attempt_outcome AS ENUM ('delivered', 'retry', 'dead', 'requeued', 'replayed', 'cancelled');
 
 -------------------------------------------------------------------------------------------
 -- Tables
@@ -75,11 +76,16 @@ CREATE TABLE outbox.delivery (
     finished_at      timestamptz,
     last_attempt_at  timestamptz,
     last_status_code integer,
-    last_error       text
+    last_error       text,
+    -- Set on deliveries made by outbox.replay: the delivery whose event is sent again.
+    replay_of        uuid
 ) WITH (fillfactor = 80);
 
--- Idempotent enqueue: one delivery per (event, endpoint).
-CREATE UNIQUE INDEX delivery_event_endpoint_key ON outbox.delivery (event_id, endpoint_id);
+-- Idempotent enqueue: one delivery per (event, endpoint); replays are extra deliveries.
+CREATE UNIQUE INDEX delivery_event_endpoint_key ON outbox.delivery (event_id, endpoint_id) WHERE replay_of IS NULL;
+-- Replays by event (few rows: only replays are indexed), so that retention can tell when an
+-- event has no delivery left.
+CREATE INDEX delivery_replay_idx ON outbox.delivery (event_id) WHERE replay_of IS NOT NULL;
 -- The claim: due rows in due order, only over the live part of the table.
 CREATE INDEX delivery_due_idx ON outbox.delivery (due_at) WHERE status IN ('pending', 'in_flight');
 -- Claims scoped to one endpoint, per-endpoint backlog, cancelling on endpoint delete.
@@ -106,6 +112,34 @@ CREATE TABLE outbox.attempt (
 CREATE INDEX attempt_delivery_idx ON outbox.attempt (delivery_id, attempt);
 CREATE INDEX attempt_created_idx ON outbox.attempt (created_at);
 
+-- What senders learned about each endpoint, kept apart from outbox.endpoint so that the
+-- worker's updates never wait on (or block) producers and operators using the endpoint row.
+CREATE TABLE outbox.endpoint_state (
+    endpoint_id          uuid        PRIMARY KEY REFERENCES outbox.endpoint (id) ON DELETE CASCADE,
+    consecutive_failures integer     NOT NULL DEFAULT 0,
+    last_success_at      timestamptz,
+    last_failure_at      timestamptz,
+    last_error           text,
+    updated_at           timestamptz NOT NULL DEFAULT now()
+);
+
+-- Hourly rollup of finished deliveries, written with each acknowledged batch. Statistics
+-- over hours or weeks read these few rows instead of millions of deliveries, and survive
+-- retention. Latency (enqueue to final outcome) is kept as a histogram: latency_bucket i
+-- counts latencies in [outbox._bucket_lower(i), outbox._bucket_lower(i + 1)) ms.
+CREATE TABLE outbox.stats_hourly (
+    hour           timestamptz NOT NULL,
+    endpoint_id    uuid        NOT NULL,
+    event_type     text        NOT NULL,
+    tenant_id      text        NOT NULL DEFAULT '',
+    outcome        outbox.delivery_status NOT NULL,
+    latency_bucket smallint    NOT NULL,
+    deliveries     bigint      NOT NULL,
+    attempts       bigint      NOT NULL,
+    latency_ms_sum double precision NOT NULL,
+    PRIMARY KEY (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket)
+);
+
 -------------------------------------------------------------------------------------------
 -- Internal helpers
 -------------------------------------------------------------------------------------------
@@ -122,6 +156,23 @@ AS $$
             SELECT 1 FROM unnest(filter) AS p
             WHERE p = '*' OR (right(p, 2) = '.*' AND starts_with(event_type, left(p, -1)))
         )
+$$;
+
+-- Upper bounds (ms) of the latency histogram's buckets; the last bucket is open.
+CREATE FUNCTION outbox._bucket_bounds()
+RETURNS double precision[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT ARRAY[10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
+                 1800000, 7200000, 86400000]::double precision[]
+$$;
+
+-- Lower bound (ms) of latency bucket i (0 for the first).
+CREATE FUNCTION outbox._bucket_lower(i integer)
+RETURNS double precision
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN i <= 0 THEN 0 ELSE (outbox._bucket_bounds())[i] END
 $$;
 
 CREATE FUNCTION outbox._check_timeout(t interval)
@@ -172,7 +223,9 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION outbox._endpoint_or_raise(p_endpoint_id uuid)
+-- The live endpoint, locked: FOR UPDATE by the functions that change it, FOR SHARE by
+-- enqueue (many producers may share it, and a concurrent delete waits for them).
+CREATE FUNCTION outbox._endpoint_or_raise(p_endpoint_id uuid, p_for_update boolean DEFAULT true)
 RETURNS outbox.endpoint
 LANGUAGE plpgsql
 AS $$
@@ -180,7 +233,11 @@ AS $$
 DECLARE
     ep outbox.endpoint;
 BEGIN
-    SELECT * INTO ep FROM outbox.endpoint WHERE id = p_endpoint_id AND deleted_at IS NULL FOR UPDATE;
+    IF p_for_update THEN
+        SELECT * INTO ep FROM outbox.endpoint WHERE id = p_endpoint_id AND deleted_at IS NULL FOR UPDATE;
+    ELSE
+        SELECT * INTO ep FROM outbox.endpoint WHERE id = p_endpoint_id AND deleted_at IS NULL FOR SHARE;
+    END IF;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'endpoint % does not exist', coalesce(p_endpoint_id::text, 'NULL')
             USING ERRCODE = 'no_data_found',
@@ -320,7 +377,7 @@ RETURNS text
 LANGUAGE sql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT (outbox._endpoint_or_raise(endpoint_secret.endpoint_id)).secret
+    SELECT (outbox._endpoint_or_raise(endpoint_secret.endpoint_id, false)).secret
 $$;
 
 -------------------------------------------------------------------------------------------
@@ -353,7 +410,7 @@ BEGIN
                                 octet_length(enqueue.payload::text));
 
     IF enqueue.endpoint_id IS NOT NULL THEN
-        v_targets := ARRAY[(outbox._endpoint_or_raise(enqueue.endpoint_id)).id];
+        v_targets := ARRAY[(outbox._endpoint_or_raise(enqueue.endpoint_id, false)).id];
     ELSE
         SELECT array_agg(e.id) INTO v_targets
           FROM outbox.endpoint e
@@ -384,10 +441,10 @@ BEGIN
         INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at)
         SELECT v_event_id, t, enqueue.tenant_id, coalesce(enqueue.deliver_at, now())
           FROM unnest(v_targets) AS t
-        ON CONFLICT (event_id, endpoint_id) DO NOTHING;
+        ON CONFLICT (event_id, endpoint_id) WHERE replay_of IS NULL DO NOTHING;
         RETURN QUERY
             SELECT d.id FROM outbox.delivery d
-             WHERE d.event_id = v_event_id AND d.endpoint_id = ANY (v_targets);
+             WHERE d.event_id = v_event_id AND d.endpoint_id = ANY (v_targets) AND d.replay_of IS NULL;
     END IF;
     PERFORM outbox._wake_at_commit();
 END
@@ -561,7 +618,7 @@ AS $$
                                  ELSE x.error END
           FROM decided x
          WHERE d.id = x.id AND d.status = 'in_flight' AND d.attempts = x.attempt
-        RETURNING d.id, d.endpoint_id
+        RETURNING d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at
     ),
     gone AS (
         -- 410 Gone: the receiver wants no more deliveries; stop sending there.
@@ -575,6 +632,45 @@ AS $$
         SELECT x.id, x.attempt, x.final_outcome, x.status_code, x.error, x.duration_ms,
                x.response_body, ack_batch.worker
           FROM decided x JOIN upd ON upd.id = x.id
+    ),
+    health AS (
+        -- Per endpoint: a success in the batch resets the failure streak, otherwise the
+        -- batch's failures extend it.
+        INSERT INTO outbox.endpoint_state AS s
+               (endpoint_id, consecutive_failures, last_success_at, last_failure_at, last_error, updated_at)
+        SELECT upd.endpoint_id,
+               count(*) FILTER (WHERE x.final_outcome <> 'delivered'),
+               CASE WHEN bool_or(x.final_outcome = 'delivered') THEN now() END,
+               CASE WHEN bool_or(x.final_outcome <> 'delivered') THEN now() END,
+               max(x.error) FILTER (WHERE x.final_outcome <> 'delivered'),
+               now()
+          FROM decided x JOIN upd ON upd.id = x.id
+         GROUP BY upd.endpoint_id
+        ON CONFLICT (endpoint_id) DO UPDATE SET
+               consecutive_failures = CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.consecutive_failures
+                                           ELSE s.consecutive_failures + excluded.consecutive_failures END,
+               last_success_at = coalesce(excluded.last_success_at, s.last_success_at),
+               last_failure_at = coalesce(excluded.last_failure_at, s.last_failure_at),
+               last_error = coalesce(excluded.last_error, s.last_error),
+               updated_at = now()
+    ),
+    rollup AS (
+        INSERT INTO outbox.stats_hourly AS r
+               (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket, deliveries, attempts, latency_ms_sum)
+        SELECT date_trunc('hour', now()), upd.endpoint_id, ev.event_type, coalesce(upd.tenant_id, ''),
+               CASE WHEN x.final_outcome = 'delivered' THEN 'delivered'::outbox.delivery_status
+                    ELSE 'dead'::outbox.delivery_status END,
+               width_bucket(l.ms, outbox._bucket_bounds()), count(*), sum(x.attempt), sum(l.ms)
+          FROM decided x
+          JOIN upd ON upd.id = x.id
+          JOIN outbox.event ev ON ev.id = upd.event_id
+          CROSS JOIN LATERAL (SELECT extract(epoch FROM now() - upd.created_at) * 1000 AS ms) l
+         WHERE x.final_outcome IN ('delivered', 'dead')
+         GROUP BY 1, 2, 3, 4, 5, 6
+        ON CONFLICT (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket) DO UPDATE SET
+               deliveries = r.deliveries + excluded.deliveries,
+               attempts = r.attempts + excluded.attempts,
+               latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum
     )
     SELECT id FROM upd
 $$;
@@ -711,6 +807,348 @@ AS $$
       FROM live, recent, failures
 $$;
 
+-- Latency percentile (ms) from histogram counts: the bucket where the cumulative count
+-- reaches p, interpolated linearly inside it. The open last bucket reports its lower bound.
+CREATE FUNCTION outbox._percentile(buckets smallint[], counts bigint[], p double precision)
+RETURNS double precision
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    WITH b AS (
+        SELECT bucket, n, sum(n) OVER (ORDER BY bucket) AS cum, sum(n) OVER () AS total
+          FROM unnest(buckets, counts) AS u(bucket, n)
+    )
+    SELECT CASE WHEN b.bucket >= cardinality(outbox._bucket_bounds()) THEN outbox._bucket_lower(b.bucket)
+                ELSE outbox._bucket_lower(b.bucket)
+                     + (outbox._bucket_lower(b.bucket + 1) - outbox._bucket_lower(b.bucket))
+                       * ((p * b.total - (b.cum - b.n)) / b.n) END
+      FROM b
+     WHERE b.cum >= p * b.total AND b.n > 0
+     ORDER BY b.bucket
+     LIMIT 1
+$$;
+
+-- Delivery statistics over the last `since` (hour granularity: whole hours that began
+-- within the window), optionally for one endpoint, event type or tenant. Reads the hourly
+-- rollup, so its cost does not depend on how many deliveries the table holds.
+CREATE FUNCTION outbox.delivery_stats(
+    since       interval DEFAULT '1 hour',
+    endpoint_id uuid     DEFAULT NULL,
+    event_type  text     DEFAULT NULL,
+    tenant_id   text     DEFAULT NULL,
+    OUT total         bigint,
+    OUT delivered     bigint,
+    OUT dead          bigint,
+    OUT success_rate  double precision,
+    OUT avg_attempts  double precision,
+    OUT p50_ms        double precision,
+    OUT p95_ms        double precision,
+    OUT p99_ms        double precision
+)
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH r AS (
+        SELECT * FROM outbox.stats_hourly h
+         WHERE h.hour >= date_trunc('hour', now() - delivery_stats.since)
+           AND (delivery_stats.endpoint_id IS NULL OR h.endpoint_id = delivery_stats.endpoint_id)
+           AND (delivery_stats.event_type IS NULL OR h.event_type = delivery_stats.event_type)
+           AND (delivery_stats.tenant_id IS NULL OR h.tenant_id = delivery_stats.tenant_id)
+    ),
+    lat AS (
+        SELECT array_agg(latency_bucket ORDER BY latency_bucket) AS b, array_agg(n ORDER BY latency_bucket) AS n
+          FROM (SELECT latency_bucket, sum(deliveries)::bigint AS n FROM r WHERE outcome = 'delivered' GROUP BY 1) x
+    )
+    SELECT coalesce(sum(deliveries), 0)::bigint,
+           coalesce(sum(deliveries) FILTER (WHERE outcome = 'delivered'), 0)::bigint,
+           coalesce(sum(deliveries) FILTER (WHERE outcome = 'dead'), 0)::bigint,
+           (sum(deliveries) FILTER (WHERE outcome = 'delivered'))::double precision / nullif(sum(deliveries), 0),
+           sum(attempts)::double precision / nullif(sum(deliveries), 0),
+           (SELECT outbox._percentile(lat.b, lat.n, 0.50) FROM lat),
+           (SELECT outbox._percentile(lat.b, lat.n, 0.95) FROM lat),
+           (SELECT outbox._percentile(lat.b, lat.n, 0.99) FROM lat)
+      FROM r
+$$;
+
+-- delivery_stats per endpoint over the window (endpoints without deliveries included).
+CREATE FUNCTION outbox.endpoint_stats(since interval DEFAULT '1 hour')
+RETURNS TABLE (endpoint_id uuid, url text, total bigint, delivered bigint, dead bigint,
+               success_rate double precision, avg_attempts double precision,
+               p50_ms double precision, p95_ms double precision, p99_ms double precision)
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT e.id, e.url, s.*
+      FROM outbox.endpoint e, LATERAL outbox.delivery_stats(endpoint_stats.since, e.id) s
+     WHERE e.deleted_at IS NULL
+     ORDER BY s.total DESC, e.created_at
+$$;
+
+-- delivery_stats per event type over the window.
+CREATE FUNCTION outbox.event_type_stats(since interval DEFAULT '1 hour')
+RETURNS TABLE (event_type text, total bigint, delivered bigint, dead bigint,
+               success_rate double precision, avg_attempts double precision,
+               p50_ms double precision, p95_ms double precision, p99_ms double precision)
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.event_type, s.*
+      FROM (SELECT DISTINCT h.event_type FROM outbox.stats_hourly h
+             WHERE h.hour >= date_trunc('hour', now() - event_type_stats.since)) t,
+           LATERAL outbox.delivery_stats(event_type_stats.since, NULL, t.event_type) s
+     ORDER BY s.total DESC, t.event_type
+$$;
+
+-------------------------------------------------------------------------------------------
+-- Repair: every action is one call, and is written to the attempts history
+-------------------------------------------------------------------------------------------
+
+-- Puts dead deliveries back in the queue, due now, with a fresh retry schedule: one by id,
+-- or every dead one of an endpoint and/or a time window (of death). Returns how many.
+CREATE FUNCTION outbox.retry_dead(
+    delivery_id uuid        DEFAULT NULL,
+    endpoint_id uuid        DEFAULT NULL,
+    since       timestamptz DEFAULT NULL,
+    until       timestamptz DEFAULT NULL
+)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+    IF retry_dead.delivery_id IS NULL AND retry_dead.endpoint_id IS NULL
+       AND retry_dead.since IS NULL AND retry_dead.until IS NULL THEN
+        RAISE EXCEPTION 'outbox.retry_dead needs a delivery_id, an endpoint_id or a time window'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'To retry every dead delivery, pass since => ''-infinity''.';
+    END IF;
+    WITH requeued AS (
+        UPDATE outbox.delivery d
+           SET status = 'pending', due_at = now(), finished_at = NULL, attempts = 0,
+               last_error = NULL, last_status_code = NULL
+         WHERE d.status = 'dead'
+           AND (retry_dead.delivery_id IS NULL OR d.id = retry_dead.delivery_id)
+           AND (retry_dead.endpoint_id IS NULL OR d.endpoint_id = retry_dead.endpoint_id)
+           AND (retry_dead.since IS NULL OR d.finished_at >= retry_dead.since)
+           AND (retry_dead.until IS NULL OR d.finished_at < retry_dead.until)
+        RETURNING d.id
+    )
+    INSERT INTO outbox.attempt (delivery_id, attempt, outcome, error, worker)
+    SELECT id, 0, 'requeued', 'retried by operator', session_user FROM requeued;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 0 AND retry_dead.delivery_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM outbox.delivery WHERE id = retry_dead.delivery_id) THEN
+        RAISE EXCEPTION 'delivery % does not exist', retry_dead.delivery_id USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM outbox._wake_at_commit();
+    RETURN n;
+END
+$$;
+
+-- Sends already delivered events to an endpoint again: one new delivery (same event id, so
+-- receivers can deduplicate on webhook-id) per event delivered to it since `since`.
+-- Returns how many.
+CREATE FUNCTION outbox.replay(endpoint_id uuid, since timestamptz, until timestamptz DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+    IF replay.since IS NULL THEN
+        RAISE EXCEPTION 'outbox.replay needs since' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM outbox._endpoint_or_raise(replay.endpoint_id, false);
+    WITH originals AS (
+        SELECT DISTINCT ON (d.event_id) d.id, d.event_id, d.tenant_id
+          FROM outbox.delivery d
+         WHERE d.endpoint_id = replay.endpoint_id AND d.status = 'delivered'
+           AND d.finished_at >= replay.since
+           AND (replay.until IS NULL OR d.finished_at < replay.until)
+         ORDER BY d.event_id, d.finished_at DESC
+    ),
+    copies AS (
+        -- An event whose replay is still pending is not replayed twice.
+        INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, replay_of)
+        SELECT o.event_id, replay.endpoint_id, o.tenant_id, o.id FROM originals o
+         WHERE NOT EXISTS (SELECT 1 FROM outbox.delivery p
+                            WHERE p.event_id = o.event_id AND p.endpoint_id = replay.endpoint_id
+                              AND p.replay_of IS NOT NULL AND p.status IN ('pending', 'in_flight'))
+        RETURNING id, replay_of
+    )
+    INSERT INTO outbox.attempt (delivery_id, attempt, outcome, error, worker)
+    SELECT id, 0, 'replayed', 'replay of delivery ' || replay_of, session_user FROM copies;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM outbox._wake_at_commit();
+    RETURN n;
+END
+$$;
+
+-- Cancels deliveries that are not finished: one by id, or every one of an endpoint.
+-- A sender still holding one of them has its ack refused. Returns how many.
+CREATE FUNCTION outbox.cancel(delivery_id uuid DEFAULT NULL, endpoint_id uuid DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+    IF cancel.delivery_id IS NULL AND cancel.endpoint_id IS NULL THEN
+        RAISE EXCEPTION 'outbox.cancel needs a delivery_id or an endpoint_id'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH cancelled AS (
+        UPDATE outbox.delivery d
+           SET status = 'cancelled', finished_at = now(), lease_owner = NULL,
+               last_error = 'cancelled by operator'
+         WHERE d.status IN ('pending', 'in_flight')
+           AND (cancel.delivery_id IS NULL OR d.id = cancel.delivery_id)
+           AND (cancel.endpoint_id IS NULL OR d.endpoint_id = cancel.endpoint_id)
+        RETURNING d.id, d.attempts
+    )
+    INSERT INTO outbox.attempt (delivery_id, attempt, outcome, error, worker)
+    SELECT id, attempts, 'cancelled', 'cancelled by operator', session_user FROM cancelled;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 0 AND cancel.delivery_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM outbox.delivery WHERE id = cancel.delivery_id) THEN
+        RAISE EXCEPTION 'delivery % does not exist', cancel.delivery_id USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN n;
+END
+$$;
+
+-------------------------------------------------------------------------------------------
+-- Retention
+-------------------------------------------------------------------------------------------
+
+-- Deletes up to batch_size finished deliveries (delivered or cancelled older than
+-- delivered_age, dead older than dead_age) with their attempts, then events no delivery
+-- refers to any more, and rollup hours older than 90 days. Small batches keep each
+-- transaction short, so the hot path never waits on it. Returns the deliveries deleted.
+CREATE FUNCTION outbox._purge_batch(delivered_age interval, dead_age interval, batch_size integer)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+    event_ids text[];
+BEGIN
+    WITH doomed AS (
+        (SELECT d.id FROM outbox.delivery d
+          WHERE d.finished_at < now() - delivered_age AND d.status IN ('delivered', 'cancelled')
+          LIMIT batch_size)
+        UNION ALL
+        (SELECT d.id FROM outbox.delivery d
+          WHERE d.finished_at < now() - dead_age AND d.status = 'dead'
+          LIMIT batch_size)
+    ),
+    gone AS (
+        DELETE FROM outbox.delivery d USING doomed WHERE d.id = doomed.id
+        RETURNING d.event_id
+    )
+    SELECT count(*), array_agg(DISTINCT event_id) INTO n, event_ids FROM gone;
+    -- Events whose last delivery just went (a new statement: it sees the deletions).
+    DELETE FROM outbox.event e
+     WHERE e.id = ANY (event_ids)
+       AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id AND d.replay_of IS NULL)
+       AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id AND d.replay_of IS NOT NULL);
+    DELETE FROM outbox.stats_hourly WHERE hour < now() - interval '90 days';
+    RETURN n;
+END
+$$;
+
+-- Removes finished deliveries (and their attempts and orphaned events) older than
+-- older_than, now; dead ones older than dead_older_than (default: the same). For manual
+-- use; the worker does this continuously per outbox.retention_delivered / _dead.
+-- Returns how many deliveries were deleted.
+CREATE FUNCTION outbox.purge(older_than interval, dead_older_than interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    total bigint := 0;
+    n bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' OR dead_older_than < interval '0' THEN
+        RAISE EXCEPTION 'outbox.purge needs a non-negative age, e.g. outbox.purge(''7 days'')'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    LOOP
+        n := outbox._purge_batch(older_than, coalesce(dead_older_than, older_than), 10000);
+        total := total + n;
+        EXIT WHEN n = 0;
+    END LOOP;
+    RETURN total;
+END
+$$;
+
+-------------------------------------------------------------------------------------------
+-- More views
+-------------------------------------------------------------------------------------------
+
+-- One row per live endpoint: its backlog and what the last attempts said.
+CREATE VIEW outbox.endpoint_health AS
+SELECT e.id AS endpoint_id, e.url, e.enabled, e.disabled_reason, e.tenant_id,
+       coalesce(q.pending, 0) AS pending, coalesce(q.in_flight, 0) AS in_flight,
+       coalesce(q.retrying, 0) AS retrying, q.oldest_pending_age,
+       coalesce(st.consecutive_failures, 0) AS consecutive_failures,
+       st.last_success_at, st.last_failure_at, st.last_error
+  FROM outbox.endpoint e
+  LEFT JOIN outbox.endpoint_state st ON st.endpoint_id = e.id
+  LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE d.status = 'pending') AS pending,
+               count(*) FILTER (WHERE d.status = 'in_flight') AS in_flight,
+               count(*) FILTER (WHERE d.status = 'pending' AND d.attempts > 0) AS retrying,
+               now() - min(d.created_at) FILTER (WHERE d.status = 'pending') AS oldest_pending_age
+          FROM outbox.delivery d
+         WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
+       ) q ON true
+ WHERE e.deleted_at IS NULL;
+
+-- Failed attempts, newest first (the index on created_at serves ORDER BY ... LIMIT).
+CREATE VIEW outbox.recent_failures AS
+SELECT a.created_at, a.delivery_id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url,
+       a.attempt, a.outcome, a.status_code, a.error, a.response_body
+  FROM outbox.attempt a
+  JOIN outbox.delivery d ON d.id = a.delivery_id
+  JOIN outbox.event ev ON ev.id = d.event_id
+  JOIN outbox.endpoint e ON e.id = d.endpoint_id
+ WHERE a.outcome IN ('retry', 'dead')
+ ORDER BY a.created_at DESC;
+
+-- Counters and gauges in the shape Prometheus exporters want: one row per metric and label
+-- set. See contrib/postgres_exporter.yml.
+CREATE VIEW outbox.metrics AS
+SELECT 'outbox_deliveries'::text AS metric, s.status::text AS status, NULL::text AS endpoint_id,
+       count(*)::double precision AS value
+  FROM outbox.delivery s WHERE s.status IN ('pending', 'in_flight') GROUP BY s.status
+UNION ALL
+SELECT 'outbox_deliveries', 'dead', NULL, count(*) FROM outbox.delivery WHERE status = 'dead'
+UNION ALL
+SELECT 'outbox_oldest_pending_seconds', NULL, NULL,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)
+  FROM outbox.delivery WHERE status = 'pending'
+UNION ALL
+SELECT 'outbox_finished_total', h.outcome::text, h.endpoint_id::text, sum(h.deliveries)
+  FROM outbox.stats_hourly h GROUP BY h.outcome, h.endpoint_id
+UNION ALL
+SELECT 'outbox_attempts_total', NULL, h.endpoint_id::text, sum(h.attempts)
+  FROM outbox.stats_hourly h GROUP BY h.endpoint_id
+UNION ALL
+SELECT 'outbox_endpoint_consecutive_failures', NULL, st.endpoint_id::text, st.consecutive_failures
+  FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL
+UNION ALL
+SELECT 'outbox_endpoint_enabled', NULL, e.id::text, CASE WHEN e.enabled THEN 1 ELSE 0 END
+  FROM outbox.endpoint e WHERE e.deleted_at IS NULL;
+
 -- Seconds until the next delivery on an enabled endpoint becomes due (a retry's time or an
 -- expired lease), 0 if one is due now, NULL if none waits. The worker sleeps that long.
 CREATE FUNCTION outbox._next_due()
@@ -758,8 +1196,12 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA outbox TO %s', role);
-    EXECUTE format('GRANT SELECT ON outbox.endpoints, outbox.deliveries, outbox.attempts, outbox.dead_letters TO %s', role);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.stats(), outbox.enable_endpoint(uuid), outbox.disable_endpoint(uuid, text) TO %s', role);
+    EXECUTE format('GRANT SELECT ON outbox.endpoints, outbox.deliveries, outbox.attempts, outbox.dead_letters,
+        outbox.endpoint_health, outbox.recent_failures, outbox.metrics TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.stats(), outbox.enable_endpoint(uuid), outbox.disable_endpoint(uuid, text),
+        outbox.delivery_stats(interval, uuid, text, text), outbox.endpoint_stats(interval), outbox.event_type_stats(interval),
+        outbox.retry_dead(uuid, uuid, timestamptz, timestamptz), outbox.replay(uuid, timestamptz, timestamptz),
+        outbox.cancel(uuid, uuid) TO %s', role);
 END
 $$;
 
@@ -777,6 +1219,7 @@ BEGIN
         outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean),
         outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text),
         outbox.delete_endpoint(uuid), outbox.endpoint_secret(uuid), outbox.generate_secret(),
+        outbox.purge(interval, interval),
         outbox.sign(text, text, bigint, text), outbox.retry_delay(integer),
         outbox.claim(integer, text, interval, uuid, text),
         outbox.ack(uuid, integer, outbox.attempt_outcome, integer, text, double precision, timestamptz, text, text),
@@ -797,7 +1240,7 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION
         outbox.claim(integer, text, interval, uuid, text),
         outbox.ack_batch(uuid[], integer[], outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[], text),
-        outbox._next_due()
+        outbox._next_due(), outbox._purge_batch(interval, interval, integer)
         TO %s', role);
 END
 $$;

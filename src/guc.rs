@@ -47,6 +47,11 @@ pub static MAX_RESPONSE_BODY: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static ALLOWED_TARGETS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
 
+/// How long delivered (and cancelled) deliveries are kept; 0 keeps them forever.
+pub static RETENTION_DELIVERED_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+/// How long dead deliveries are kept; 0 keeps them forever.
+pub static RETENTION_DEAD_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
+
 /// The most requests the sender can ever hold; `outbox.max_in_flight` moves below it
 /// without a restart.
 pub const MAX_IN_FLIGHT_LIMIT: i32 = 10_000;
@@ -125,6 +130,26 @@ pub fn register() {
         3_600_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.retention_delivered",
+        c"How long delivered and cancelled deliveries (and their attempts) are kept; 0 = forever.",
+        c"The worker deletes older ones in small batches.",
+        &RETENTION_DELIVERED_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.retention_dead",
+        c"How long dead deliveries (and their attempts) are kept; 0 = forever.",
+        c"The worker deletes older ones in small batches.",
+        &RETENTION_DEAD_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"outbox.max_response_body",
@@ -215,6 +240,9 @@ pub struct WorkerSettings {
     pub poll_interval: std::time::Duration,
     pub max_response_body: usize,
     pub allowed_targets: outbox_core::ssrf::AllowList,
+    /// `None`: kept forever.
+    pub retention_delivered: Option<std::time::Duration>,
+    pub retention_dead: Option<std::time::Duration>,
 }
 
 impl WorkerSettings {
@@ -231,6 +259,10 @@ impl WorkerSettings {
             poll_interval: Duration::from_millis(positive(POLL_INTERVAL_MS.get())),
             max_response_body: positive(MAX_RESPONSE_BODY.get()) as usize,
             allowed_targets: allowed_targets(),
+            retention_delivered: Some(Duration::from_secs(positive(RETENTION_DELIVERED_S.get())))
+                .filter(|d| !d.is_zero()),
+            retention_dead: Some(Duration::from_secs(positive(RETENTION_DEAD_S.get())))
+                .filter(|d| !d.is_zero()),
         }
     }
 

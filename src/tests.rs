@@ -510,3 +510,182 @@ fn hostile_text_and_json_are_refused_cleanly() {
     assert_eq!(count("SELECT count(*) FROM outbox.event"), 0, "nothing left behind");
     assert_eq!(count("SELECT count(*) FROM outbox.endpoint"), 1);
 }
+
+/// Claims everything due and acknowledges it with `outcome` (and `code`).
+fn ack_all(outcome: &str, code: i32) {
+    Spi::run(&format!(
+        "SELECT outbox.ack(delivery_id, attempt, '{outcome}', {code}) FROM outbox.claim(1000, 'test')"
+    ))
+    .unwrap();
+}
+
+#[pg_test]
+fn delivery_stats_come_from_the_hourly_rollup() {
+    let a = endpoint("https://example.com/a", "");
+    let b = endpoint("https://example.com/b", ", event_types => '{order.*}'");
+    Spi::run("SELECT outbox.enqueue('order.created', '{}') FROM generate_series(1, 4)").unwrap();
+    Spi::run("SELECT outbox.enqueue('user.created', '{}', tenant_id => NULL) FROM generate_series(1, 2)").unwrap();
+    // Make the deliveries look 2 s old so latencies land in a known bucket (1000-2500 ms).
+    Spi::run("UPDATE outbox.delivery SET created_at = now() - interval '2 seconds'").unwrap();
+    // Endpoint b: all dead; endpoint a: all delivered.
+    Spi::run(&format!(
+        "SELECT outbox.ack(delivery_id, attempt, 'dead', 400) FROM outbox.claim(1000, 'test', endpoint_id => '{b}')"
+    ))
+    .unwrap();
+    ack_all("delivered", 200);
+
+    let overall = text(
+        "SELECT concat_ws('|', total, delivered, dead, round(success_rate::numeric, 3), avg_attempts,
+                          p50_ms BETWEEN 1000 AND 2500, p99_ms BETWEEN 1000 AND 2500)
+           FROM outbox.delivery_stats('1 hour')",
+    );
+    assert_eq!(overall, "10|6|4|0.600|1|t|t");
+    assert_eq!(
+        text(&format!("SELECT concat_ws('|', total, delivered, dead) FROM outbox.delivery_stats('24 hours', endpoint_id => '{b}')")),
+        "4|0|4"
+    );
+    assert_eq!(
+        text("SELECT concat_ws('|', total, delivered) FROM outbox.delivery_stats(event_type => 'user.created')"),
+        "2|2"
+    );
+    assert_eq!(
+        text("SELECT string_agg(concat(event_type, ':', total), ',' ORDER BY event_type) FROM outbox.event_type_stats('7 days')"),
+        "order.created:8,user.created:2"
+    );
+    assert_eq!(
+        text(&format!("SELECT string_agg(concat(url, ':', total, ':', dead), ',' ORDER BY url) FROM outbox.endpoint_stats() WHERE endpoint_id IN ('{a}', '{b}')")),
+        "https://example.com/a:6:0,https://example.com/b:4:4"
+    );
+    // An empty window has no percentiles and no rate.
+    assert_eq!(
+        text("SELECT concat_ws('|', total, success_rate IS NULL, p50_ms IS NULL) FROM outbox.delivery_stats(tenant_id => 'nobody')"),
+        "0|t|t"
+    );
+}
+
+#[pg_test]
+fn percentiles_interpolate_within_buckets() {
+    // 100 latencies in bucket 6 (500-1000 ms): p50 is halfway through it.
+    assert_eq!(
+        Spi::get_one::<f64>("SELECT outbox._percentile(ARRAY[6]::smallint[], ARRAY[100]::bigint[], 0.5)")
+            .unwrap()
+            .unwrap(),
+        750.0
+    );
+    // 90 fast (bucket 0: 0-10 ms) and 10 slow (bucket 7: 1000-2500 ms).
+    let p = |q: f64| {
+        Spi::get_one::<f64>(&format!(
+            "SELECT outbox._percentile(ARRAY[0, 7]::smallint[], ARRAY[90, 10]::bigint[], {q})"
+        ))
+        .unwrap()
+        .unwrap()
+    };
+    assert!(p(0.5) < 10.0);
+    assert!((1000.0..=2500.0).contains(&p(0.95)), "{}", p(0.95));
+}
+
+#[pg_test]
+fn endpoint_health_tracks_streaks_and_backlog() {
+    let a = endpoint("https://example.com/a", "");
+    Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 3)").unwrap();
+    Spi::run("SELECT outbox.ack(delivery_id, attempt, 'retry', 503, 'HTTP 503', retry_at => now() + interval '1 hour') FROM outbox.claim(2, 'test')").unwrap();
+    assert_eq!(
+        text(&format!("SELECT concat_ws('|', pending, in_flight, retrying, consecutive_failures, last_error, last_success_at IS NULL) FROM outbox.endpoint_health WHERE endpoint_id = '{a}'")),
+        "3|0|2|2|HTTP 503|t"
+    );
+    ack_all("delivered", 200);
+    assert_eq!(
+        text(&format!("SELECT concat_ws('|', pending, consecutive_failures, last_success_at IS NOT NULL) FROM outbox.endpoint_health WHERE endpoint_id = '{a}'")),
+        "2|0|t"
+    );
+    assert_eq!(count("SELECT count(*) FROM outbox.recent_failures WHERE status_code = 503"), 2);
+}
+
+#[pg_test]
+fn dead_letters_can_be_retried_in_one_call() {
+    let a = endpoint("https://example.com/a", "");
+    let b = endpoint("https://example.com/b", "");
+    Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 3)").unwrap();
+    ack_all("dead", 400);
+    assert_eq!(count("SELECT count(*) FROM outbox.dead_letters"), 6);
+    let one = text(&format!("SELECT id::text FROM outbox.dead_letters WHERE endpoint_id = '{a}' LIMIT 1"));
+    assert_eq!(count(&format!("SELECT outbox.retry_dead('{one}')")), 1);
+    assert_eq!(count(&format!("SELECT outbox.retry_dead(endpoint_id => '{b}')")), 3);
+    assert_eq!(count("SELECT outbox.retry_dead(since => now() - interval '1 hour')"), 2);
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery WHERE status = 'pending' AND attempts = 0"), 6);
+    assert_eq!(
+        text(&format!("SELECT string_agg(outcome::text, ',' ORDER BY id) FROM outbox.attempts WHERE delivery_id = '{one}'")),
+        "dead,requeued"
+    );
+    // Requeued deliveries start a fresh schedule and can be delivered.
+    ack_all("delivered", 200);
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery WHERE status = 'delivered'"), 6);
+    assert_refused("SELECT outbox.retry_dead()", "22023");
+    assert_refused("SELECT outbox.retry_dead('00000000-0000-0000-0000-000000000000')", "P0002");
+}
+
+#[pg_test]
+fn delivered_events_can_be_replayed_with_the_same_event_id() {
+    let a = endpoint("https://example.com/a", "");
+    Spi::run("SELECT outbox.enqueue('x', '{}', event_id => 'evt-' || g) FROM generate_series(1, 3) g").unwrap();
+    ack_all("delivered", 200);
+    assert_eq!(count(&format!("SELECT outbox.replay('{a}', now() - interval '1 hour')")), 3);
+    // A replay still pending is not replayed again.
+    assert_eq!(count(&format!("SELECT outbox.replay('{a}', now() - interval '1 hour')")), 0);
+    assert_eq!(
+        text("SELECT string_agg(DISTINCT event_id, ',') FROM outbox.claim(10, 'test')"),
+        "evt-1,evt-2,evt-3"
+    );
+    assert_eq!(count("SELECT count(*) FROM outbox.attempt WHERE outcome = 'replayed'"), 3);
+    // Enqueueing the same event id again still returns the original delivery, not a replay.
+    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('x', '{}', event_id => 'evt-1')"), 1);
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery"), 6);
+    assert_refused("SELECT outbox.replay('00000000-0000-0000-0000-000000000000', now())", "P0002");
+    assert_refused(&format!("SELECT outbox.replay('{a}', NULL)"), "22004");
+}
+
+#[pg_test]
+fn pending_deliveries_can_be_cancelled() {
+    let a = endpoint("https://example.com/a", "");
+    Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 3)").unwrap();
+    let (held, attempt) = claim_one();
+    assert_eq!(count(&format!("SELECT outbox.cancel('{held}')")), 1);
+    assert_refused(&format!("SELECT outbox.ack('{held}', {attempt}, 'delivered')"), "55000");
+    assert_eq!(count(&format!("SELECT outbox.cancel(endpoint_id => '{a}')")), 2);
+    assert_eq!(count("SELECT count(*) FROM outbox.attempt WHERE outcome = 'cancelled'"), 3);
+    assert_eq!(count(&format!("SELECT outbox.cancel('{held}')")), 0, "already finished");
+    assert_refused("SELECT outbox.cancel()", "22023");
+}
+
+#[pg_test]
+fn purge_removes_old_finished_rows_only() {
+    endpoint("https://example.com/a", "");
+    Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 4)").unwrap();
+    Spi::run("SELECT outbox.ack(delivery_id, attempt, 'delivered', 200) FROM outbox.claim(2, 'test')").unwrap();
+    Spi::run("SELECT outbox.ack(delivery_id, attempt, 'dead', 400) FROM outbox.claim(1, 'test')").unwrap();
+    Spi::run("UPDATE outbox.delivery SET finished_at = now() - interval '10 days' WHERE finished_at IS NOT NULL").unwrap();
+    // Delivered older than 7 days go; the dead one is kept for 30.
+    assert_eq!(count("SELECT outbox.purge('7 days', '30 days')"), 2);
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery"), 2);
+    assert_eq!(count("SELECT count(*) FROM outbox.attempt"), 1);
+    assert_eq!(count("SELECT count(*) FROM outbox.event"), 2, "events without deliveries go too");
+    assert_eq!(count("SELECT outbox.purge('1 day')"), 1);
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery WHERE status = 'pending'"), 1, "unfinished ones stay");
+    assert_eq!(count("SELECT total FROM outbox.delivery_stats('1 hour')"), 3, "statistics outlive retention");
+    assert_refused("SELECT outbox.purge('-1 day')", "22023");
+}
+
+#[pg_test]
+fn metrics_are_one_row_per_series() {
+    let a = endpoint("https://example.com/a", "");
+    Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 3)").unwrap();
+    Spi::run("SELECT outbox.ack(delivery_id, attempt, 'delivered', 200) FROM outbox.claim(1, 'test')").unwrap();
+    let m = |sql: &str| Spi::get_one::<f64>(sql).unwrap().unwrap_or(-1.0);
+    assert_eq!(m("SELECT value FROM outbox.metrics WHERE metric = 'outbox_deliveries' AND status = 'pending'"), 2.0);
+    assert_eq!(
+        m(&format!("SELECT value FROM outbox.metrics WHERE metric = 'outbox_finished_total' AND status = 'delivered' AND endpoint_id = '{a}'")),
+        1.0
+    );
+    assert_eq!(m(&format!("SELECT value FROM outbox.metrics WHERE metric = 'outbox_endpoint_enabled' AND endpoint_id = '{a}'")), 1.0);
+    assert!(m("SELECT value FROM outbox.metrics WHERE metric = 'outbox_oldest_pending_seconds'") >= 0.0);
+}

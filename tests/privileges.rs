@@ -98,9 +98,35 @@ fn an_operator_can_watch_and_steer_but_not_read_secrets() {
         "SELECT * FROM outbox.dead_letters",
         "SELECT * FROM outbox.endpoints",
         "SELECT * FROM outbox.stats()",
+        "SELECT * FROM outbox.delivery_stats('1 day')",
+        "SELECT * FROM outbox.endpoint_stats()",
+        "SELECT * FROM outbox.event_type_stats()",
+        "SELECT * FROM outbox.endpoint_health",
+        "SELECT * FROM outbox.recent_failures",
+        "SELECT * FROM outbox.metrics",
+        "SELECT outbox.retry_dead(since => '-infinity')",
     ] {
         assert_eq!(attempt(&mut o, sql), "ok", "{sql}");
     }
+    assert_eq!(
+        attempt(
+            &mut o,
+            &format!("SELECT outbox.replay('{ep}', now() - interval '1 hour')")
+        ),
+        "ok"
+    );
+    assert_eq!(
+        attempt(
+            &mut o,
+            &format!("SELECT outbox.cancel(endpoint_id => '{ep}')")
+        ),
+        "ok"
+    );
+    assert_eq!(
+        attempt(&mut o, "SELECT outbox.purge('1 day')"),
+        "42501",
+        "purging is for admins"
+    );
     assert_eq!(
         attempt(
             &mut o,

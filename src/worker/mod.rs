@@ -25,6 +25,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest sleep while the extension is not created in the worker's database.
 const NOT_READY_POLL: Duration = Duration::from_secs(5);
+/// How often retention looks for expired rows when the last look found none left, at most:
+/// short retention ages are checked more often (a tenth of the age, at least every second).
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// Deliveries deleted per retention transaction: small, so it never holds locks for long.
+const RETENTION_BATCH: i32 = 1000;
 
 /// Registers the worker; only possible while `shared_preload_libraries` is processed.
 pub fn register() {
@@ -77,6 +82,10 @@ struct Worker {
     /// Outcomes taken from the sender but not recorded yet (their transaction failed).
     unrecorded: Vec<Record>,
     failed_cycles: u32,
+    /// When retention next runs.
+    next_retention: std::time::Instant,
+    /// Whether an out-of-date extension version was reported already.
+    warned_stale: bool,
 }
 
 /// What a successful cycle claimed.
@@ -127,6 +136,8 @@ impl Worker {
             name: format!("worker:{}", std::process::id()),
             unrecorded: Vec::new(),
             failed_cycles: 0,
+            next_retention: std::time::Instant::now(),
+            warned_stale: false,
             settings,
         })
     }
@@ -168,6 +179,11 @@ impl Worker {
                     log!("webhook_outbox worker: {e}");
                     ERROR_BACKOFF
                 }
+            };
+            let timeout = match self.retention() {
+                // More expired rows are waiting: come back soon, between delivery cycles.
+                Some(true) => timeout.min(Duration::from_millis(100)),
+                _ => timeout,
             };
             unsafe { pg_sys::pgstat_report_stat(false) };
             self.wait(timeout);
@@ -281,6 +297,63 @@ impl Worker {
                 Err(e)
             }
         }
+    }
+
+    /// Deletes one batch of expired rows when it is time; returns whether a full batch went
+    /// (more may be waiting), or `None` when it did not run.
+    fn retention(&mut self) -> Option<bool> {
+        let now = std::time::Instant::now();
+        if now < self.next_retention
+            || (self.settings.retention_delivered.is_none()
+                && self.settings.retention_dead.is_none())
+        {
+            return None;
+        }
+        let (delivered, dead) = (
+            self.settings.retention_delivered,
+            self.settings.retention_dead,
+        );
+        let library = env!("CARGO_PKG_VERSION");
+        let mut stale = None;
+        let result = in_transaction(|| {
+            Spi::connect_mut(|client| match store::installed_version(client)? {
+                Some(v) if v == library => {
+                    store::purge_batch(client, delivered, dead, RETENTION_BATCH)
+                }
+                // The SQL objects are older than this library: claim and ack still work, but
+                // retention waits for ALTER EXTENSION ... UPDATE.
+                Some(v) => {
+                    stale = Some(v);
+                    Ok(0)
+                }
+                None => Ok(0),
+            })
+        })
+        .and_then(|r| r);
+        if let Some(v) = stale {
+            if !self.warned_stale {
+                log!(
+                    "webhook_outbox worker: the extension in this database is version {v} but the library is {library}; \
+                     run ALTER EXTENSION webhook_outbox UPDATE (retention waits until then)"
+                );
+                self.warned_stale = true;
+            }
+        }
+        let more = match result {
+            Ok(n) => n >= i64::from(RETENTION_BATCH),
+            Err(e) => {
+                log!("webhook_outbox worker: retention: {e}");
+                false
+            }
+        };
+        let shortest = [delivered, dead]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(RETENTION_EVERY);
+        let every = (shortest / 10).clamp(Duration::from_secs(1), RETENTION_EVERY);
+        self.next_retention = if more { now } else { now + every };
+        Some(more)
     }
 
     /// Stops taking work, lets requests in flight finish briefly, and records them.

@@ -12,14 +12,24 @@ pub type StoreError = String;
 
 /// Is the extension created in this database? The worker idles until it is.
 pub fn extension_ready(client: &SpiClient<'_>) -> Result<bool, StoreError> {
+    installed_version(client).map(|v| v.is_some())
+}
+
+/// The version of the extension's SQL objects in this database, if it is created.
+pub fn installed_version(client: &SpiClient<'_>) -> Result<Option<String>, StoreError> {
     client
         .select(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'webhook_outbox')",
+            "SELECT extversion FROM pg_extension WHERE extname = 'webhook_outbox'",
             None,
             &[],
         )
-        .and_then(|t| t.first().get::<bool>(1))
-        .map(|v| v.unwrap_or(false))
+        .and_then(|t| {
+            if t.is_empty() {
+                Ok(None)
+            } else {
+                t.first().get::<String>(1)
+            }
+        })
         .map_err(|e| e.to_string())
 }
 
@@ -223,5 +233,30 @@ pub fn next_due(client: &SpiClient<'_>) -> Result<Option<Duration>, StoreError> 
         .select("SELECT outbox._next_due()", None, &[])
         .and_then(|t| t.first().get::<f64>(1))
         .map(|s| s.map(Duration::from_secs_f64))
+        .map_err(|e| e.to_string())
+}
+
+/// Deletes one small batch of finished deliveries past their retention; returns how many.
+pub fn purge_batch(
+    client: &mut SpiClient<'_>,
+    delivered: Option<Duration>,
+    dead: Option<Duration>,
+    batch: i32,
+) -> Result<i64, StoreError> {
+    // "Forever" is a century: simpler than a second query shape.
+    let age =
+        |d: Option<Duration>| format!("{} seconds", d.map_or(100 * 365 * 86_400, |d| d.as_secs()));
+    client
+        .update(
+            "SELECT outbox._purge_batch($1::interval, $2::interval, $3)",
+            None,
+            &[
+                age(delivered).as_str().into(),
+                age(dead).as_str().into(),
+                batch.into(),
+            ],
+        )
+        .and_then(|t| t.first().get::<i64>(1))
+        .map(|n| n.unwrap_or(0))
         .map_err(|e| e.to_string())
 }

@@ -58,6 +58,16 @@ fn free_port() -> u16 {
 impl Cluster {
     /// A fresh cluster with the extension created. `settings` are extra postgresql.conf lines.
     pub fn start(settings: &[&str]) -> Cluster {
+        let cluster = Cluster::start_empty(settings);
+        cluster
+            .client()
+            .batch_execute("CREATE EXTENSION webhook_outbox")
+            .unwrap();
+        cluster
+    }
+
+    /// A fresh cluster without the extension.
+    pub fn start_empty(settings: &[&str]) -> Cluster {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "webhook-outbox-it-{}-{}",
@@ -127,10 +137,6 @@ impl Cluster {
         };
         cluster.pg_ctl_start();
         cluster
-            .client()
-            .batch_execute("CREATE EXTENSION webhook_outbox")
-            .unwrap();
-        cluster
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -179,9 +185,16 @@ impl Cluster {
     }
 
     pub fn client(&self) -> postgres::Client {
+        self.client_to("postgres")
+    }
+
+    pub fn client_to(&self, database: &str) -> postgres::Client {
+        let info = self
+            .conninfo()
+            .replace("dbname=postgres", &format!("dbname={database}"));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match postgres::Client::connect(&self.conninfo(), postgres::NoTls) {
+            match postgres::Client::connect(&info, postgres::NoTls) {
                 Ok(c) => return c,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;

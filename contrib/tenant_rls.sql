@@ -1,0 +1,28 @@
+-- Row-level security for a multi-tenant application: the role `app_tenant` reads only the
+-- endpoints, events and deliveries of the tenant named in its session setting app.tenant_id
+-- (SET app.tenant_id = 'acme', or per transaction with SET LOCAL), and never a secret.
+--
+-- The extension's own functions and the worker run as the extension's owner, which row-level
+-- security does not restrict, so delivery is unaffected. Run as the extension's owner, after
+-- CREATE EXTENSION (and again after an upgrade that adds tables).
+
+GRANT USAGE ON SCHEMA outbox TO app_tenant;
+GRANT SELECT (id, url, event_types, enabled, disabled_reason, timeout, headers, tenant_id,
+              description, created_at, updated_at, deleted_at)
+    ON outbox.endpoint TO app_tenant;
+GRANT SELECT ON outbox.event, outbox.delivery, outbox.attempt TO app_tenant;
+
+ALTER TABLE outbox.endpoint ENABLE ROW LEVEL SECURITY;
+ALTER TABLE outbox.event    ENABLE ROW LEVEL SECURITY;
+ALTER TABLE outbox.delivery ENABLE ROW LEVEL SECURITY;
+ALTER TABLE outbox.attempt  ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY tenant_isolation ON outbox.endpoint FOR SELECT TO app_tenant
+    USING (tenant_id = current_setting('app.tenant_id', true));
+CREATE POLICY tenant_isolation ON outbox.event FOR SELECT TO app_tenant
+    USING (tenant_id = current_setting('app.tenant_id', true));
+CREATE POLICY tenant_isolation ON outbox.delivery FOR SELECT TO app_tenant
+    USING (tenant_id = current_setting('app.tenant_id', true));
+CREATE POLICY tenant_isolation ON outbox.attempt FOR SELECT TO app_tenant
+    USING (EXISTS (SELECT 1 FROM outbox.delivery d
+                    WHERE d.id = delivery_id AND d.tenant_id = current_setting('app.tenant_id', true)));

@@ -1,0 +1,105 @@
+//! Operator recipes shipped in contrib/: tenant isolation with row-level security, and the
+//! postgres_exporter queries, each run against a real cluster.
+
+mod common;
+
+use common::{sqlstate, Cluster};
+
+#[test]
+fn row_level_security_confines_a_role_to_its_tenant() {
+    let cluster = Cluster::start(&[]);
+    let mut admin = cluster.client();
+    admin
+        .batch_execute(
+            "CREATE ROLE app_tenant LOGIN;
+             SELECT outbox.create_endpoint('https://acme.example.com/', tenant_id => 'acme');
+             SELECT outbox.create_endpoint('https://globex.example.com/', tenant_id => 'globex');
+             SELECT outbox.enqueue('a.b', '{}', tenant_id => 'acme') FROM generate_series(1, 3);
+             SELECT outbox.enqueue('a.b', '{}', tenant_id => 'globex') FROM generate_series(1, 2);
+             SELECT outbox.ack(delivery_id, attempt, 'dead', 400) FROM outbox.claim(100);",
+        )
+        .unwrap();
+    admin
+        .batch_execute(include_str!("../contrib/tenant_rls.sql"))
+        .unwrap();
+
+    let info = cluster
+        .conninfo()
+        .replace("user=postgres", "user=app_tenant");
+    let mut app = postgres::Client::connect(&info, postgres::NoTls).unwrap();
+    let count =
+        |c: &mut postgres::Client, sql: &str| -> i64 { c.query_one(sql, &[]).unwrap().get(0) };
+    assert_eq!(
+        count(&mut app, "SELECT count(*) FROM outbox.delivery"),
+        0,
+        "no tenant set: nothing"
+    );
+    app.batch_execute("SET app.tenant_id = 'acme'").unwrap();
+    assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.delivery"), 3);
+    assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.event"), 3);
+    assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.attempt"), 3);
+    assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.endpoint"), 1);
+    app.batch_execute("SET app.tenant_id = 'globex'").unwrap();
+    assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.delivery"), 2);
+    let err = app
+        .batch_execute("SELECT secret FROM outbox.endpoint")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "42501");
+    let err = app
+        .batch_execute("UPDATE outbox.delivery SET status = 'pending'")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "42501");
+    // Statistics filter by tenant too.
+    let dead: i64 = admin
+        .query_one(
+            "SELECT dead FROM outbox.delivery_stats(tenant_id => 'acme')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 3);
+}
+
+/// The `query:` lines of the exporter file, with the metric columns each must return.
+fn exporter_queries() -> Vec<(String, Vec<String>)> {
+    let text = include_str!("../contrib/postgres_exporter.yml");
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(q) = t.strip_prefix("query: ") {
+            out.push((q.trim_matches('"').to_string(), Vec::new()));
+        } else if let Some(col) = t.strip_prefix("- ").and_then(|c| c.strip_suffix(':')) {
+            out.last_mut().unwrap().1.push(col.to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn the_postgres_exporter_queries_run_as_an_operator() {
+    let cluster = Cluster::start(&[]);
+    let mut admin = cluster.client();
+    admin
+        .batch_execute(
+            "CREATE ROLE exporter LOGIN; SELECT outbox.grant_operator('exporter');
+             SELECT outbox.create_endpoint('https://example.com/');
+             SELECT outbox.enqueue('a.b', '{}') FROM generate_series(1, 4);
+             SELECT outbox.ack(delivery_id, attempt, 'delivered', 200) FROM outbox.claim(3);",
+        )
+        .unwrap();
+    let info = cluster.conninfo().replace("user=postgres", "user=exporter");
+    let mut exporter = postgres::Client::connect(&info, postgres::NoTls).unwrap();
+    let queries = exporter_queries();
+    assert_eq!(queries.len(), 5);
+    for (query, columns) in queries {
+        let rows = exporter.query(query.as_str(), &[]).unwrap();
+        assert!(!rows.is_empty(), "no rows from {query}");
+        let names: Vec<&str> = rows[0].columns().iter().map(|c| c.name()).collect();
+        assert_eq!(names, columns, "{query}");
+    }
+    let delivered: f64 = exporter
+        .query_one("SELECT value FROM outbox.metrics WHERE metric = 'outbox_finished_total' AND status = 'delivered'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(delivered, 3.0);
+}

@@ -1,0 +1,155 @@
+//! Upgrading from the previous release: install 0.1.0, queue work in every state, run
+//! ALTER EXTENSION ... UPDATE, and check that nothing queued was lost, the new functions
+//! work, and the upgraded schema is exactly what a fresh install creates.
+
+mod common;
+
+use common::Cluster;
+
+/// Everything about the extension's objects that a user could notice, one line each.
+const SCHEMA: &str = "
+    SELECT 'fn ' || p.oid::regprocedure::text || ' ' || pg_get_function_result(p.oid) || ' '
+           || p.prosecdef || ' ' || coalesce(array_to_string(p.proconfig, ','), '') || ' '
+           || md5(pg_get_functiondef(p.oid)) || ' ' || coalesce(p.proacl::text, 'default')
+      FROM pg_proc p WHERE p.pronamespace = 'outbox'::regnamespace
+    UNION ALL
+    SELECT 'col ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+           || ' ' || a.attnotnull || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+      FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+      LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+     WHERE c.relnamespace = 'outbox'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+    UNION ALL
+    SELECT 'idx ' || indexdef FROM pg_indexes WHERE schemaname = 'outbox'
+    UNION ALL
+    SELECT 'view ' || viewname || ' ' || md5(definition) FROM pg_views WHERE schemaname = 'outbox'
+    UNION ALL
+    SELECT 'enum ' || t.typname || ' ' || string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
+      FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid
+     WHERE t.typnamespace = 'outbox'::regnamespace GROUP BY t.typname
+    UNION ALL
+    SELECT 'acl ' || c.relname || ' ' || coalesce(c.relacl::text, 'default')
+      FROM pg_class c WHERE c.relnamespace = 'outbox'::regnamespace
+    ORDER BY 1";
+
+fn schema(c: &mut postgres::Client) -> Vec<String> {
+    c.query(SCHEMA, &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[test]
+fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
+    let cluster = Cluster::start_empty(&[]);
+    let mut c = cluster.client();
+    c.batch_execute("CREATE EXTENSION webhook_outbox VERSION '0.1.0'")
+        .unwrap();
+    let ep: String = c
+        .query_one(
+            "SELECT outbox.create_endpoint('https://example.com/hook')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    c.batch_execute(
+        "SELECT outbox.enqueue('order.created', jsonb_build_object('n', g), event_id => 'evt-' || g)
+           FROM generate_series(1, 10) g;
+         SELECT outbox.ack(delivery_id, attempt, 'delivered', 200) FROM outbox.claim(3, 'old');
+         SELECT outbox.ack(delivery_id, attempt, 'dead', 400) FROM outbox.claim(2, 'old');",
+    )
+    .unwrap();
+    let held = c
+        .query_one(
+            "SELECT delivery_id::text, attempt FROM outbox.claim(1, 'old')",
+            &[],
+        )
+        .unwrap();
+    let (held_id, held_attempt): (String, i32) = (held.get(0), held.get(1));
+    let before: Vec<String> = c
+        .query(
+            "SELECT concat_ws('|', id, status, attempts) FROM outbox.delivery ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    c.batch_execute("ALTER EXTENSION webhook_outbox UPDATE")
+        .unwrap();
+    let version: String = c
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'webhook_outbox'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(version, "0.2.0");
+
+    // Nothing queued was lost or changed.
+    let after: Vec<String> = c
+        .query(
+            "SELECT concat_ws('|', id, status, attempts) FROM outbox.delivery ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(before, after);
+    // The lease taken before the upgrade is still honoured, and the rest can be claimed.
+    c.batch_execute(&format!(
+        "SELECT outbox.ack('{held_id}', {held_attempt}, 'delivered', 200)"
+    ))
+    .unwrap();
+    let rest = c.query("SELECT outbox.ack(delivery_id, attempt, 'delivered', 200) FROM outbox.claim(100, 'new')", &[]).unwrap();
+    assert_eq!(rest.len(), 4);
+    // Idempotency still holds across the upgrade.
+    let again = c
+        .query(
+            "SELECT * FROM outbox.enqueue('order.created', '{}', event_id => 'evt-1')",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    // The new functions work.
+    let replayed: i64 = c
+        .query_one(
+            &format!("SELECT outbox.replay('{ep}', now() - interval '1 hour')") as &str,
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(replayed, 8);
+    let retried: i64 = c
+        .query_one(
+            &format!("SELECT outbox.retry_dead(endpoint_id => '{ep}')") as &str,
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(retried, 2);
+    let total: i64 = c
+        .query_one("SELECT total FROM outbox.delivery_stats()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        total, 5,
+        "deliveries finished after the upgrade are counted"
+    );
+
+    // The upgraded schema is what a fresh 0.2.0 install creates.
+    c.batch_execute("CREATE DATABASE fresh").unwrap();
+    let mut fresh = cluster.client_to("fresh");
+    fresh
+        .batch_execute("CREATE EXTENSION webhook_outbox")
+        .unwrap();
+    let (upgraded, installed) = (schema(&mut c), schema(&mut fresh));
+    let only_upgraded: Vec<&String> = upgraded.iter().filter(|l| !installed.contains(l)).collect();
+    let only_fresh: Vec<&String> = installed.iter().filter(|l| !upgraded.contains(l)).collect();
+    assert!(
+        only_upgraded.is_empty() && only_fresh.is_empty(),
+        "schemas differ:\nonly after upgrade: {only_upgraded:#?}\nonly in a fresh install: {only_fresh:#?}"
+    );
+}
