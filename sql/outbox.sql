@@ -508,8 +508,55 @@ $$;
 -- Claims up to batch_size due deliveries: pending ones whose time has come and in-flight
 -- ones whose lease expired (their sender died). Each claimed row is in_flight with a lease
 -- until now() + lease and its attempt number incremented; the attempt number is the fencing
--- token the ack must present. LANGUAGE sql: planned afresh on every call, so a plan made
--- while the table was empty is never reused when it holds millions of rows.
+-- token the ack must present.
+--
+-- The statement is planned afresh on every call (EXECUTE) with only the filters that apply,
+-- and sorts and bitmap scans are priced out: the plan is always the partial index
+-- delivery_due_idx read in due order, stopping after batch_size rows, whatever the table's
+-- statistics say. (A plan that collects every due row and sorts them costs milliseconds per
+-- thousand rows of backlog; this one costs the same with an empty queue or a full one.)
+CREATE FUNCTION outbox._claim(
+    p_batch_size integer, p_worker text, p_lease interval, p_endpoint_id uuid, p_tenant_id text
+)
+RETURNS TABLE (o_delivery_id uuid, o_event_id text, o_attempt integer, o_endpoint_id uuid, o_url text,
+               o_secret text, o_headers jsonb, o_timeout interval, o_event_type text, o_body text,
+               o_tenant_id text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET enable_sort = off SET enable_bitmapscan = off
+AS $$
+BEGIN
+    RETURN QUERY EXECUTE format($q$
+        WITH due AS (
+            SELECT d.id
+              FROM outbox.delivery d
+             WHERE d.status IN ('pending', 'in_flight')
+               AND d.due_at <= now() %s %s
+               AND EXISTS (SELECT 1 FROM outbox.endpoint e
+                            WHERE e.id = d.endpoint_id AND e.enabled AND e.deleted_at IS NULL)
+             ORDER BY d.due_at
+             LIMIT $1
+               FOR UPDATE OF d SKIP LOCKED
+        )
+        UPDATE outbox.delivery d
+           SET status = 'in_flight',
+               attempts = d.attempts + 1,
+               due_at = now() + $3,
+               lease_owner = $2
+          FROM due, outbox.endpoint e, outbox.event ev
+         WHERE d.id = due.id AND e.id = d.endpoint_id AND ev.id = d.event_id
+        RETURNING d.id, d.event_id, d.attempts, d.endpoint_id, e.url, e.secret, e.headers, e.timeout,
+                  ev.event_type,
+                  json_build_object('type', ev.event_type,
+                                    'timestamp', to_char(ev.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                                    'data', ev.payload)::text,
+                  d.tenant_id
+        $q$,
+        CASE WHEN p_endpoint_id IS NOT NULL THEN 'AND d.endpoint_id = $4' ELSE '' END,
+        CASE WHEN p_tenant_id IS NOT NULL THEN 'AND d.tenant_id = $5' ELSE '' END)
+    USING outbox._check_claim(p_batch_size, p_lease), p_worker, p_lease, p_endpoint_id, p_tenant_id;
+END
+$$;
+
 CREATE FUNCTION outbox.claim(
     batch_size  integer  DEFAULT 100,
     worker      text     DEFAULT 'sql',
@@ -533,32 +580,7 @@ RETURNS TABLE (
 LANGUAGE sql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH due AS (
-        SELECT d.id
-          FROM outbox.delivery d
-          JOIN outbox.endpoint e ON e.id = d.endpoint_id
-         WHERE d.status IN ('pending', 'in_flight')
-           AND d.due_at <= now()
-           AND e.enabled AND e.deleted_at IS NULL
-           AND (claim.endpoint_id IS NULL OR d.endpoint_id = claim.endpoint_id)
-           AND (claim.tenant_id IS NULL OR d.tenant_id = claim.tenant_id)
-         ORDER BY d.due_at
-         LIMIT outbox._check_claim(claim.batch_size, claim.lease)
-           FOR UPDATE OF d SKIP LOCKED
-    )
-    UPDATE outbox.delivery d
-       SET status = 'in_flight',
-           attempts = d.attempts + 1,
-           due_at = now() + claim.lease,
-           lease_owner = claim.worker
-      FROM due, outbox.endpoint e, outbox.event ev
-     WHERE d.id = due.id AND e.id = d.endpoint_id AND ev.id = d.event_id
-    RETURNING d.id, d.event_id, d.attempts, d.endpoint_id, e.url, e.secret, e.headers, e.timeout,
-              ev.event_type,
-              json_build_object('type', ev.event_type,
-                                'timestamp', to_char(ev.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-                                'data', ev.payload)::text,
-              d.tenant_id
+    SELECT * FROM outbox._claim(claim.batch_size, claim.worker, claim.lease, claim.endpoint_id, claim.tenant_id)
 $$;
 
 -- Records the outcomes of many attempts at once and returns the deliveries whose outcome was
@@ -604,6 +626,8 @@ AS $$
           FROM input
     ),
     upd AS (
+        -- Everything later steps need comes out of RETURNING, so they never join back to
+        -- the input (which the planner can only guess the size of).
         UPDATE outbox.delivery d
            SET status = CASE x.final_outcome WHEN 'delivered' THEN 'delivered'::outbox.delivery_status
                                              WHEN 'dead' THEN 'dead'::outbox.delivery_status
@@ -618,20 +642,21 @@ AS $$
                                  ELSE x.error END
           FROM decided x
          WHERE d.id = x.id AND d.status = 'in_flight' AND d.attempts = x.attempt
-        RETURNING d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at
+        RETURNING d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at, x.attempt, x.final_outcome,
+                  x.status_code, x.error, x.duration_ms, x.response_body
     ),
     gone AS (
         -- 410 Gone: the receiver wants no more deliveries; stop sending there.
         UPDATE outbox.endpoint e
            SET enabled = false, disabled_reason = 'receiver answered 410 Gone', updated_at = now()
-          FROM decided x JOIN upd ON upd.id = x.id
-         WHERE e.id = upd.endpoint_id AND x.status_code = 410 AND x.final_outcome = 'dead' AND e.enabled
+          FROM upd
+         WHERE e.id = upd.endpoint_id AND upd.status_code = 410 AND upd.final_outcome = 'dead' AND e.enabled
     ),
     hist AS (
         INSERT INTO outbox.attempt (delivery_id, attempt, outcome, status_code, error, duration_ms, response_body, worker)
-        SELECT x.id, x.attempt, x.final_outcome, x.status_code, x.error, x.duration_ms,
-               x.response_body, ack_batch.worker
-          FROM decided x JOIN upd ON upd.id = x.id
+        SELECT upd.id, upd.attempt, upd.final_outcome, upd.status_code, upd.error, upd.duration_ms,
+               upd.response_body, ack_batch.worker
+          FROM upd
     ),
     health AS (
         -- Per endpoint: a success in the batch resets the failure streak, otherwise the
@@ -639,12 +664,12 @@ AS $$
         INSERT INTO outbox.endpoint_state AS s
                (endpoint_id, consecutive_failures, last_success_at, last_failure_at, last_error, updated_at)
         SELECT upd.endpoint_id,
-               count(*) FILTER (WHERE x.final_outcome <> 'delivered'),
-               CASE WHEN bool_or(x.final_outcome = 'delivered') THEN now() END,
-               CASE WHEN bool_or(x.final_outcome <> 'delivered') THEN now() END,
-               max(x.error) FILTER (WHERE x.final_outcome <> 'delivered'),
+               count(*) FILTER (WHERE upd.final_outcome <> 'delivered'),
+               CASE WHEN bool_or(upd.final_outcome = 'delivered') THEN now() END,
+               CASE WHEN bool_or(upd.final_outcome <> 'delivered') THEN now() END,
+               max(upd.error) FILTER (WHERE upd.final_outcome <> 'delivered'),
                now()
-          FROM decided x JOIN upd ON upd.id = x.id
+          FROM upd
          GROUP BY upd.endpoint_id
         ON CONFLICT (endpoint_id) DO UPDATE SET
                consecutive_failures = CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.consecutive_failures
@@ -658,14 +683,13 @@ AS $$
         INSERT INTO outbox.stats_hourly AS r
                (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket, deliveries, attempts, latency_ms_sum)
         SELECT date_trunc('hour', now()), upd.endpoint_id, ev.event_type, coalesce(upd.tenant_id, ''),
-               CASE WHEN x.final_outcome = 'delivered' THEN 'delivered'::outbox.delivery_status
+               CASE WHEN upd.final_outcome = 'delivered' THEN 'delivered'::outbox.delivery_status
                     ELSE 'dead'::outbox.delivery_status END,
-               width_bucket(l.ms, outbox._bucket_bounds()), count(*), sum(x.attempt), sum(l.ms)
-          FROM decided x
-          JOIN upd ON upd.id = x.id
+               width_bucket(l.ms, outbox._bucket_bounds()), count(*), sum(upd.attempt), sum(l.ms)
+          FROM upd
           JOIN outbox.event ev ON ev.id = upd.event_id
           CROSS JOIN LATERAL (SELECT extract(epoch FROM now() - upd.created_at) * 1000 AS ms) l
-         WHERE x.final_outcome IN ('delivered', 'dead')
+         WHERE upd.final_outcome IN ('delivered', 'dead')
          GROUP BY 1, 2, 3, 4, 5, 6
         ON CONFLICT (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket) DO UPDATE SET
                deliveries = r.deliveries + excluded.deliveries,
