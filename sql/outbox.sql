@@ -797,7 +797,8 @@ CREATE FUNCTION outbox.stats(
     OUT delivered_last_hour   bigint,
     OUT dead_last_hour        bigint,
     OUT failed_attempts_last_hour bigint,
-    OUT success_rate_last_hour double precision
+    OUT success_rate_last_hour double precision,
+    OUT delivered_last_minute bigint
 )
 LANGUAGE sql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -813,7 +814,8 @@ AS $$
     ),
     recent AS (
         SELECT count(*) FILTER (WHERE status = 'delivered') AS delivered,
-               count(*) FILTER (WHERE status = 'dead')      AS dead
+               count(*) FILTER (WHERE status = 'dead')      AS dead,
+               count(*) FILTER (WHERE status = 'delivered' AND finished_at >= now() - interval '1 minute') AS last_minute
           FROM outbox.delivery
          WHERE finished_at >= now() - interval '1 hour'
     ),
@@ -827,7 +829,8 @@ AS $$
            live.oldest,
            recent.delivered, recent.dead, failures.failed,
            CASE WHEN recent.delivered + recent.dead = 0 THEN NULL
-                ELSE recent.delivered::double precision / (recent.delivered + recent.dead) END
+                ELSE recent.delivered::double precision / (recent.delivered + recent.dead) END,
+           recent.last_minute
       FROM live, recent, failures
 $$;
 

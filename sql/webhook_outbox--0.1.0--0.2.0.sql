@@ -747,5 +747,71 @@ UNION ALL
 SELECT 'outbox_endpoint_enabled', NULL, e.id::text, CASE WHEN e.enabled THEN 1 ELSE 0 END
   FROM outbox.endpoint e WHERE e.deleted_at IS NULL;
 
+-- stats() gains delivered_last_minute. Its result type changes, so it is dropped and
+-- created again; the roles that could execute it keep that right.
+DO $upgrade$
+DECLARE
+    grantees text[];
+    g text;
+BEGIN
+    SELECT array_agg(a.grantee::regrole::text) INTO grantees
+      FROM pg_proc p, aclexplode(p.proacl) a
+     WHERE p.oid = 'outbox.stats()'::regprocedure AND a.privilege_type = 'EXECUTE'
+       AND a.grantee <> 0 AND a.grantee <> p.proowner;
+    DROP FUNCTION outbox.stats();
+    EXECUTE $f$
+CREATE FUNCTION outbox.stats(
+    OUT pending               bigint,
+    OUT due                   bigint,
+    OUT in_flight             bigint,
+    OUT retrying              bigint,
+    OUT dead                  bigint,
+    OUT oldest_pending_age    interval,
+    OUT delivered_last_hour   bigint,
+    OUT dead_last_hour        bigint,
+    OUT failed_attempts_last_hour bigint,
+    OUT success_rate_last_hour double precision,
+    OUT delivered_last_minute bigint
+)
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH live AS (
+        SELECT count(*) FILTER (WHERE status = 'pending')                        AS pending,
+               count(*) FILTER (WHERE status = 'pending' AND due_at <= now())    AS due,
+               count(*) FILTER (WHERE status = 'in_flight')                      AS in_flight,
+               count(*) FILTER (WHERE status = 'pending' AND attempts > 0)       AS retrying,
+               now() - min(created_at) FILTER (WHERE status = 'pending')         AS oldest
+          FROM outbox.delivery
+         WHERE status IN ('pending', 'in_flight')
+    ),
+    recent AS (
+        SELECT count(*) FILTER (WHERE status = 'delivered') AS delivered,
+               count(*) FILTER (WHERE status = 'dead')      AS dead,
+               count(*) FILTER (WHERE status = 'delivered' AND finished_at >= now() - interval '1 minute') AS last_minute
+          FROM outbox.delivery
+         WHERE finished_at >= now() - interval '1 hour'
+    ),
+    failures AS (
+        SELECT count(*) AS failed
+          FROM outbox.attempt
+         WHERE created_at >= now() - interval '1 hour' AND outcome <> 'delivered'
+    )
+    SELECT live.pending, live.due, live.in_flight, live.retrying,
+           (SELECT count(*) FROM outbox.delivery WHERE status = 'dead'),
+           live.oldest,
+           recent.delivered, recent.dead, failures.failed,
+           CASE WHEN recent.delivered + recent.dead = 0 THEN NULL
+                ELSE recent.delivered::double precision / (recent.delivered + recent.dead) END,
+           recent.last_minute
+      FROM live, recent, failures
+$$;
+    $f$;
+    FOREACH g IN ARRAY coalesce(grantees, '{}') LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.stats() TO %s', g);
+    END LOOP;
+END
+$upgrade$;
+
 REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;

@@ -448,10 +448,10 @@ fn stats_report_queue_health() {
     Spi::run(&format!("SELECT outbox.ack('{}', 1, 'dead', 400)", ids[2])).unwrap();
     let row = text(
         "SELECT concat_ws('|', pending, due, in_flight, retrying, dead, delivered_last_hour, dead_last_hour,
-                          failed_attempts_last_hour, round(success_rate_last_hour::numeric, 3), oldest_pending_age IS NOT NULL)
+                          failed_attempts_last_hour, round(success_rate_last_hour::numeric, 3), oldest_pending_age IS NOT NULL, delivered_last_minute)
            FROM outbox.stats()",
     );
-    assert_eq!(row, "3|2|1|0|1|2|1|1|0.667|t");
+    assert_eq!(row, "3|2|1|0|1|2|1|1|0.667|t|2");
 }
 
 #[pg_test]

@@ -45,6 +45,8 @@ fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
     let mut c = cluster.client();
     c.batch_execute("CREATE EXTENSION webhook_outbox VERSION '0.1.0'")
         .unwrap();
+    c.batch_execute("CREATE ROLE oncall LOGIN; SELECT outbox.grant_operator('oncall');")
+        .unwrap();
     let ep: String = c
         .query_one(
             "SELECT outbox.create_endpoint('https://example.com/hook')::text",
@@ -139,11 +141,23 @@ fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
         "deliveries finished after the upgrade are counted"
     );
 
-    // The upgraded schema is what a fresh 0.2.0 install creates.
+    // A role granted a 0.1.0 function keeps it through the upgrade.
+    let info = cluster.conninfo().replace("user=postgres", "user=oncall");
+    let mut oncall = postgres::Client::connect(&info, postgres::NoTls).unwrap();
+    let per_minute: i64 = oncall
+        .query_one("SELECT delivered_last_minute FROM outbox.stats()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(per_minute, 8);
+
+    // The upgraded schema is what a fresh 0.2.0 install creates (after the same grant).
     c.batch_execute("CREATE DATABASE fresh").unwrap();
     let mut fresh = cluster.client_to("fresh");
     fresh
-        .batch_execute("CREATE EXTENSION webhook_outbox")
+        .batch_execute("CREATE EXTENSION webhook_outbox; SELECT outbox.grant_operator('oncall');")
+        .unwrap();
+    // grant_operator in 0.2.0 grants more than in 0.1.0; grant it on the upgraded side too.
+    c.batch_execute("SELECT outbox.grant_operator('oncall')")
         .unwrap();
     let (upgraded, installed) = (schema(&mut c), schema(&mut fresh));
     let only_upgraded: Vec<&String> = upgraded.iter().filter(|l| !installed.contains(l)).collect();
