@@ -44,6 +44,9 @@ CREATE TABLE outbox.endpoint (
     updated_at      timestamptz NOT NULL DEFAULT now(),
     -- Deleted endpoints stay as rows so that history keeps pointing at something real.
     deleted_at      timestamptz,
+    -- During a secret rotation the old secret keeps signing (beside the new one) until then.
+    previous_secret            text,
+    previous_secret_expires_at timestamptz,
     CONSTRAINT endpoint_headers_object CHECK (jsonb_typeof(headers) = 'object'),
     CONSTRAINT endpoint_timeout_range CHECK (timeout IS NULL OR (timeout >= interval '100 milliseconds' AND timeout <= interval '5 minutes'))
 );
@@ -380,6 +383,39 @@ AS $$
     SELECT (outbox._endpoint_or_raise(endpoint_secret.endpoint_id, false)).secret
 $$;
 
+-- Replaces an endpoint's secret (with `new_secret`, or a generated one) and returns the new
+-- one. For `overlap` the old secret stays valid: every request carries both signatures, so
+-- receivers can switch at their own pace; afterwards only the new one is sent.
+CREATE FUNCTION outbox.rotate_secret(endpoint_id uuid, new_secret text DEFAULT NULL, overlap interval DEFAULT '24 hours')
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    ep outbox.endpoint;
+    fresh text;
+BEGIN
+    IF overlap IS NULL OR overlap < interval '0' OR overlap > interval '30 days' THEN
+        RAISE EXCEPTION 'overlap % is out of range', coalesce(overlap::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Keep the old secret valid between 0 and 30 days (default 24 hours).';
+    END IF;
+    ep := outbox._endpoint_or_raise(rotate_secret.endpoint_id);
+    fresh := CASE WHEN new_secret IS NULL THEN outbox.generate_secret() ELSE outbox._check_secret(new_secret) END;
+    IF fresh = ep.secret THEN
+        RAISE EXCEPTION 'the new secret is the current one' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE outbox.endpoint e
+       SET previous_secret = CASE WHEN overlap > interval '0' THEN e.secret END,
+           previous_secret_expires_at = CASE WHEN overlap > interval '0' THEN now() + overlap END,
+           secret = fresh,
+           updated_at = now()
+     WHERE e.id = rotate_secret.endpoint_id;
+    RETURN fresh;
+END
+$$;
+
 -------------------------------------------------------------------------------------------
 -- Enqueue
 -------------------------------------------------------------------------------------------
@@ -520,7 +556,7 @@ CREATE FUNCTION outbox._claim(
 )
 RETURNS TABLE (o_delivery_id uuid, o_event_id text, o_attempt integer, o_endpoint_id uuid, o_url text,
                o_secret text, o_headers jsonb, o_timeout interval, o_event_type text, o_body text,
-               o_tenant_id text)
+               o_tenant_id text, o_previous_secret text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET enable_sort = off SET enable_bitmapscan = off
 AS $$
@@ -549,7 +585,8 @@ BEGIN
                   json_build_object('type', ev.event_type,
                                     'timestamp', to_char(ev.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
                                     'data', ev.payload)::text,
-                  d.tenant_id
+                  d.tenant_id,
+                  CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END
         $q$,
         CASE WHEN p_endpoint_id IS NOT NULL THEN 'AND d.endpoint_id = $4' ELSE '' END,
         CASE WHEN p_tenant_id IS NOT NULL THEN 'AND d.tenant_id = $5' ELSE '' END)
@@ -575,7 +612,9 @@ RETURNS TABLE (
     timeout     interval,
     event_type  text,
     body        text,
-    tenant_id   text
+    tenant_id   text,
+    -- The secret being rotated out, while it is still valid: sign with both.
+    previous_secret text
 )
 LANGUAGE sql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -1246,6 +1285,7 @@ BEGIN
         outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean),
         outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text),
         outbox.delete_endpoint(uuid), outbox.endpoint_secret(uuid), outbox.generate_secret(),
+        outbox.rotate_secret(uuid, text, interval),
         outbox.purge(interval, interval),
         outbox.sign(text, text, bigint, text), outbox.retry_delay(integer),
         outbox.claim(integer, text, interval, uuid, text),

@@ -14,6 +14,9 @@ ALTER TYPE outbox.attempt_outcome ADD VALUE IF NOT EXISTS 'requeued';
 ALTER TYPE outbox.attempt_outcome ADD VALUE IF NOT EXISTS 'replayed';
 ALTER TYPE outbox.attempt_outcome ADD VALUE IF NOT EXISTS 'cancelled';
 
+-- Secret rotation keeps the old secret for an overlap period.
+ALTER TABLE outbox.endpoint ADD COLUMN previous_secret text, ADD COLUMN previous_secret_expires_at timestamptz;
+
 -- Replays are extra deliveries of an event to an endpoint, outside the idempotency key.
 ALTER TABLE outbox.delivery ADD COLUMN replay_of uuid;
 DROP INDEX outbox.delivery_event_endpoint_key;
@@ -104,6 +107,37 @@ $$;
 -- a disabled endpoint's delivery waits until it is enabled). Runs in the caller's
 -- transaction. With event_id, enqueueing the same (event_id, endpoint) again returns the
 -- existing delivery; the first enqueue's payload wins.
+-- Secret rotation.
+CREATE OR REPLACE FUNCTION outbox.rotate_secret(endpoint_id uuid, new_secret text DEFAULT NULL, overlap interval DEFAULT '24 hours')
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    ep outbox.endpoint;
+    fresh text;
+BEGIN
+    IF overlap IS NULL OR overlap < interval '0' OR overlap > interval '30 days' THEN
+        RAISE EXCEPTION 'overlap % is out of range', coalesce(overlap::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Keep the old secret valid between 0 and 30 days (default 24 hours).';
+    END IF;
+    ep := outbox._endpoint_or_raise(rotate_secret.endpoint_id);
+    fresh := CASE WHEN new_secret IS NULL THEN outbox.generate_secret() ELSE outbox._check_secret(new_secret) END;
+    IF fresh = ep.secret THEN
+        RAISE EXCEPTION 'the new secret is the current one' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE outbox.endpoint e
+       SET previous_secret = CASE WHEN overlap > interval '0' THEN e.secret END,
+           previous_secret_expires_at = CASE WHEN overlap > interval '0' THEN now() + overlap END,
+           secret = fresh,
+           updated_at = now()
+     WHERE e.id = rotate_secret.endpoint_id;
+    RETURN fresh;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION outbox.enqueue(
     event_type  text,
     payload     jsonb,
@@ -186,7 +220,7 @@ CREATE OR REPLACE FUNCTION outbox._claim(
 )
 RETURNS TABLE (o_delivery_id uuid, o_event_id text, o_attempt integer, o_endpoint_id uuid, o_url text,
                o_secret text, o_headers jsonb, o_timeout interval, o_event_type text, o_body text,
-               o_tenant_id text)
+               o_tenant_id text, o_previous_secret text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET enable_sort = off SET enable_bitmapscan = off
 AS $$
@@ -215,7 +249,8 @@ BEGIN
                   json_build_object('type', ev.event_type,
                                     'timestamp', to_char(ev.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
                                     'data', ev.payload)::text,
-                  d.tenant_id
+                  d.tenant_id,
+                  CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END
         $q$,
         CASE WHEN p_endpoint_id IS NOT NULL THEN 'AND d.endpoint_id = $4' ELSE '' END,
         CASE WHEN p_tenant_id IS NOT NULL THEN 'AND d.tenant_id = $5' ELSE '' END)
@@ -223,7 +258,20 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION outbox.claim(
+-- claim() also returns the secret being rotated out; its result type changes, so it is
+-- dropped and created again, and the roles that could execute it keep that right.
+DO $upgrade$
+DECLARE
+    grantees text[];
+    g text;
+BEGIN
+    SELECT array_agg(a.grantee::regrole::text) INTO grantees
+      FROM pg_proc p, aclexplode(p.proacl) a
+     WHERE p.oid = 'outbox.claim(integer, text, interval, uuid, text)'::regprocedure
+       AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner;
+    DROP FUNCTION outbox.claim(integer, text, interval, uuid, text);
+    EXECUTE $f$
+CREATE FUNCTION outbox.claim(
     batch_size  integer  DEFAULT 100,
     worker      text     DEFAULT 'sql',
     lease       interval DEFAULT '60 seconds',
@@ -241,13 +289,21 @@ RETURNS TABLE (
     timeout     interval,
     event_type  text,
     body        text,
-    tenant_id   text
+    tenant_id   text,
+    -- The secret being rotated out, while it is still valid: sign with both.
+    previous_secret text
 )
 LANGUAGE sql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT * FROM outbox._claim(claim.batch_size, claim.worker, claim.lease, claim.endpoint_id, claim.tenant_id)
 $$;
+    $f$;
+    FOREACH g IN ARRAY coalesce(grantees, '{}') LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.claim(integer, text, interval, uuid, text) TO %s', g);
+    END LOOP;
+END
+$upgrade$;
 
 CREATE OR REPLACE FUNCTION outbox.ack_batch(
     delivery_ids  uuid[],
@@ -666,6 +722,7 @@ BEGIN
         outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean),
         outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text),
         outbox.delete_endpoint(uuid), outbox.endpoint_secret(uuid), outbox.generate_secret(),
+        outbox.rotate_secret(uuid, text, interval),
         outbox.purge(interval, interval),
         outbox.sign(text, text, bigint, text), outbox.retry_delay(integer),
         outbox.claim(integer, text, interval, uuid, text),

@@ -376,3 +376,66 @@ fn a_killed_worker_loses_nothing() {
         "duplicates ({duplicates}) only for requests in flight at the kill (at most 20)"
     );
 }
+
+#[test]
+fn a_rotated_secret_signs_beside_the_new_one_until_the_overlap_ends() {
+    let cluster = Cluster::start(FAST);
+    let rx = receiver();
+    let mut c = cluster.client();
+    let ep = endpoint(&mut c, &rx.url("/rot"), "");
+    let new_secret = scalar_text(
+        &mut c,
+        &format!("SELECT outbox.rotate_secret('{ep}', overlap => '2 seconds')"),
+    );
+    assert_ne!(new_secret, SECRET);
+    assert_eq!(
+        scalar_text(&mut c, &format!("SELECT outbox.endpoint_secret('{ep}')")),
+        new_secret
+    );
+
+    // Within the overlap: two signatures, and each secret verifies on its own.
+    c.batch_execute("SELECT outbox.enqueue('x.y', '{}')")
+        .unwrap();
+    assert!(rx.wait_for(1, Duration::from_secs(10)), "{}", cluster.log());
+    let first = rx.received().remove(0);
+    assert_eq!(first.signature.split(' ').count(), 2, "{}", first.signature);
+    let verify = |secret: &str, r: &outbox_receiver::Received| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("webhook-id", r.webhook_id.parse().unwrap());
+        headers.insert("webhook-timestamp", r.timestamp.parse().unwrap());
+        headers.insert("webhook-signature", r.signature.parse().unwrap());
+        standardwebhooks::Webhook::new(secret)
+            .unwrap()
+            .verify(&r.body, &headers)
+            .is_ok()
+    };
+    assert!(
+        verify(SECRET, &first),
+        "the old secret verifies during the overlap"
+    );
+    assert!(
+        verify(&new_secret, &first),
+        "the new secret verifies during the overlap"
+    );
+
+    // After it: only the new one.
+    std::thread::sleep(Duration::from_millis(2100));
+    c.batch_execute("SELECT outbox.enqueue('x.y', '{}')")
+        .unwrap();
+    assert!(rx.wait_for(2, Duration::from_secs(10)), "{}", cluster.log());
+    let second = rx.received().remove(1);
+    assert_eq!(second.signature.split(' ').count(), 1);
+    assert!(verify(&new_secret, &second));
+    assert!(
+        !verify(SECRET, &second),
+        "the old secret no longer verifies"
+    );
+
+    // Bad overlaps are refused.
+    let err = c
+        .batch_execute(&format!(
+            "SELECT outbox.rotate_secret('{ep}', overlap => '-1 hour')"
+        ))
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&err), "22023");
+}

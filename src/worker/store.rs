@@ -52,7 +52,7 @@ pub fn claim(
     let rows = client
         .update(
             "SELECT delivery_id, event_id, attempt, url, secret, headers::text,
-                    (extract(epoch FROM timeout) * 1000)::float8, body
+                    (extract(epoch FROM timeout) * 1000)::float8, body, previous_secret
                FROM outbox.claim($1, $2, $3::interval)",
             None,
             &[limit.into(), worker.into(), lease.as_str().into()],
@@ -71,6 +71,7 @@ pub fn claim(
         let headers: String = row.get(6).map_err(get_err)?.unwrap_or_else(|| "{}".into());
         let timeout_ms: Option<f64> = row.get(7).map_err(get_err)?;
         let body: String = row.get(8).map_err(get_err)?.unwrap_or_default();
+        let previous: Option<String> = row.get(9).map_err(get_err)?;
 
         let key = match SigningKey::parse(&secret) {
             Ok(k) => k,
@@ -83,6 +84,9 @@ pub fn claim(
                 continue;
             }
         };
+        // During a rotation both secrets sign; receivers accept either signature.
+        let mut keys = vec![key];
+        keys.extend(previous.and_then(|p| SigningKey::parse(&p).ok()));
         let headers = parse_headers(&headers);
         let timeout =
             settings.attempt_limit(timeout_ms.map(|ms| Duration::from_millis(ms.max(0.0) as u64)));
@@ -91,7 +95,7 @@ pub fn claim(
             attempt,
             msg_id,
             url,
-            keys: vec![key],
+            keys,
             headers,
             body: body.into(),
             timeout,
