@@ -3,7 +3,8 @@
 -- Adds: a claim planned per call that always reads the due index in order (no sort of the
 -- whole backlog); operator repairs (retry_dead, replay, cancel) recorded in the attempts history;
 -- hourly statistics with latency percentiles (delivery_stats, endpoint_stats,
--- event_type_stats); endpoint health; metrics for Prometheus; retention (purge, and the
+-- event_type_stats); endpoint health; metrics for Prometheus; secret rotation; the live feed
+-- and operator events over LISTEN/NOTIFY; retention (purge, and the
 -- worker's outbox.retention_* GUCs). Nothing queued is touched: deliveries keep their
 -- status, attempts and lease.
 
@@ -107,6 +108,78 @@ $$;
 -- a disabled endpoint's delivery waits until it is enabled). Runs in the caller's
 -- transaction. With event_id, enqueueing the same (event_id, endpoint) again returns the
 -- existing delivery; the first enqueue's payload wins.
+-- Live feed and operator events (LISTEN / NOTIFY).
+-- Is the live feed on (outbox.live_feed)? On unless switched off.
+CREATE OR REPLACE FUNCTION outbox._feed_on()
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT coalesce(current_setting('outbox.live_feed', true), 'on') <> 'off'
+$$;
+
+-- Publishes one status change of a delivery on the live feed: channel outbox_feed, the
+-- endpoint's channel outbox_feed_<endpoint id>, and the tenant's outbox_feed_tenant_<tenant>
+-- (for tenant ids of at most 44 bytes, the rest of a channel name's room).
+CREATE OR REPLACE FUNCTION outbox._feed(p_id uuid, p_endpoint_id uuid, p_tenant_id text, p_event_type text,
+                             p_status text, p_attempt integer)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    payload text := json_build_object('id', p_id, 'endpoint_id', p_endpoint_id, 'event_type', p_event_type,
+                                      'status', p_status, 'attempt', p_attempt, 'tenant_id', p_tenant_id)::text;
+BEGIN
+    PERFORM pg_notify('outbox_feed', payload);
+    PERFORM pg_notify('outbox_feed_' || p_endpoint_id, payload);
+    IF p_tenant_id IS NOT NULL AND octet_length(p_tenant_id) <= 44 THEN
+        PERFORM pg_notify('outbox_feed_tenant_' || p_tenant_id, payload);
+    END IF;
+END
+$$;
+
+-- Tells operators that something needs attention: NOTIFY on channel outbox_operator, and,
+-- when outbox.operator_endpoint names an endpoint, an event of type `kind` delivered there
+-- (never about deliveries to that endpoint itself, so a broken operator endpoint cannot
+-- feed on itself).
+CREATE OR REPLACE FUNCTION outbox._operator_event(kind text, details jsonb, about_endpoint uuid)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target text := nullif(current_setting('outbox.operator_endpoint', true), '');
+BEGIN
+    PERFORM pg_notify('outbox_operator', (jsonb_build_object('kind', kind) || details)::text);
+    IF target IS NOT NULL AND target IS DISTINCT FROM about_endpoint::text THEN
+        BEGIN
+            PERFORM outbox.enqueue(kind, details, endpoint_id => target::uuid);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'webhook_outbox: cannot deliver the operator event to outbox.operator_endpoint %: %', target, SQLERRM;
+        END;
+    END IF;
+END
+$$;
+
+-- A disabled endpoint keeps its pending deliveries; they are sent once it is enabled again.
+CREATE OR REPLACE FUNCTION outbox.disable_endpoint(endpoint_id uuid, reason text DEFAULT 'disabled by operator')
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM outbox._endpoint_or_raise(disable_endpoint.endpoint_id);
+    UPDATE outbox.endpoint SET enabled = false, disabled_reason = coalesce(reason, 'disabled by operator'),
+                               updated_at = now()
+    WHERE id = disable_endpoint.endpoint_id;
+    PERFORM outbox._operator_event('outbox.endpoint.disabled',
+        jsonb_build_object('endpoint_id', disable_endpoint.endpoint_id,
+                           'reason', coalesce(reason, 'disabled by operator')),
+        disable_endpoint.endpoint_id);
+END
+$$;
+
 -- Secret rotation.
 CREATE OR REPLACE FUNCTION outbox.rotate_secret(endpoint_id uuid, new_secret text DEFAULT NULL, overlap interval DEFAULT '24 hours')
 RETURNS text
@@ -154,6 +227,7 @@ AS $$
 DECLARE
     v_event_id text;
     v_targets  uuid[];
+    v_fed      bigint;
 BEGIN
     PERFORM outbox._check_event(enqueue.event_type, enqueue.event_id, enqueue.tenant_id,
                                 octet_length(enqueue.payload::text));
@@ -177,20 +251,32 @@ BEGIN
         INSERT INTO outbox.event (id, event_type, payload, tenant_id)
         VALUES (v_event_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id);
         RETURN QUERY
-            INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at)
-            SELECT v_event_id, t, enqueue.tenant_id, coalesce(enqueue.deliver_at, now())
-              FROM unnest(v_targets) AS t
-            RETURNING id;
+            WITH ins AS (
+                INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at)
+                SELECT v_event_id, t, enqueue.tenant_id, coalesce(enqueue.deliver_at, now())
+                  FROM unnest(v_targets) AS t
+                RETURNING id, endpoint_id
+            )
+            SELECT ins.id FROM ins
+              LEFT JOIN LATERAL (
+                  SELECT outbox._feed(ins.id, ins.endpoint_id, enqueue.tenant_id, enqueue.event_type, 'queued', 0)
+                   WHERE outbox._feed_on()) feed ON true;
     ELSE
         -- A concurrent transaction enqueueing the same id makes these wait for it, then do
         -- nothing; the SELECT (a new snapshot) then sees its rows.
         INSERT INTO outbox.event (id, event_type, payload, tenant_id)
         VALUES (v_event_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id)
         ON CONFLICT (id) DO NOTHING;
-        INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at)
-        SELECT v_event_id, t, enqueue.tenant_id, coalesce(enqueue.deliver_at, now())
-          FROM unnest(v_targets) AS t
-        ON CONFLICT (event_id, endpoint_id) WHERE replay_of IS NULL DO NOTHING;
+        WITH ins AS (
+            INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at)
+            SELECT v_event_id, t, enqueue.tenant_id, coalesce(enqueue.deliver_at, now())
+              FROM unnest(v_targets) AS t
+            ON CONFLICT (event_id, endpoint_id) WHERE replay_of IS NULL DO NOTHING
+            RETURNING id, endpoint_id
+        )
+        SELECT count(outbox._feed(ins.id, ins.endpoint_id, enqueue.tenant_id, enqueue.event_type, 'queued', 0))
+          INTO v_fed
+          FROM ins WHERE outbox._feed_on();
         RETURN QUERY
             SELECT d.id FROM outbox.delivery d
              WHERE d.event_id = v_event_id AND d.endpoint_id = ANY (v_targets) AND d.replay_of IS NULL;
@@ -356,10 +442,10 @@ AS $$
                last_error = CASE WHEN x.final_outcome = 'dead' AND x.outcome = 'retry'
                                  THEN concat_ws(': ', x.error, 'retry schedule exhausted')
                                  ELSE x.error END
-          FROM decided x
-         WHERE d.id = x.id AND d.status = 'in_flight' AND d.attempts = x.attempt
+          FROM decided x, outbox.event ev
+         WHERE d.id = x.id AND d.status = 'in_flight' AND d.attempts = x.attempt AND ev.id = d.event_id
         RETURNING d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at, x.attempt, x.final_outcome,
-                  x.status_code, x.error, x.duration_ms, x.response_body
+                  x.status_code, x.error, x.duration_ms, x.response_body, ev.event_type
     ),
     gone AS (
         -- 410 Gone: the receiver wants no more deliveries; stop sending there.
@@ -367,6 +453,9 @@ AS $$
            SET enabled = false, disabled_reason = 'receiver answered 410 Gone', updated_at = now()
           FROM upd
          WHERE e.id = upd.endpoint_id AND upd.status_code = 410 AND upd.final_outcome = 'dead' AND e.enabled
+        RETURNING e.id,
+                  outbox._operator_event('outbox.endpoint.disabled',
+                      jsonb_build_object('endpoint_id', e.id, 'url', e.url, 'reason', 'receiver answered 410 Gone'), e.id)
     ),
     hist AS (
         INSERT INTO outbox.attempt (delivery_id, attempt, outcome, status_code, error, duration_ms, response_body, worker)
@@ -398,12 +487,11 @@ AS $$
     rollup AS (
         INSERT INTO outbox.stats_hourly AS r
                (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket, deliveries, attempts, latency_ms_sum)
-        SELECT date_trunc('hour', now()), upd.endpoint_id, ev.event_type, coalesce(upd.tenant_id, ''),
+        SELECT date_trunc('hour', now()), upd.endpoint_id, upd.event_type, coalesce(upd.tenant_id, ''),
                CASE WHEN upd.final_outcome = 'delivered' THEN 'delivered'::outbox.delivery_status
                     ELSE 'dead'::outbox.delivery_status END,
                width_bucket(l.ms, outbox._bucket_bounds()), count(*), sum(upd.attempt), sum(l.ms)
           FROM upd
-          JOIN outbox.event ev ON ev.id = upd.event_id
           CROSS JOIN LATERAL (SELECT extract(epoch FROM now() - upd.created_at) * 1000 AS ms) l
          WHERE upd.final_outcome IN ('delivered', 'dead')
          GROUP BY 1, 2, 3, 4, 5, 6
@@ -412,7 +500,23 @@ AS $$
                attempts = r.attempts + excluded.attempts,
                latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum
     )
-    SELECT id FROM upd
+    -- Announcements: the live feed for every change (unless outbox.live_feed is off), and an
+    -- operator event for every delivery that died (endpoints a 410 disabled are announced
+    -- by `gone` above).
+    SELECT upd.id
+      FROM upd
+      LEFT JOIN LATERAL (
+          SELECT outbox._feed(upd.id, upd.endpoint_id, upd.tenant_id, upd.event_type,
+                              CASE upd.final_outcome WHEN 'retry' THEN 'retrying' ELSE upd.final_outcome::text END,
+                              upd.attempt)
+           WHERE outbox._feed_on()) feed ON true
+      LEFT JOIN LATERAL (
+          SELECT outbox._operator_event('outbox.delivery.dead',
+                     jsonb_build_object('delivery_id', upd.id, 'endpoint_id', upd.endpoint_id, 'event_id', upd.event_id,
+                                        'event_type', upd.event_type, 'attempts', upd.attempt,
+                                        'status_code', upd.status_code, 'error', upd.error),
+                     upd.endpoint_id)
+           WHERE upd.final_outcome = 'dead') dead ON true
 $$;
 
 -- Latency percentile (ms) from histogram counts: the bucket where the cumulative count

@@ -52,6 +52,12 @@ pub static RETENTION_DELIVERED_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 8
 /// How long dead deliveries are kept; 0 keeps them forever.
 pub static RETENTION_DEAD_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
 
+/// Whether every status change of a delivery is published with NOTIFY (outbox_feed…).
+pub static LIVE_FEED: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// An endpoint (id) that receives operator events as webhooks; empty = NOTIFY only.
+pub static OPERATOR_ENDPOINT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c""));
+
 /// The most requests the sender can ever hold; `outbox.max_in_flight` moves below it
 /// without a restart.
 pub const MAX_IN_FLIGHT_LIMIT: i32 = 10_000;
@@ -150,6 +156,22 @@ pub fn register() {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"outbox.live_feed",
+        c"Publish every delivery status change with NOTIFY on outbox_feed (and per endpoint and tenant).",
+        c"Switch off for the last bit of throughput when nobody listens.",
+        &LIVE_FEED,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.operator_endpoint",
+        c"Endpoint id that receives operator events (dead deliveries, disabled endpoints) as webhooks.",
+        c"Empty: operator events are only published with NOTIFY on outbox_operator.",
+        &OPERATOR_ENDPOINT,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"outbox.max_response_body",
