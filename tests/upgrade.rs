@@ -167,3 +167,40 @@ fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
         "schemas differ:\nonly after upgrade: {only_upgraded:#?}\nonly in a fresh install: {only_fresh:#?}"
     );
 }
+
+#[test]
+fn a_new_worker_delivers_with_the_old_sql_until_the_update() {
+    let cluster = Cluster::start_empty(common::worker::FAST);
+    let rx = outbox_receiver::Receiver::start().unwrap();
+    let mut c = cluster.client();
+    c.batch_execute("CREATE EXTENSION webhook_outbox VERSION '0.1.0'")
+        .unwrap();
+    common::worker::endpoint(&mut c, &rx.url("/old"), "");
+    c.batch_execute("SELECT outbox.enqueue('x.y', '{}')")
+        .unwrap();
+    assert!(
+        rx.wait_for(1, std::time::Duration::from_secs(15)),
+        "{}",
+        cluster.log()
+    );
+    assert!(common::worker::wait_settled(
+        &cluster,
+        std::time::Duration::from_secs(10)
+    ));
+    assert!(
+        cluster
+            .log()
+            .contains("run ALTER EXTENSION webhook_outbox UPDATE"),
+        "{}",
+        cluster.log()
+    );
+    c.batch_execute("ALTER EXTENSION webhook_outbox UPDATE")
+        .unwrap();
+    c.batch_execute("SELECT outbox.enqueue('x.y', '{}')")
+        .unwrap();
+    assert!(
+        rx.wait_for(2, std::time::Duration::from_secs(15)),
+        "{}",
+        cluster.log()
+    );
+}

@@ -86,6 +86,8 @@ struct Worker {
     next_retention: std::time::Instant,
     /// Whether an out-of-date extension version was reported already.
     warned_stale: bool,
+    /// The version of the extension's SQL last seen in the database.
+    installed: Option<String>,
 }
 
 /// What a successful cycle claimed.
@@ -138,6 +140,7 @@ impl Worker {
             failed_cycles: 0,
             next_retention: std::time::Instant::now(),
             warned_stale: false,
+            installed: None,
             settings,
         })
     }
@@ -229,15 +232,17 @@ impl Worker {
             .saturating_sub(self.sender.in_flight());
         let requested = free.min(usize::try_from(self.settings.batch_size).unwrap_or(1));
         let records = std::mem::take(&mut self.unrecorded);
+        let mut installed = None;
         let (settings, name) = (&self.settings, self.name.as_str());
         let outcome = in_transaction(|| {
             Spi::connect_mut(|client| -> Result<Option<Claimed>, String> {
-                if !store::extension_ready(client)? {
+                let Some(version) = store::installed_version(client)? else {
                     return Ok(None);
-                }
+                };
+                installed = Some(version.clone());
                 store::record(client, &records, name)?;
                 let (requests, unsendable) = if requested > 0 {
-                    store::claim(client, requested as i32, name, settings)?
+                    store::claim(client, requested as i32, name, settings, &version)?
                 } else {
                     (Vec::new(), Vec::new())
                 };
@@ -260,6 +265,7 @@ impl Worker {
             })
         })
         .and_then(|r| r);
+        self.note_installed(installed);
         match outcome {
             Ok(Some(c)) => {
                 self.failed_cycles = 0;
@@ -299,6 +305,23 @@ impl Worker {
         }
     }
 
+    /// Remembers the installed SQL version and says once when it is older than the library.
+    fn note_installed(&mut self, installed: Option<String>) {
+        let library = env!("CARGO_PKG_VERSION");
+        if let Some(v) = installed.as_deref().filter(|v| *v != library) {
+            if !self.warned_stale {
+                log!(
+                    "webhook_outbox worker: the extension in this database is version {v} but the library is {library}; \
+                     delivery goes on, but run ALTER EXTENSION webhook_outbox UPDATE (retention waits until then)"
+                );
+                self.warned_stale = true;
+            }
+        }
+        if installed.is_some() {
+            self.installed = installed;
+        }
+    }
+
     /// Deletes one batch of expired rows when it is time; returns whether a full batch went
     /// (more may be waiting), or `None` when it did not run.
     fn retention(&mut self) -> Option<bool> {
@@ -313,32 +336,28 @@ impl Worker {
             self.settings.retention_delivered,
             self.settings.retention_dead,
         );
-        let library = env!("CARGO_PKG_VERSION");
-        let mut stale = None;
+        // Retention needs this release's SQL; with older SQL it waits for the update (the
+        // delivery cycle says so in the log).
+        let shortest = [delivered, dead]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(RETENTION_EVERY);
+        let every = (shortest / 10).clamp(Duration::from_secs(1), RETENTION_EVERY);
+        if self.installed.as_deref() != Some(env!("CARGO_PKG_VERSION")) {
+            self.next_retention = now + every;
+            return None;
+        }
         let result = in_transaction(|| {
-            Spi::connect_mut(|client| match store::installed_version(client)? {
-                Some(v) if v == library => {
+            Spi::connect_mut(|client| {
+                if store::extension_ready(client)? {
                     store::purge_batch(client, delivered, dead, RETENTION_BATCH)
-                }
-                // The SQL objects are older than this library: claim and ack still work, but
-                // retention waits for ALTER EXTENSION ... UPDATE.
-                Some(v) => {
-                    stale = Some(v);
+                } else {
                     Ok(0)
                 }
-                None => Ok(0),
             })
         })
         .and_then(|r| r);
-        if let Some(v) = stale {
-            if !self.warned_stale {
-                log!(
-                    "webhook_outbox worker: the extension in this database is version {v} but the library is {library}; \
-                     run ALTER EXTENSION webhook_outbox UPDATE (retention waits until then)"
-                );
-                self.warned_stale = true;
-            }
-        }
         let more = match result {
             Ok(n) => n >= i64::from(RETENTION_BATCH),
             Err(e) => {
@@ -346,12 +365,6 @@ impl Worker {
                 false
             }
         };
-        let shortest = [delivered, dead]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(RETENTION_EVERY);
-        let every = (shortest / 10).clamp(Duration::from_secs(1), RETENTION_EVERY);
         self.next_retention = if more { now } else { now + every };
         Some(more)
     }

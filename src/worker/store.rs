@@ -41,19 +41,30 @@ pub struct Unsendable {
     pub error: String,
 }
 
-/// Claims up to `limit` due deliveries and turns them into requests.
+/// Claims up to `limit` due deliveries and turns them into requests. `version` is the
+/// installed version of the extension's SQL: a worker of a newer release keeps delivering
+/// with the older `outbox.claim` until `ALTER EXTENSION ... UPDATE` runs.
 pub fn claim(
     client: &mut SpiClient<'_>,
     limit: i32,
     worker: &str,
     settings: &crate::guc::WorkerSettings,
+    version: &str,
 ) -> Result<(Vec<Request>, Vec<Unsendable>), StoreError> {
     let lease = format!("{} seconds", settings.lease.as_secs());
+    // 0.1.0's claim has no previous_secret (secret rotation came in 0.2.0).
+    let query = if version == "0.1.0" {
+        "SELECT delivery_id, event_id, attempt, url, secret, headers::text,
+                (extract(epoch FROM timeout) * 1000)::float8, body, NULL::text
+           FROM outbox.claim($1, $2, $3::interval)"
+    } else {
+        "SELECT delivery_id, event_id, attempt, url, secret, headers::text,
+                (extract(epoch FROM timeout) * 1000)::float8, body, previous_secret
+           FROM outbox.claim($1, $2, $3::interval)"
+    };
     let rows = client
         .update(
-            "SELECT delivery_id, event_id, attempt, url, secret, headers::text,
-                    (extract(epoch FROM timeout) * 1000)::float8, body, previous_secret
-               FROM outbox.claim($1, $2, $3::interval)",
+            query,
             None,
             &[limit.into(), worker.into(), lease.as_str().into()],
         )
