@@ -84,11 +84,10 @@ CREATE TABLE outbox.delivery (
     replay_of        uuid
 ) WITH (fillfactor = 80);
 
--- Idempotent enqueue: one delivery per (event, endpoint); replays are extra deliveries.
-CREATE UNIQUE INDEX delivery_event_endpoint_key ON outbox.delivery (event_id, endpoint_id) WHERE replay_of IS NULL;
--- Replays by event (few rows: only replays are indexed), so that retention can tell when an
--- event has no delivery left.
-CREATE INDEX delivery_replay_idx ON outbox.delivery (event_id) WHERE replay_of IS NOT NULL;
+-- Idempotent enqueue: one delivery per (event, endpoint), NULL replay_of counting as one
+-- value; each replay is an extra delivery. Led by event_id, it also serves every lookup of
+-- an event's deliveries (the foreign key's checks when retention deletes events).
+CREATE UNIQUE INDEX delivery_event_endpoint_key ON outbox.delivery (event_id, endpoint_id, replay_of) NULLS NOT DISTINCT;
 -- The claim: due rows in due order, only over the live part of the table.
 CREATE INDEX delivery_due_idx ON outbox.delivery (due_at) WHERE status IN ('pending', 'in_flight');
 -- Claims scoped to one endpoint, per-endpoint backlog, cancelling on endpoint delete.
@@ -545,7 +544,7 @@ BEGIN
             INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at)
             SELECT v_event_id, t, enqueue.tenant_id, coalesce(enqueue.deliver_at, now())
               FROM unnest(v_targets) AS t
-            ON CONFLICT (event_id, endpoint_id) WHERE replay_of IS NULL DO NOTHING
+            ON CONFLICT (event_id, endpoint_id, replay_of) DO NOTHING
             RETURNING id, endpoint_id
         )
         SELECT count(outbox._feed(ins.id, ins.endpoint_id, enqueue.tenant_id, enqueue.event_type, 'queued', 0))
@@ -1214,8 +1213,7 @@ BEGIN
     -- Events whose last delivery just went (a new statement: it sees the deletions).
     DELETE FROM outbox.event e
      WHERE e.id = ANY (event_ids)
-       AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id AND d.replay_of IS NULL)
-       AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id AND d.replay_of IS NOT NULL);
+       AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id);
     DELETE FROM outbox.stats_hourly WHERE hour < now() - interval '90 days';
     RETURN n;
 END

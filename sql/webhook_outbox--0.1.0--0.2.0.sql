@@ -21,8 +21,7 @@ ALTER TABLE outbox.endpoint ADD COLUMN previous_secret text, ADD COLUMN previous
 -- Replays are extra deliveries of an event to an endpoint, outside the idempotency key.
 ALTER TABLE outbox.delivery ADD COLUMN replay_of uuid;
 DROP INDEX outbox.delivery_event_endpoint_key;
-CREATE UNIQUE INDEX delivery_event_endpoint_key ON outbox.delivery (event_id, endpoint_id) WHERE replay_of IS NULL;
-CREATE INDEX delivery_replay_idx ON outbox.delivery (event_id) WHERE replay_of IS NOT NULL;
+CREATE UNIQUE INDEX delivery_event_endpoint_key ON outbox.delivery (event_id, endpoint_id, replay_of) NULLS NOT DISTINCT;
 
 CREATE TABLE outbox.endpoint_state (
     endpoint_id          uuid        PRIMARY KEY REFERENCES outbox.endpoint (id) ON DELETE CASCADE,
@@ -271,7 +270,7 @@ BEGIN
             INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at)
             SELECT v_event_id, t, enqueue.tenant_id, coalesce(enqueue.deliver_at, now())
               FROM unnest(v_targets) AS t
-            ON CONFLICT (event_id, endpoint_id) WHERE replay_of IS NULL DO NOTHING
+            ON CONFLICT (event_id, endpoint_id, replay_of) DO NOTHING
             RETURNING id, endpoint_id
         )
         SELECT count(outbox._feed(ins.id, ins.endpoint_id, enqueue.tenant_id, enqueue.event_type, 'queued', 0))
@@ -761,8 +760,7 @@ BEGIN
     -- Events whose last delivery just went (a new statement: it sees the deletions).
     DELETE FROM outbox.event e
      WHERE e.id = ANY (event_ids)
-       AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id AND d.replay_of IS NULL)
-       AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id AND d.replay_of IS NOT NULL);
+       AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id);
     DELETE FROM outbox.stats_hourly WHERE hour < now() - interval '90 days';
     RETURN n;
 END
