@@ -1183,7 +1183,8 @@ $$;
 -- Retention
 -------------------------------------------------------------------------------------------
 
--- Deletes up to batch_size finished deliveries (delivered or cancelled older than
+-- Cancels what is left for deleted endpoints, then deletes up to batch_size finished
+-- deliveries (delivered or cancelled older than
 -- delivered_age, dead older than dead_age) with their attempts, then events no delivery
 -- refers to any more, and rollup hours older than 90 days. Small batches keep each
 -- transaction short, so the hot path never waits on it. Returns the deliveries deleted.
@@ -1196,6 +1197,13 @@ DECLARE
     n bigint;
     event_ids text[];
 BEGIN
+    -- A fan-out enqueue that raced delete_endpoint may have left work for a deleted
+    -- endpoint; it can never be sent, so it is cancelled like the rest of that endpoint's.
+    UPDATE outbox.delivery d
+       SET status = 'cancelled', finished_at = now(), lease_owner = NULL,
+           last_error = 'cancelled: endpoint deleted'
+      FROM outbox.endpoint e
+     WHERE e.deleted_at IS NOT NULL AND d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight');
     WITH doomed AS (
         (SELECT d.id FROM outbox.delivery d
           WHERE d.finished_at < now() - delivered_age AND d.status IN ('delivered', 'cancelled')

@@ -689,3 +689,20 @@ fn metrics_are_one_row_per_series() {
     assert_eq!(m(&format!("SELECT value FROM outbox.metrics WHERE metric = 'outbox_endpoint_enabled' AND endpoint_id = '{a}'")), 1.0);
     assert!(m("SELECT value FROM outbox.metrics WHERE metric = 'outbox_oldest_pending_seconds'") >= 0.0);
 }
+
+#[pg_test]
+fn retention_cancels_work_left_for_deleted_endpoints() {
+    let a = endpoint("https://example.com/a", "");
+    Spi::run(&format!("SELECT outbox.delete_endpoint('{a}')")).unwrap();
+    // What a fan-out enqueue racing the delete could leave behind.
+    Spi::run(&format!(
+        "INSERT INTO outbox.event (id, event_type, payload) VALUES ('late', 'x', '{{}}');
+         INSERT INTO outbox.delivery (event_id, endpoint_id) VALUES ('late', '{a}');"
+    ))
+    .unwrap();
+    assert_eq!(count("SELECT outbox.purge('7 days')"), 0);
+    assert_eq!(
+        text("SELECT concat_ws('|', status, last_error) FROM outbox.delivery WHERE event_id = 'late'"),
+        "cancelled|cancelled: endpoint deleted"
+    );
+}
