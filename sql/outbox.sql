@@ -387,6 +387,8 @@ BEGIN
     PERFORM outbox._endpoint_or_raise(enable_endpoint.endpoint_id);
     UPDATE outbox.endpoint SET enabled = true, disabled_reason = NULL, updated_at = now()
     WHERE id = enable_endpoint.endpoint_id;
+    -- Its waiting deliveries are due now: wake the worker when this commits.
+    PERFORM outbox._wake_at_commit();
 END
 $$;
 
@@ -1313,13 +1315,14 @@ SELECT 'outbox_endpoint_enabled', NULL, e.id::text, CASE WHEN e.enabled THEN 1 E
   FROM outbox.endpoint e WHERE e.deleted_at IS NULL;
 
 -- Seconds until the next delivery on an enabled endpoint becomes due (a retry's time or an
--- expired lease), 0 if one is due now, NULL if none waits. The worker sleeps that long.
+-- expired lease), negative if one is overdue, NULL if none waits. The worker sleeps that long
+-- (NULL: until the poll interval or a commit wakes it).
 CREATE FUNCTION outbox._next_due()
 RETURNS double precision
 LANGUAGE sql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT greatest(extract(epoch FROM min(d.due_at) - clock_timestamp()), 0)::double precision
+    SELECT extract(epoch FROM min(d.due_at) - clock_timestamp())::double precision
       FROM outbox.delivery d JOIN outbox.endpoint e ON e.id = d.endpoint_id
      WHERE d.status IN ('pending', 'in_flight') AND e.enabled AND e.deleted_at IS NULL
 $$;

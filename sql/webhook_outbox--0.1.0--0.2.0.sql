@@ -179,6 +179,34 @@ BEGIN
 END
 $$;
 
+-- The worker's sleep: NULL when nothing waits (0.1.0 said 0, which kept an idle worker
+-- looking every 50 ms).
+CREATE OR REPLACE FUNCTION outbox._next_due()
+RETURNS double precision
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT extract(epoch FROM min(d.due_at) - clock_timestamp())::double precision
+      FROM outbox.delivery d JOIN outbox.endpoint e ON e.id = d.endpoint_id
+     WHERE d.status IN ('pending', 'in_flight') AND e.enabled AND e.deleted_at IS NULL
+$$;
+
+-- Enabling an endpoint wakes the worker for its waiting deliveries.
+CREATE OR REPLACE FUNCTION outbox.enable_endpoint(endpoint_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM outbox._endpoint_or_raise(enable_endpoint.endpoint_id);
+    UPDATE outbox.endpoint SET enabled = true, disabled_reason = NULL, updated_at = now()
+    WHERE id = enable_endpoint.endpoint_id;
+    -- Its waiting deliveries are due now: wake the worker when this commits.
+    PERFORM outbox._wake_at_commit();
+END
+$$;
+
 -- Secret rotation.
 CREATE OR REPLACE FUNCTION outbox.rotate_secret(endpoint_id uuid, new_secret text DEFAULT NULL, overlap interval DEFAULT '24 hours')
 RETURNS text

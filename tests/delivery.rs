@@ -439,3 +439,46 @@ fn a_rotated_secret_signs_beside_the_new_one_until_the_overlap_ends() {
         .unwrap_err();
     assert_eq!(common::sqlstate(&err), "22023");
 }
+
+#[test]
+fn an_idle_worker_sleeps_and_enabling_an_endpoint_wakes_it() {
+    // The default 5 s poll interval: any quick reaction below comes from a wake-up.
+    let cluster = Cluster::start(&["shared_preload_libraries = 'webhook_outbox'"]);
+    let pid = worker_pid(&cluster);
+    let rx = receiver();
+    let mut c = cluster.client();
+    let ep = endpoint(&mut c, &rx.url("/idle"), ", enabled => false");
+    c.batch_execute(&format!(
+        "SELECT outbox.enqueue('x.y', '{{}}', endpoint_id => '{ep}')"
+    ))
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Idle (its only delivery waits on a disabled endpoint): a handful of cycles, not one
+    // every 50 ms.
+    let cycles = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT (SELECT xact_commit FROM pg_stat_get_backend_idset() i
+                      CROSS JOIN LATERAL (SELECT pg_stat_get_backend_pid(i) AS pid,
+                                                 pg_stat_get_backend_xact_commit(i) AS xact_commit) x
+                     WHERE x.pid = $1)",
+            &[&pid],
+        )
+        .map(|r| r.get::<_, Option<i64>>(0).unwrap_or(0))
+        .unwrap_or(0)
+    };
+    let before = cycles(&mut c);
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_cycles = cycles(&mut c) - before;
+    assert!(idle_cycles <= 4, "{idle_cycles} cycles in 3 s while idle");
+
+    let enabled = Instant::now();
+    c.batch_execute(&format!("SELECT outbox.enable_endpoint('{ep}')"))
+        .unwrap();
+    assert!(rx.wait_for(1, Duration::from_secs(10)));
+    assert!(
+        enabled.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        enabled.elapsed()
+    );
+}

@@ -247,7 +247,8 @@ pub fn next_due(client: &SpiClient<'_>) -> Result<Option<Duration>, StoreError> 
     client
         .select("SELECT outbox._next_due()", None, &[])
         .and_then(|t| t.first().get::<f64>(1))
-        .map(|s| s.map(Duration::from_secs_f64))
+        // Overdue (negative) means now; NULL means nothing waits.
+        .map(|s| s.map(|secs| Duration::from_secs_f64(secs.max(0.0))))
         .map_err(|e| e.to_string())
 }
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Benchmarks of webhook_outbox on fresh throwaway clusters (fsync on, default GUCs unless
+# --set says otherwise), delivering to a receiver inside the benchmark process.
+#
+#   bench/run.sh                                   # throughput, then latency for 30 s
+#   bench/run.sh throughput --n 50000
+#   bench/run.sh latency --rate 200 --seconds 20
+#   bench/run.sh drain --set outbox.batch_size=500
+#   bench/run.sh --help
+#
+# Sets the machine up if needed, installs a release build of the extension into the system
+# PostgreSQL 15, then runs the `outbox-bench` binary. Results: a table on stdout and
+# bench/results/latest.json.
+set -euo pipefail
+BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
+cd "$BENCH_DIR/.."
+
+# shellcheck source=../scripts/setup.sh
+source scripts/setup.sh
+install_extension --release
+
+# The clusters live in a directory of their own, so that whatever way the run ends
+# (including Ctrl-C, which need not reach the postmasters) they are stopped and removed.
+BENCH_TMP=$(mktemp -d /tmp/outbox-bench.XXXXXX)
+chmod 755 "$BENCH_TMP" # as root, the clusters run as the postgres user
+as_cluster_owner() {
+  if [ "$(id -u)" -eq 0 ]; then sudo -u postgres "$@"; else "$@"; fi
+}
+cleanup() {
+  for pidfile in "$BENCH_TMP"/*/data/postmaster.pid; do
+    [ -e "$pidfile" ] || continue
+    as_cluster_owner /usr/lib/postgresql/15/bin/pg_ctl stop -m immediate \
+      -D "$(dirname "$pidfile")" >/dev/null 2>&1 || true
+  done
+  rm -rf "$BENCH_TMP"
+}
+trap cleanup EXIT
+
+OUTBOX_BENCH_COMMAND="bench/run.sh${*:+ $(printf '%q ' "$@")}"
+export OUTBOX_BENCH_COMMAND="${OUTBOX_BENCH_COMMAND% }"
+TMPDIR=$BENCH_TMP cargo run --release -p outbox-bench -- "$@"

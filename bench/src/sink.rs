@@ -1,0 +1,107 @@
+//! The in-process receiver, reduced to what the scenarios measure.
+//!
+//! The bundled [`Receiver`] keeps every request by default; over hundreds of thousands of
+//! deliveries that costs memory and time in the very process being measured, so it is told
+//! to keep nothing and this sink records only a count, the first and last arrival, and,
+//! for the latency scenario, the arrival time per `webhook-id`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use outbox_receiver::Receiver;
+
+#[derive(Default)]
+struct Tally {
+    count: u64,
+    first: Option<SystemTime>,
+    last: Option<SystemTime>,
+    /// `webhook-id` → arrival, only while `by_id` is on.
+    by_id: Option<HashMap<String, SystemTime>>,
+}
+
+/// A receiver on 127.0.0.1 answering 200 to everything, with its tally.
+pub struct Sink {
+    receiver: Receiver,
+    tally: Arc<Mutex<Tally>>,
+}
+
+/// Arrivals so far.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrivals {
+    pub count: u64,
+    pub first: Option<SystemTime>,
+    pub last: Option<SystemTime>,
+}
+
+impl Sink {
+    pub fn start() -> std::io::Result<Sink> {
+        let receiver = Receiver::start()?;
+        receiver.keep_received(false);
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let shared = tally.clone();
+        receiver.on_request(move |r| {
+            let mut t = shared.lock().unwrap_or_else(|e| e.into_inner());
+            t.count += 1;
+            t.first.get_or_insert(r.received_at);
+            t.last = Some(r.received_at);
+            if let Some(by_id) = t.by_id.as_mut() {
+                by_id.insert(r.webhook_id.clone(), r.received_at);
+            }
+        });
+        Ok(Sink { receiver, tally })
+    }
+
+    fn tally(&self) -> MutexGuard<'_, Tally> {
+        self.tally.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The URL endpoints should point at.
+    pub fn url(&self) -> String {
+        self.receiver.url("/bench")
+    }
+
+    /// Forgets everything recorded; `by_id` turns per-id arrival times on or off.
+    pub fn reset(&self, by_id: bool) {
+        *self.tally() = Tally {
+            by_id: by_id.then(HashMap::new),
+            ..Tally::default()
+        };
+    }
+
+    pub fn arrivals(&self) -> Arrivals {
+        let t = self.tally();
+        Arrivals {
+            count: t.count,
+            first: t.first,
+            last: t.last,
+        }
+    }
+
+    /// When the delivery with this `webhook-id` arrived (needs `reset(true)` first).
+    pub fn arrival_of(&self, webhook_id: &str) -> Option<SystemTime> {
+        self.tally().by_id.as_ref()?.get(webhook_id).copied()
+    }
+
+    /// Waits until `n` requests have arrived. Gives up when none arrives for `stall`, so a
+    /// slow run is waited for as long as it progresses but a stuck one does not hang.
+    pub fn wait_for(&self, n: u64, stall: Duration) -> Result<Arrivals, String> {
+        let mut seen = 0;
+        let mut progress = Instant::now();
+        loop {
+            let now = self.arrivals();
+            if now.count >= n {
+                return Ok(now);
+            }
+            if now.count != seen {
+                seen = now.count;
+                progress = Instant::now();
+            } else if progress.elapsed() > stall {
+                return Err(format!(
+                    "only {seen} of {n} deliveries arrived, none in the last {stall:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
