@@ -6,7 +6,7 @@ use outbox_core::validate;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-use crate::errors::{raise, refuse, OrRefuse};
+use crate::errors::{raise, OrRefuse};
 use crate::guc;
 
 /// Fills `buf` from PostgreSQL's strong random source (the same one `gen_random_uuid` uses).
@@ -26,17 +26,7 @@ fn strong_random(buf: &mut [u8]) {
 fn generate_secret() -> String {
     let mut key = vec![0u8; 32];
     strong_random(&mut key);
-    SigningKey::from_bytes(key).or_refuse_secret().to_secret()
-}
-
-trait OrRefuseSecret<T> {
-    fn or_refuse_secret(self) -> T;
-}
-
-impl<T> OrRefuseSecret<T> for Result<T, outbox_core::signing::SecretError> {
-    fn or_refuse_secret(self) -> T {
-        self.unwrap_or_else(|e| refuse(validate::Refusal::Invalid(e.to_string())))
-    }
+    SigningKey::from_bytes(key).or_refuse().to_secret()
 }
 
 /// The `webhook-signature` value (`v1,<base64>`) for a message, as a receiver would compute
@@ -44,7 +34,7 @@ impl<T> OrRefuseSecret<T> for Result<T, outbox_core::signing::SecretError> {
 #[pg_extern(immutable, parallel_safe)]
 fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &str) -> String {
     SigningKey::parse(secret)
-        .or_refuse_secret()
+        .or_refuse()
         .sign(msg_id, timestamp, body.as_bytes())
 }
 
@@ -76,7 +66,7 @@ fn check_url(url: Option<&str>) -> Option<String> {
 #[pg_extern(name = "_check_secret", immutable, parallel_safe)]
 fn check_secret(secret: Option<&str>) -> Option<String> {
     let secret = secret?;
-    SigningKey::parse(secret).or_refuse_secret();
+    SigningKey::parse(secret).or_refuse();
     Some(secret.to_string())
 }
 

@@ -26,8 +26,8 @@ pub trait OrRefuse<T> {
     fn or_refuse(self) -> T;
 }
 
-impl<T> OrRefuse<T> for Result<T, Refusal> {
+impl<T, E: Into<Refusal>> OrRefuse<T> for Result<T, E> {
     fn or_refuse(self) -> T {
-        self.unwrap_or_else(|r| refuse(r))
+        self.unwrap_or_else(|r| refuse(r.into()))
     }
 }

@@ -44,6 +44,12 @@ impl std::fmt::Display for SecretError {
 
 impl std::error::Error for SecretError {}
 
+impl From<SecretError> for crate::validate::Refusal {
+    fn from(e: SecretError) -> Self {
+        crate::validate::Refusal::Invalid(e.to_string())
+    }
+}
+
 /// A decoded signing key. Its `Debug` form never shows the key.
 #[derive(Clone)]
 pub struct SigningKey(Vec<u8>);

@@ -275,13 +275,7 @@ impl Sender {
                 tokio::spawn(async move {
                     let body_cap = shared.max_response_body.load(Ordering::Relaxed);
                     let outcome = match literal_ip_refusal(&req, &shared.allow_list()) {
-                        Some(error) => Outcome {
-                            delivery_id: req.delivery_id,
-                            attempt: req.attempt,
-                            response: Response::Refused { error },
-                            duration: Duration::ZERO,
-                            body_excerpt: None,
-                        },
+                        Some(error) => ended(&req, Response::Refused { error }, Duration::ZERO),
                         None => send(&client, req, body_cap).await,
                     };
                     drop(permit);
@@ -381,14 +375,19 @@ impl Drop for Sender {
     }
 }
 
-fn failed(req: &Request, error: String, timed_out: bool, duration: Duration) -> Outcome {
+/// An attempt that ended without a response body to keep.
+fn ended(req: &Request, response: Response, duration: Duration) -> Outcome {
     Outcome {
         delivery_id: req.delivery_id,
         attempt: req.attempt,
-        response: Response::Failed { error, timed_out },
+        response,
         duration,
         body_excerpt: None,
     }
+}
+
+fn failed(req: &Request, error: String, timed_out: bool, duration: Duration) -> Outcome {
+    ended(req, Response::Failed { error, timed_out }, duration)
 }
 
 /// URLs with a literal IP address never reach the resolver, so they are checked here.
@@ -480,13 +479,7 @@ async fn send(client: &reqwest::Client, req: Request, body_cap: usize) -> Outcom
         Ok(r) => r,
         Err(e) => {
             if let Some(error) = guard_refusal(&e) {
-                return Outcome {
-                    delivery_id: req.delivery_id,
-                    attempt: req.attempt,
-                    response: Response::Refused { error },
-                    duration: started.elapsed(),
-                    body_excerpt: None,
-                };
+                return ended(&req, Response::Refused { error }, started.elapsed());
             }
             return failed(
                 &req,

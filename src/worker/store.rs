@@ -53,18 +53,19 @@ pub fn claim(
 ) -> Result<(Vec<Request>, Vec<Unsendable>), StoreError> {
     let lease = format!("{} seconds", settings.lease.as_secs());
     // 0.1.0's claim has no previous_secret (secret rotation came in 0.2.0).
-    let query = if version == "0.1.0" {
-        "SELECT delivery_id, event_id, attempt, url, secret, headers::text,
-                (extract(epoch FROM timeout) * 1000)::float8, body, NULL::text
-           FROM outbox.claim($1, $2, $3::interval)"
+    let previous_secret = if version == "0.1.0" {
+        "NULL::text"
     } else {
-        "SELECT delivery_id, event_id, attempt, url, secret, headers::text,
-                (extract(epoch FROM timeout) * 1000)::float8, body, previous_secret
-           FROM outbox.claim($1, $2, $3::interval)"
+        "previous_secret"
     };
+    let query = format!(
+        "SELECT delivery_id, event_id, attempt, url, secret, headers::text,
+                (extract(epoch FROM timeout) * 1000)::float8, body, {previous_secret}
+           FROM outbox.claim($1, $2, $3::interval)"
+    );
     let rows = client
         .update(
-            query,
+            query.as_str(),
             None,
             &[limit.into(), worker.into(), lease.as_str().into()],
         )
