@@ -23,6 +23,11 @@ CREATE TYPE outbox.delivery_status AS ENUM ('pending', 'in_flight', 'delivered',
 -- three, an operator's repair recorded in the same history (no request was sent).
 CREATE TYPE outbox.attempt_outcome AS ENUM ('delivered', 'retry', 'dead', 'requeued', 'replayed', 'cancelled');
 
+-- An endpoint's circuit breaker. closed: deliveries flow. open: after too many consecutive
+-- failures nothing is claimed for it until next_probe_at. half_open: one probe delivery is
+-- in flight; its success closes the circuit, its failure opens it again for longer.
+CREATE TYPE outbox.circuit_state AS ENUM ('closed', 'open', 'half_open');
+
 -------------------------------------------------------------------------------------------
 -- Tables
 -------------------------------------------------------------------------------------------
@@ -47,8 +52,16 @@ CREATE TABLE outbox.endpoint (
     -- During a secret rotation the old secret keeps signing (beside the new one) until then.
     previous_secret            text,
     previous_secret_expires_at timestamptz,
+    -- Delivery policy. ordered: strictly one at a time in enqueue order. rate_limit: most
+    -- requests per second (NULL: unlimited). max_in_flight: most requests at once (NULL: the
+    -- outbox.endpoint_max_in_flight GUC).
+    ordered         boolean     NOT NULL DEFAULT false,
+    rate_limit      integer,
+    max_in_flight   integer,
     CONSTRAINT endpoint_headers_object CHECK (jsonb_typeof(headers) = 'object'),
-    CONSTRAINT endpoint_timeout_range CHECK (timeout IS NULL OR (timeout >= interval '100 milliseconds' AND timeout <= interval '5 minutes'))
+    CONSTRAINT endpoint_timeout_range CHECK (timeout IS NULL OR (timeout >= interval '100 milliseconds' AND timeout <= interval '5 minutes')),
+    CONSTRAINT endpoint_rate_limit_range CHECK (rate_limit BETWEEN 1 AND 100000),
+    CONSTRAINT endpoint_max_in_flight_range CHECK (max_in_flight BETWEEN 1 AND 10000)
 );
 
 CREATE INDEX endpoint_tenant_idx ON outbox.endpoint (tenant_id) WHERE deleted_at IS NULL;
@@ -81,17 +94,24 @@ CREATE TABLE outbox.delivery (
     last_status_code integer,
     last_error       text,
     -- Set on deliveries made by outbox.replay: the delivery whose event is sent again.
-    replay_of        uuid
+    replay_of        uuid,
+    -- Enqueue order, set only for deliveries to ordered endpoints (outbox.delivery_seq).
+    seq              bigint
 ) WITH (fillfactor = 80);
+
+CREATE SEQUENCE outbox.delivery_seq;
 
 -- Idempotent enqueue: one delivery per (event, endpoint), NULL replay_of counting as one
 -- value; each replay is an extra delivery. Led by event_id, it also serves every lookup of
 -- an event's deliveries (the foreign key's checks when retention deletes events).
 CREATE UNIQUE INDEX delivery_event_endpoint_key ON outbox.delivery (event_id, endpoint_id, replay_of) NULLS NOT DISTINCT;
--- The claim: due rows in due order, only over the live part of the table.
-CREATE INDEX delivery_due_idx ON outbox.delivery (due_at) WHERE status IN ('pending', 'in_flight');
--- Claims scoped to one endpoint, per-endpoint backlog, cancelling on endpoint delete.
+-- The claim, endpoint by endpoint: each endpoint's live rows in due order. Claiming per
+-- endpoint keeps one endpoint's backlog (behind an open circuit, a rate limit, a disabled
+-- endpoint) from ever sitting in front of another's due rows. Also: per-endpoint backlog,
+-- requests in flight, cancelling on delete.
 CREATE INDEX delivery_endpoint_due_idx ON outbox.delivery (endpoint_id, due_at) WHERE status IN ('pending', 'in_flight');
+-- The head of an ordered endpoint's queue.
+CREATE INDEX delivery_ordered_idx ON outbox.delivery (endpoint_id, seq) WHERE seq IS NOT NULL AND status IN ('pending', 'in_flight');
 -- Finished rows by age: recent-hour statistics and retention.
 CREATE INDEX delivery_finished_idx ON outbox.delivery (finished_at) WHERE finished_at IS NOT NULL;
 -- Dead letters are few and listed often.
@@ -122,7 +142,19 @@ CREATE TABLE outbox.endpoint_state (
     last_success_at      timestamptz,
     last_failure_at      timestamptz,
     last_error           text,
-    updated_at           timestamptz NOT NULL DEFAULT now()
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    -- Circuit breaker: see outbox.circuit_state and outbox._circuit_next.
+    circuit              outbox.circuit_state NOT NULL DEFAULT 'closed',
+    circuit_changed_at   timestamptz,
+    -- When the circuit last opened from closed (kept while it stays open or half-open).
+    circuit_opened_at    timestamptz,
+    next_probe_at        timestamptz,
+    cooldown             interval,
+    -- Start of the current run of failures without a success (auto-disable counts from it).
+    failing_since        timestamptz,
+    -- Rate limit (GCRA): the endpoint's "theoretical arrival time"; one more request may go
+    -- while it is less than a second ahead of now.
+    rate_tat             timestamptz
 );
 
 -- Hourly rollup of finished deliveries, written with each acknowledged batch. Statistics
@@ -225,6 +257,90 @@ BEGIN
 END
 $$;
 
+-- An endpoint's request limit (rate_limit, max_in_flight): NULL for none, else 1..max.
+CREATE FUNCTION outbox._check_limit(what text, v integer, max integer)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF v IS NOT NULL AND (v < 1 OR v > max) THEN
+        RAISE EXCEPTION '% % is out of range', what, v
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('Use a %s between 1 and %s, or NULL for no limit of the endpoint''s own.', what, max);
+    END IF;
+    RETURN v;
+END
+$$;
+
+-- The delivery-control settings, read where SQL decides (claim, ack). A session that has
+-- not loaded the library sees the documented defaults.
+CREATE FUNCTION outbox._policy(
+    OUT circuit_threshold integer,
+    OUT circuit_cooldown interval,
+    OUT circuit_max_cooldown interval,
+    OUT auto_disable_after interval,
+    OUT endpoint_max_in_flight integer
+)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(current_setting('outbox.circuit_threshold', true), '10')::integer,
+           coalesce(current_setting('outbox.circuit_cooldown', true), '1min')::interval,
+           coalesce(current_setting('outbox.circuit_max_cooldown', true), '1h')::interval,
+           coalesce(current_setting('outbox.auto_disable_after', true), '5d')::interval,
+           coalesce(current_setting('outbox.endpoint_max_in_flight', true), '64')::integer
+$$;
+
+-- Requests to an endpoint in flight right now (claimed, lease not expired).
+CREATE FUNCTION outbox._busy(p_endpoint_id uuid)
+RETURNS integer
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT count(*)::integer FROM outbox.delivery d
+     WHERE d.endpoint_id = p_endpoint_id AND d.status IN ('pending', 'in_flight')
+       AND d.due_at > now() AND d.status = 'in_flight'
+$$;
+
+-- The circuit breaker's rule, in one place: an endpoint's next circuit state after a batch
+-- of attempts that had `p_failures` consecutive failures so far and did or did not succeed.
+-- Closed opens after outbox.circuit_threshold failures (0: never) for outbox.circuit_cooldown;
+-- a failed probe (half_open) opens it again for twice as long, up to
+-- outbox.circuit_max_cooldown; any success closes it. (open -> half_open is the claim's.)
+CREATE FUNCTION outbox._circuit_next(
+    p_circuit outbox.circuit_state, p_cooldown interval, p_next_probe_at timestamptz,
+    p_opened_at timestamptz, p_changed_at timestamptz, p_failures integer, p_succeeded boolean,
+    OUT circuit outbox.circuit_state, OUT cooldown interval, OUT next_probe_at timestamptz,
+    OUT opened_at timestamptz, OUT changed_at timestamptz
+)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT n.circuit, n.cooldown, n.next_probe_at,
+           CASE WHEN n.circuit = 'closed' THEN NULL
+                WHEN p_circuit = 'closed' THEN now() ELSE p_opened_at END,
+           CASE WHEN n.circuit <> p_circuit THEN now() ELSE p_changed_at END
+      FROM outbox._policy() p
+     CROSS JOIN LATERAL (
+           SELECT CASE WHEN p_succeeded THEN 'closed'::outbox.circuit_state
+                       WHEN p_circuit = 'half_open' THEN 'open'
+                       WHEN p_circuit = 'closed' AND p.circuit_threshold > 0
+                            AND p_failures >= p.circuit_threshold THEN 'open'
+                       ELSE p_circuit END AS circuit,
+                  CASE WHEN p_succeeded THEN NULL
+                       WHEN p_circuit = 'half_open'
+                            THEN least(coalesce(p_cooldown, p.circuit_cooldown) * 2, p.circuit_max_cooldown)
+                       WHEN p_circuit = 'closed' AND p.circuit_threshold > 0
+                            AND p_failures >= p.circuit_threshold THEN p.circuit_cooldown
+                       ELSE p_cooldown END AS cooldown) c
+     CROSS JOIN LATERAL (
+           SELECT c.circuit,
+                  c.cooldown,
+                  CASE WHEN c.circuit = 'closed' THEN NULL
+                       WHEN c.circuit = 'open' AND p_circuit <> 'open' THEN now() + c.cooldown
+                       ELSE p_next_probe_at END AS next_probe_at) n
+$$;
+
 -- The live endpoint, locked: FOR UPDATE by the functions that change it, FOR SHARE by
 -- enqueue (many producers may share it, and a concurrent delete waits for them).
 CREATE FUNCTION outbox._endpoint_or_raise(p_endpoint_id uuid, p_for_update boolean DEFAULT true)
@@ -317,7 +433,10 @@ CREATE FUNCTION outbox.create_endpoint(
     timeout     interval DEFAULT NULL,
     tenant_id   text     DEFAULT NULL,
     description text     DEFAULT NULL,
-    enabled     boolean  DEFAULT true
+    enabled     boolean  DEFAULT true,
+    ordered     boolean  DEFAULT false,
+    rate_limit  integer  DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL
 )
 RETURNS uuid
 LANGUAGE plpgsql
@@ -327,7 +446,8 @@ AS $$
 DECLARE
     new_id uuid;
 BEGIN
-    INSERT INTO outbox.endpoint (url, secret, event_types, headers, timeout, tenant_id, description, enabled)
+    INSERT INTO outbox.endpoint (url, secret, event_types, headers, timeout, tenant_id, description, enabled,
+                                 ordered, rate_limit, max_in_flight)
     VALUES (
         outbox._check_url(create_endpoint.url),
         CASE WHEN create_endpoint.secret IS NULL THEN outbox.generate_secret()
@@ -337,15 +457,22 @@ BEGIN
         outbox._check_timeout(create_endpoint.timeout),
         outbox._check_tenant(create_endpoint.tenant_id),
         create_endpoint.description,
-        coalesce(create_endpoint.enabled, true)
+        coalesce(create_endpoint.enabled, true),
+        coalesce(create_endpoint.ordered, false),
+        outbox._check_limit('rate_limit', create_endpoint.rate_limit, 100000),
+        outbox._check_limit('max_in_flight', create_endpoint.max_in_flight, 10000)
     )
     RETURNING id INTO new_id;
+    INSERT INTO outbox.endpoint_state (endpoint_id) VALUES (new_id);
     RETURN new_id;
 END
 $$;
 
 -- NULL arguments leave a field unchanged. event_types => '{*}' makes the endpoint receive
--- every event again; timeout => '0' returns it to the outbox.request_timeout default.
+-- every event again; timeout => '0' returns it to the outbox.request_timeout default;
+-- rate_limit => 0 removes the limit; max_in_flight => 0 returns it to the
+-- outbox.endpoint_max_in_flight default. Making an endpoint ordered puts what it has queued
+-- in enqueue order first.
 CREATE FUNCTION outbox.update_endpoint(
     endpoint_id uuid,
     url         text     DEFAULT NULL,
@@ -353,7 +480,10 @@ CREATE FUNCTION outbox.update_endpoint(
     secret      text     DEFAULT NULL,
     headers     jsonb    DEFAULT NULL,
     timeout     interval DEFAULT NULL,
-    description text     DEFAULT NULL
+    description text     DEFAULT NULL,
+    ordered     boolean  DEFAULT NULL,
+    rate_limit  integer  DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL
 )
 RETURNS void
 LANGUAGE plpgsql
@@ -372,8 +502,28 @@ BEGIN
                            WHEN update_endpoint.timeout = interval '0' THEN NULL
                            ELSE outbox._check_timeout(update_endpoint.timeout) END,
         description = coalesce(update_endpoint.description, e.description),
+        ordered     = coalesce(update_endpoint.ordered, e.ordered),
+        rate_limit  = CASE WHEN update_endpoint.rate_limit IS NULL THEN e.rate_limit
+                           WHEN update_endpoint.rate_limit = 0 THEN NULL
+                           ELSE outbox._check_limit('rate_limit', update_endpoint.rate_limit, 100000) END,
+        max_in_flight = CASE WHEN update_endpoint.max_in_flight IS NULL THEN e.max_in_flight
+                             WHEN update_endpoint.max_in_flight = 0 THEN NULL
+                             ELSE outbox._check_limit('max_in_flight', update_endpoint.max_in_flight, 10000) END,
         updated_at  = now()
     WHERE e.id = update_endpoint.endpoint_id;
+    IF update_endpoint.ordered THEN
+        -- Its queue needs an order: wait for transactions enqueueing right now (they may have
+        -- seen the endpoint unordered), then number what is queued, oldest first (rows of one
+        -- transaction share created_at; their physical order is their insert order).
+        LOCK TABLE outbox.delivery IN SHARE ROW EXCLUSIVE MODE;
+        UPDATE outbox.delivery d SET seq = o.n
+          FROM (SELECT q.id, nextval('outbox.delivery_seq') AS n
+                  FROM (SELECT q.id FROM outbox.delivery q
+                         WHERE q.endpoint_id = update_endpoint.endpoint_id AND q.seq IS NULL
+                           AND q.status IN ('pending', 'in_flight')
+                         ORDER BY q.created_at, q.ctid) q) o
+         WHERE d.id = o.id;
+    END IF;
 END
 $$;
 
@@ -387,6 +537,13 @@ BEGIN
     PERFORM outbox._endpoint_or_raise(enable_endpoint.endpoint_id);
     UPDATE outbox.endpoint SET enabled = true, disabled_reason = NULL, updated_at = now()
     WHERE id = enable_endpoint.endpoint_id;
+    -- A fresh start: the circuit closes and the failure streak (which auto-disable counts)
+    -- begins again.
+    INSERT INTO outbox.endpoint_state AS s (endpoint_id) VALUES (enable_endpoint.endpoint_id)
+    ON CONFLICT (endpoint_id) DO UPDATE
+       SET consecutive_failures = 0, failing_since = NULL, circuit = 'closed',
+           circuit_changed_at = CASE WHEN s.circuit <> 'closed' THEN now() ELSE s.circuit_changed_at END,
+           circuit_opened_at = NULL, next_probe_at = NULL, cooldown = NULL, updated_at = now();
     -- Its waiting deliveries are due now: wake the worker when this commits.
     PERFORM outbox._wake_at_commit();
 END
@@ -502,15 +659,19 @@ AS $$
 DECLARE
     v_event_id text;
     v_targets  uuid[];
+    v_ordered  boolean[];
+    v_endpoint outbox.endpoint;
     v_fed      bigint;
 BEGIN
     PERFORM outbox._check_event(enqueue.event_type, enqueue.event_id, enqueue.tenant_id,
                                 octet_length(enqueue.payload::text));
 
     IF enqueue.endpoint_id IS NOT NULL THEN
-        v_targets := ARRAY[(outbox._endpoint_or_raise(enqueue.endpoint_id, false)).id];
+        v_endpoint := outbox._endpoint_or_raise(enqueue.endpoint_id, false);
+        v_targets := ARRAY[v_endpoint.id];
+        v_ordered := ARRAY[v_endpoint.ordered];
     ELSE
-        SELECT array_agg(e.id) INTO v_targets
+        SELECT array_agg(e.id), array_agg(e.ordered) INTO v_targets, v_ordered
           FROM outbox.endpoint e
          WHERE e.enabled AND e.deleted_at IS NULL
            AND e.tenant_id IS NOT DISTINCT FROM enqueue.tenant_id
@@ -527,9 +688,10 @@ BEGIN
         VALUES (v_event_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id);
         RETURN QUERY
             WITH ins AS (
-                INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at)
-                SELECT v_event_id, t, enqueue.tenant_id, coalesce(enqueue.deliver_at, now())
-                  FROM unnest(v_targets) AS t
+                INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at, seq)
+                SELECT v_event_id, t.id, enqueue.tenant_id, coalesce(enqueue.deliver_at, now()),
+                       CASE WHEN t.ordered THEN nextval('outbox.delivery_seq') END
+                  FROM unnest(v_targets, v_ordered) AS t(id, ordered)
                 RETURNING id, endpoint_id
             )
             SELECT ins.id FROM ins
@@ -543,9 +705,10 @@ BEGIN
         VALUES (v_event_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id)
         ON CONFLICT (id) DO NOTHING;
         WITH ins AS (
-            INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at)
-            SELECT v_event_id, t, enqueue.tenant_id, coalesce(enqueue.deliver_at, now())
-              FROM unnest(v_targets) AS t
+            INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at, seq)
+            SELECT v_event_id, t.id, enqueue.tenant_id, coalesce(enqueue.deliver_at, now()),
+                   CASE WHEN t.ordered THEN nextval('outbox.delivery_seq') END
+              FROM unnest(v_targets, v_ordered) AS t(id, ordered)
             ON CONFLICT (event_id, endpoint_id, replay_of) DO NOTHING
             RETURNING id, endpoint_id
         )
@@ -615,16 +778,27 @@ $$;
 -- Claim and acknowledge (the worker uses these same statements)
 -------------------------------------------------------------------------------------------
 
--- Claims up to batch_size due deliveries: pending ones whose time has come and in-flight
--- ones whose lease expired (their sender died). Each claimed row is in_flight with a lease
+-- Claims up to p_batch_size due deliveries (pending ones whose time has come, and in-flight
+-- ones whose lease expired because their sender died): each is set in_flight with its lease running
 -- until now() + lease and its attempt number incremented; the attempt number is the fencing
 -- token the ack must present.
 --
--- The statement is planned afresh on every call (EXECUTE) with only the filters that apply,
--- and sorts and bitmap scans are priced out: the plan is always the partial index
--- delivery_due_idx read in due order, stopping after batch_size rows, whatever the table's
--- statistics say. (A plan that collects every due row and sorts them costs milliseconds per
--- thousand rows of backlog; this one costs the same with an empty queue or a full one.)
+-- It goes endpoint by endpoint, the endpoint with the oldest due delivery first, and takes
+-- from each what its policy allows right now:
+--   circuit open (before its probe time): nothing; open after it, or half-open: one probe,
+--     when nothing else is in flight there;
+--   ordered: its oldest unfinished delivery, when that is due and nothing is in flight;
+--   max_in_flight (or outbox.endpoint_max_in_flight): up to the free slots;
+--   rate_limit: what the token bucket holds (one second's worth at most).
+-- Where a limit must be exact (rate limit, circuit probe, ordered head) the endpoint's state
+-- row is locked (SKIP LOCKED: another claimer serving it makes this one skip it this time);
+-- max_in_flight is a soft limit that concurrent claimers may overshoot by their batch, so
+-- plain endpoints are served by many claimers at once. Each endpoint's rows come from its
+-- own range of delivery_endpoint_due_idx in due order, so a blocked endpoint's backlog is
+-- never read by the claims of the others. Sorts and bitmap scans are priced out: the plans
+-- stay index scans in due order whatever the statistics said when they were cached. (JIT
+-- is off: the priced-out sort of the few endpoints would otherwise look expensive enough
+-- to compile, which costs far more than the claim.)
 CREATE FUNCTION outbox._claim(
     p_batch_size integer, p_worker text, p_lease interval, p_endpoint_id uuid, p_tenant_id text
 )
@@ -632,39 +806,108 @@ RETURNS TABLE (o_delivery_id uuid, o_event_id text, o_attempt integer, o_endpoin
                o_secret text, o_headers jsonb, o_timeout interval, o_event_type text, o_body text,
                o_tenant_id text, o_previous_secret text)
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp SET enable_sort = off SET enable_bitmapscan = off
+SET search_path = pg_catalog, pg_temp SET enable_sort = off SET enable_bitmapscan = off SET jit = off
 AS $$
+DECLARE
+    v_left  integer := outbox._check_claim(p_batch_size, p_lease);
+    v_cap   integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
+    v_ep    record;
+    v_circuit outbox.circuit_state;
+    v_probe   timestamptz;
+    v_tat     timestamptz;
+    v_quota integer;
+    v_ids   uuid[];
+    v_got   integer;
 BEGIN
-    RETURN QUERY EXECUTE format($q$
-        WITH due AS (
-            SELECT d.id
-              FROM outbox.delivery d
-             WHERE d.status IN ('pending', 'in_flight')
-               AND d.due_at <= now() %s %s
-               AND EXISTS (SELECT 1 FROM outbox.endpoint e
-                            WHERE e.id = d.endpoint_id AND e.enabled AND e.deleted_at IS NULL)
-             ORDER BY d.due_at
-             LIMIT $1
-               FOR UPDATE OF d SKIP LOCKED
-        )
+    FOR v_ep IN
+        SELECT e.id, e.ordered, e.rate_limit, coalesce(e.max_in_flight, v_cap) AS cap, s.circuit
+          FROM outbox.endpoint e
+          JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
+         CROSS JOIN LATERAL (
+               SELECT d.due_at FROM outbox.delivery d
+                WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
+                ORDER BY d.due_at LIMIT 1) f
+         WHERE e.enabled AND e.deleted_at IS NULL
+           AND (p_endpoint_id IS NULL OR e.id = p_endpoint_id)
+           AND f.due_at <= now()
+           AND (s.circuit <> 'open' OR s.next_probe_at <= now())
+           AND (e.rate_limit IS NULL OR s.rate_tat IS NULL
+                OR s.rate_tat <= now() + interval '1 second' - interval '1 second' / e.rate_limit)
+         ORDER BY f.due_at
+    LOOP
+        EXIT WHEN v_left <= 0;
+        v_quota := v_left;
+        v_circuit := 'closed';
+        v_tat := NULL;
+        IF v_ep.ordered OR v_ep.rate_limit IS NOT NULL OR v_ep.circuit <> 'closed' THEN
+            SELECT s.circuit, s.next_probe_at, s.rate_tat INTO v_circuit, v_probe, v_tat
+              FROM outbox.endpoint_state s WHERE s.endpoint_id = v_ep.id
+               FOR UPDATE SKIP LOCKED;
+            CONTINUE WHEN NOT FOUND OR (v_circuit = 'open' AND v_probe > now());
+        END IF;
+        IF v_ep.ordered OR v_circuit <> 'closed' THEN
+            v_quota := least(v_quota, 1 - outbox._busy(v_ep.id));
+        ELSIF v_ep.cap IS NOT NULL THEN
+            v_quota := least(v_quota, v_ep.cap - outbox._busy(v_ep.id));
+        END IF;
+        IF v_ep.rate_limit IS NOT NULL THEN
+            v_quota := least(v_quota, floor(extract(epoch FROM now() + interval '1 second'
+                             - greatest(coalesce(v_tat, now()), now())) * v_ep.rate_limit)::integer);
+        END IF;
+        CONTINUE WHEN v_quota <= 0;
+
+        IF v_ep.ordered THEN
+            -- Only the head of its queue may go, and only once it is due: a retrying head
+            -- holds back everything behind it.
+            SELECT array_agg(h.id) INTO v_ids
+              FROM (SELECT d.id FROM outbox.delivery d
+                     WHERE d.id = (SELECT q.id FROM outbox.delivery q
+                                    WHERE q.endpoint_id = v_ep.id AND q.seq IS NOT NULL
+                                      AND q.status IN ('pending', 'in_flight')
+                                    ORDER BY q.seq LIMIT 1)
+                       AND d.status IN ('pending', 'in_flight') AND d.due_at <= now()
+                       AND (p_tenant_id IS NULL OR d.tenant_id = p_tenant_id)
+                       FOR UPDATE SKIP LOCKED) h;
+        ELSE
+            SELECT array_agg(x.id) INTO v_ids
+              FROM (SELECT d.id FROM outbox.delivery d
+                     WHERE d.endpoint_id = v_ep.id AND d.status IN ('pending', 'in_flight')
+                       AND d.due_at <= now()
+                       AND (p_tenant_id IS NULL OR d.tenant_id = p_tenant_id)
+                     ORDER BY d.due_at
+                     LIMIT v_quota
+                       FOR UPDATE SKIP LOCKED) x;
+        END IF;
+        CONTINUE WHEN v_ids IS NULL;
+
+        RETURN QUERY
         UPDATE outbox.delivery d
            SET status = 'in_flight',
                attempts = d.attempts + 1,
-               due_at = now() + $3,
-               lease_owner = $2
-          FROM due, outbox.endpoint e, outbox.event ev
-         WHERE d.id = due.id AND e.id = d.endpoint_id AND ev.id = d.event_id
+               due_at = now() + p_lease,
+               lease_owner = p_worker
+          FROM outbox.endpoint e, outbox.event ev
+         WHERE d.id = ANY (v_ids) AND e.id = d.endpoint_id AND ev.id = d.event_id
         RETURNING d.id, d.event_id, d.attempts, d.endpoint_id, e.url, e.secret, e.headers, e.timeout,
                   ev.event_type,
                   json_build_object('type', ev.event_type,
                                     'timestamp', to_char(ev.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
                                     'data', ev.payload)::text,
                   d.tenant_id,
-                  CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END
-        $q$,
-        CASE WHEN p_endpoint_id IS NOT NULL THEN 'AND d.endpoint_id = $4' ELSE '' END,
-        CASE WHEN p_tenant_id IS NOT NULL THEN 'AND d.tenant_id = $5' ELSE '' END)
-    USING outbox._check_claim(p_batch_size, p_lease), p_worker, p_lease, p_endpoint_id, p_tenant_id;
+                  CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END;
+        GET DIAGNOSTICS v_got = ROW_COUNT;
+        v_left := v_left - v_got;
+
+        IF v_got > 0 AND (v_ep.rate_limit IS NOT NULL OR v_circuit = 'open') THEN
+            UPDATE outbox.endpoint_state s
+               SET rate_tat = CASE WHEN v_ep.rate_limit IS NULL THEN s.rate_tat
+                                   ELSE greatest(coalesce(s.rate_tat, now()), now())
+                                        + v_got * interval '1 second' / v_ep.rate_limit END,
+                   circuit = CASE WHEN s.circuit = 'open' THEN 'half_open' ELSE s.circuit END,
+                   circuit_changed_at = CASE WHEN s.circuit = 'open' THEN now() ELSE s.circuit_changed_at END
+             WHERE s.endpoint_id = v_ep.id;
+        END IF;
+    END LOOP;
 END
 $$;
 
@@ -758,16 +1001,6 @@ AS $$
         RETURNING d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at, x.attempt, x.final_outcome,
                   x.status_code, x.error, x.duration_ms, x.response_body, ev.event_type
     ),
-    gone AS (
-        -- 410 Gone: the receiver wants no more deliveries; stop sending there.
-        UPDATE outbox.endpoint e
-           SET enabled = false, disabled_reason = 'receiver answered 410 Gone', updated_at = now()
-          FROM upd
-         WHERE e.id = upd.endpoint_id AND upd.status_code = 410 AND upd.final_outcome = 'dead' AND e.enabled
-        RETURNING e.id,
-                  outbox._operator_event('outbox.endpoint.disabled',
-                      jsonb_build_object('endpoint_id', e.id, 'url', e.url, 'reason', 'receiver answered 410 Gone'), e.id)
-    ),
     hist AS (
         INSERT INTO outbox.attempt (delivery_id, attempt, outcome, status_code, error, duration_ms, response_body, worker)
         SELECT upd.id, upd.attempt, upd.final_outcome, upd.status_code, upd.error, upd.duration_ms,
@@ -776,24 +1009,70 @@ AS $$
     ),
     health AS (
         -- Per endpoint: a success in the batch resets the failure streak, otherwise the
-        -- batch's failures extend it.
+        -- batch's failures extend it; the circuit breaker takes its step
+        -- (outbox._circuit_next) and announces when the circuit opens or closes again.
+        -- Rows are taken in endpoint order, so concurrent acks lock them in one order.
         INSERT INTO outbox.endpoint_state AS s
-               (endpoint_id, consecutive_failures, last_success_at, last_failure_at, last_error, updated_at)
+               (endpoint_id, consecutive_failures, last_success_at, last_failure_at, last_error, updated_at,
+                failing_since)
         SELECT upd.endpoint_id,
                count(*) FILTER (WHERE upd.final_outcome <> 'delivered'),
                CASE WHEN bool_or(upd.final_outcome = 'delivered') THEN now() END,
                CASE WHEN bool_or(upd.final_outcome <> 'delivered') THEN now() END,
                max(upd.error) FILTER (WHERE upd.final_outcome <> 'delivered'),
-               now()
+               now(),
+               CASE WHEN NOT bool_or(upd.final_outcome = 'delivered') THEN now() END
           FROM upd
          GROUP BY upd.endpoint_id
+         ORDER BY upd.endpoint_id
         ON CONFLICT (endpoint_id) DO UPDATE SET
                consecutive_failures = CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.consecutive_failures
                                            ELSE s.consecutive_failures + excluded.consecutive_failures END,
                last_success_at = coalesce(excluded.last_success_at, s.last_success_at),
                last_failure_at = coalesce(excluded.last_failure_at, s.last_failure_at),
                last_error = coalesce(excluded.last_error, s.last_error),
-               updated_at = now()
+               updated_at = now(),
+               failing_since = CASE WHEN excluded.last_success_at IS NOT NULL THEN NULL
+                                    ELSE coalesce(s.failing_since, now()) END,
+               (circuit, cooldown, next_probe_at, circuit_opened_at, circuit_changed_at) =
+                   (SELECT n.circuit, n.cooldown, n.next_probe_at, n.opened_at, n.changed_at
+                      FROM outbox._circuit_next(s.circuit, s.cooldown, s.next_probe_at, s.circuit_opened_at,
+                                                s.circuit_changed_at,
+                                                s.consecutive_failures + excluded.consecutive_failures,
+                                                excluded.last_success_at IS NOT NULL) n)
+        RETURNING s.endpoint_id, s.failing_since,
+                  CASE WHEN s.circuit_changed_at = now()
+                            AND (s.circuit = 'closed' OR s.circuit_opened_at = now()) THEN
+                      outbox._operator_event(
+                          CASE s.circuit WHEN 'closed' THEN 'outbox.endpoint.circuit_closed'
+                                         ELSE 'outbox.endpoint.circuit_opened' END,
+                          jsonb_build_object('endpoint_id', s.endpoint_id,
+                                             'consecutive_failures', s.consecutive_failures,
+                                             'next_probe_at', s.next_probe_at, 'last_error', s.last_error),
+                          s.endpoint_id)
+                  END AS announced
+    ),
+    disabled AS (
+        -- Stop sending where the receiver answered 410 Gone, or where every attempt has
+        -- failed for outbox.auto_disable_after. Its queue stays; enabling resumes it.
+        UPDATE outbox.endpoint e
+           SET enabled = false, disabled_reason = x.reason, updated_at = now()
+          FROM (SELECT DISTINCT ON (c.endpoint_id) c.endpoint_id, c.reason
+                  FROM (SELECT upd.endpoint_id, 'receiver answered 410 Gone' AS reason
+                          FROM upd
+                         WHERE upd.status_code = 410 AND upd.final_outcome = 'dead'
+                        UNION ALL
+                        SELECT h.endpoint_id,
+                               format('every attempt failed since %s: disabled after %s of failures',
+                                      date_trunc('second', h.failing_since), p.auto_disable_after)
+                          FROM health h, outbox._policy() p
+                         WHERE p.auto_disable_after > interval '0'
+                           AND h.failing_since <= now() - p.auto_disable_after) c
+                 ORDER BY c.endpoint_id) x
+         WHERE e.id = x.endpoint_id AND e.enabled
+        RETURNING e.id,
+                  outbox._operator_event('outbox.endpoint.disabled',
+                      jsonb_build_object('endpoint_id', e.id, 'url', e.url, 'reason', x.reason), e.id)
     ),
     rollup AS (
         INSERT INTO outbox.stats_hourly AS r
@@ -812,8 +1091,8 @@ AS $$
                latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum
     )
     -- Announcements: the live feed for every change (unless outbox.live_feed is off), and an
-    -- operator event for every delivery that died (endpoints a 410 disabled are announced
-    -- by `gone` above).
+    -- operator event for every delivery that died (disabled endpoints and circuits are
+    -- announced by `disabled` and `health` above).
     SELECT upd.id
       FROM upd
       LEFT JOIN LATERAL (
@@ -879,7 +1158,8 @@ $$;
 
 CREATE VIEW outbox.endpoints AS
 SELECT e.id, e.url, e.event_types, e.enabled, e.disabled_reason, e.timeout, e.headers,
-       e.tenant_id, e.description, e.created_at, e.updated_at
+       e.tenant_id, e.description, e.created_at, e.updated_at,
+       e.ordered, e.rate_limit, e.max_in_flight
   FROM outbox.endpoint e
  WHERE e.deleted_at IS NULL;
 
@@ -1083,9 +1363,12 @@ BEGIN
                   HINT = 'To retry every dead delivery, pass since => ''-infinity''.';
     END IF;
     WITH requeued AS (
+        -- On an ordered endpoint it joins the back of the queue.
         UPDATE outbox.delivery d
            SET status = 'pending', due_at = now(), finished_at = NULL, attempts = 0,
-               last_error = NULL, last_status_code = NULL
+               last_error = NULL, last_status_code = NULL,
+               seq = CASE WHEN (SELECT e.ordered FROM outbox.endpoint e WHERE e.id = d.endpoint_id)
+                          THEN nextval('outbox.delivery_seq') END
          WHERE d.status = 'dead'
            AND (retry_dead.delivery_id IS NULL OR d.id = retry_dead.delivery_id)
            AND (retry_dead.endpoint_id IS NULL OR d.endpoint_id = retry_dead.endpoint_id)
@@ -1122,7 +1405,7 @@ BEGIN
     END IF;
     PERFORM outbox._endpoint_or_raise(replay.endpoint_id, false);
     WITH originals AS (
-        SELECT DISTINCT ON (d.event_id) d.id, d.event_id, d.tenant_id
+        SELECT DISTINCT ON (d.event_id) d.id, d.event_id, d.tenant_id, d.created_at
           FROM outbox.delivery d
          WHERE d.endpoint_id = replay.endpoint_id AND d.status = 'delivered'
            AND d.finished_at >= replay.since
@@ -1131,8 +1414,11 @@ BEGIN
     ),
     copies AS (
         -- An event whose replay is still pending is not replayed twice.
-        INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, replay_of)
-        SELECT o.event_id, replay.endpoint_id, o.tenant_id, o.id FROM originals o
+        INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, replay_of, seq)
+        SELECT o.event_id, replay.endpoint_id, o.tenant_id, o.id,
+               CASE WHEN (SELECT e.ordered FROM outbox.endpoint e WHERE e.id = replay.endpoint_id)
+                    THEN nextval('outbox.delivery_seq') END
+          FROM (SELECT * FROM originals ORDER BY created_at, id) o
          WHERE NOT EXISTS (SELECT 1 FROM outbox.delivery p
                             WHERE p.event_id = o.event_id AND p.endpoint_id = replay.endpoint_id
                               AND p.replay_of IS NOT NULL AND p.status IN ('pending', 'in_flight'))
@@ -1259,13 +1545,16 @@ $$;
 -- More views
 -------------------------------------------------------------------------------------------
 
--- One row per live endpoint: its backlog and what the last attempts said.
+-- One row per live endpoint: its backlog, what the last attempts said, and its circuit
+-- breaker (state, when it opened, when the next probe goes, the current cool-down).
 CREATE VIEW outbox.endpoint_health AS
 SELECT e.id AS endpoint_id, e.url, e.enabled, e.disabled_reason, e.tenant_id,
        coalesce(q.pending, 0) AS pending, coalesce(q.in_flight, 0) AS in_flight,
        coalesce(q.retrying, 0) AS retrying, q.oldest_pending_age,
        coalesce(st.consecutive_failures, 0) AS consecutive_failures,
-       st.last_success_at, st.last_failure_at, st.last_error
+       st.last_success_at, st.last_failure_at, st.last_error,
+       coalesce(st.circuit, 'closed') AS circuit, st.circuit_opened_at, st.next_probe_at,
+       st.cooldown AS circuit_cooldown, st.failing_since
   FROM outbox.endpoint e
   LEFT JOIN outbox.endpoint_state st ON st.endpoint_id = e.id
   LEFT JOIN LATERAL (
@@ -1312,19 +1601,50 @@ SELECT 'outbox_endpoint_consecutive_failures', NULL, st.endpoint_id::text, st.co
   FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL
 UNION ALL
 SELECT 'outbox_endpoint_enabled', NULL, e.id::text, CASE WHEN e.enabled THEN 1 ELSE 0 END
-  FROM outbox.endpoint e WHERE e.deleted_at IS NULL;
+  FROM outbox.endpoint e WHERE e.deleted_at IS NULL
+UNION ALL
+SELECT 'outbox_endpoint_circuit_open', st.circuit::text, st.endpoint_id::text,
+       CASE WHEN st.circuit = 'closed' THEN 0 ELSE 1 END
+  FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL;
 
--- Seconds until the next delivery on an enabled endpoint becomes due (a retry's time or an
--- expired lease), negative if one is overdue, NULL if none waits. The worker sleeps that long
--- (NULL: until the poll interval or a commit wakes it).
+-- Seconds until the claim can next take something (negative if it could now), NULL if
+-- nothing waits. Per endpoint that is the latest of: its first delivery coming due (for an
+-- ordered endpoint, its head), its circuit's probe time, its rate limit's next token, and,
+-- when it is at its limit of requests in flight, the first of their leases expiring (their
+-- outcomes wake the worker sooner). The worker sleeps that long (NULL: until the poll
+-- interval or a commit wakes it), so blocked endpoints never make it spin.
 CREATE FUNCTION outbox._next_due()
 RETURNS double precision
 LANGUAGE sql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT extract(epoch FROM min(d.due_at) - clock_timestamp())::double precision
-      FROM outbox.delivery d JOIN outbox.endpoint e ON e.id = d.endpoint_id
-     WHERE d.status IN ('pending', 'in_flight') AND e.enabled AND e.deleted_at IS NULL
+    SELECT extract(epoch FROM min(r.ready_at) - clock_timestamp())::double precision
+      FROM outbox.endpoint e
+      JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
+     CROSS JOIN LATERAL (
+           SELECT d.due_at FROM outbox.delivery d
+            WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
+            ORDER BY d.due_at LIMIT 1) f
+      LEFT JOIN LATERAL (
+           SELECT d.due_at FROM outbox.delivery d
+            WHERE e.ordered AND d.endpoint_id = e.id AND d.seq IS NOT NULL
+              AND d.status IN ('pending', 'in_flight')
+            ORDER BY d.seq LIMIT 1) h ON true
+     CROSS JOIN LATERAL (
+           SELECT CASE WHEN e.ordered OR s.circuit <> 'closed' THEN 1
+                       ELSE coalesce(e.max_in_flight, nullif((outbox._policy()).endpoint_max_in_flight, 0)) END AS cap) c
+     CROSS JOIN LATERAL (
+           SELECT CASE WHEN f.due_at <= now() AND c.cap IS NOT NULL AND outbox._busy(e.id) >= c.cap
+                       THEN (SELECT min(d.due_at) FROM outbox.delivery d
+                              WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
+                                AND d.status = 'in_flight' AND d.due_at > now()) END AS free_at) b
+     CROSS JOIN LATERAL (
+           SELECT greatest(CASE WHEN e.ordered THEN h.due_at ELSE f.due_at END,
+                           CASE WHEN s.circuit = 'open' THEN s.next_probe_at END,
+                           CASE WHEN e.rate_limit IS NOT NULL
+                                THEN s.rate_tat - interval '1 second' + interval '1 second' / e.rate_limit END,
+                           b.free_at) AS ready_at) r
+     WHERE e.enabled AND e.deleted_at IS NULL
 $$;
 
 -------------------------------------------------------------------------------------------
@@ -1382,8 +1702,8 @@ BEGIN
     PERFORM outbox.grant_producer(role);
     PERFORM outbox.grant_operator(role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION
-        outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean),
-        outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text),
+        outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer),
+        outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text, boolean, integer, integer),
         outbox.delete_endpoint(uuid), outbox.endpoint_secret(uuid), outbox.generate_secret(),
         outbox.rotate_secret(uuid, text, interval),
         outbox.purge(interval, interval),

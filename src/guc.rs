@@ -58,6 +58,18 @@ pub static LIVE_FEED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static OPERATOR_ENDPOINT: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
 
+/// Consecutive failed attempts that open an endpoint's circuit; 0 turns the breaker off.
+pub static CIRCUIT_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
+/// How long an opened circuit waits before its first probe.
+pub static CIRCUIT_COOLDOWN_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// The cap on a circuit's cool-down, which doubles after each failed probe.
+pub static CIRCUIT_MAX_COOLDOWN_S: GucSetting<i32> = GucSetting::<i32>::new(3_600);
+/// An endpoint whose attempts have all failed for this long is disabled; 0 = never.
+pub static AUTO_DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 86_400);
+/// Requests in flight to one endpoint at most, unless the endpoint sets its own; 0 = no
+/// limit. Keeps one slow receiver from holding every slot of `outbox.max_in_flight`.
+pub static ENDPOINT_MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(64);
+
 /// The most requests the sender can ever hold; `outbox.max_in_flight` moves below it
 /// without a restart.
 pub const MAX_IN_FLIGHT_LIMIT: i32 = 10_000;
@@ -198,6 +210,56 @@ pub fn register() {
         c"Private or special-purpose targets the worker may send to, e.g. '10.0.0.0/8, hooks.internal'.",
         c"Loopback, private, link-local, CGNAT, multicast and other non-public addresses are refused unless listed here (CIDR blocks or exact host names).",
         &ALLOWED_TARGETS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.circuit_threshold",
+        c"Consecutive failed attempts after which an endpoint's circuit opens (0: never).",
+        c"While open, the endpoint's deliveries wait without using up their retries; then one probe is sent.",
+        &CIRCUIT_THRESHOLD,
+        0,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.circuit_cooldown",
+        c"How long an opened circuit waits before its first probe delivery.",
+        c"Each failed probe doubles the wait, up to outbox.circuit_max_cooldown.",
+        &CIRCUIT_COOLDOWN_S,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.circuit_max_cooldown",
+        c"Longest wait between probes of an endpoint whose circuit is open.",
+        c"",
+        &CIRCUIT_MAX_COOLDOWN_S,
+        1,
+        7 * 86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.auto_disable_after",
+        c"Disable an endpoint whose attempts have all failed for this long (0: never).",
+        c"Its deliveries stay queued; outbox.enable_endpoint() resumes them.",
+        &AUTO_DISABLE_AFTER_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.endpoint_max_in_flight",
+        c"Requests in flight to one endpoint at most, unless the endpoint sets max_in_flight (0: no limit).",
+        c"",
+        &ENDPOINT_MAX_IN_FLIGHT,
+        0,
+        MAX_IN_FLIGHT_LIMIT,
         GucContext::Sighup,
         GucFlags::default(),
     );

@@ -706,3 +706,59 @@ fn retention_cancels_work_left_for_deleted_endpoints() {
         "cancelled|cancelled: endpoint deleted"
     );
 }
+
+#[pg_test]
+fn delivery_limits_are_validated() {
+    assert_refused("SELECT outbox.create_endpoint('https://example.com/a', rate_limit => 0)", "22023");
+    assert_refused("SELECT outbox.create_endpoint('https://example.com/a', max_in_flight => 10001)", "22023");
+    let id = endpoint("https://example.com/a", ", rate_limit => 5, max_in_flight => 2");
+    assert_refused(&format!("SELECT outbox.update_endpoint('{id}', rate_limit => -1)"), "22023");
+    Spi::run(&format!("SELECT outbox.update_endpoint('{id}', rate_limit => 0, max_in_flight => 0)")).unwrap();
+    assert_eq!(
+        count(&format!("SELECT count(*) FROM outbox.endpoints WHERE id = '{id}' AND rate_limit IS NULL AND max_in_flight IS NULL")),
+        1
+    );
+}
+
+#[pg_test]
+fn claim_takes_only_what_each_endpoint_allows() {
+    let limited = endpoint("https://example.com/limited", ", max_in_flight => 2");
+    let paced = endpoint("https://example.com/paced", ", rate_limit => 1");
+    let free = endpoint("https://example.com/free", "");
+    Spi::run("SELECT outbox.enqueue('a.b', jsonb_build_object('n', g)) FROM generate_series(1, 10) g").unwrap();
+    let per_endpoint = |id: &str| count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id = '{id}' AND status = 'in_flight'"));
+    assert_eq!(count("SELECT count(*) FROM outbox.claim(100)"), 2 + 1 + 10);
+    assert_eq!((per_endpoint(&limited), per_endpoint(&paced), per_endpoint(&free)), (2, 1, 10));
+    // Nothing more until a slot frees up or a token comes (now() is fixed in this test).
+    assert_eq!(count("SELECT count(*) FROM outbox.claim(100)"), 0);
+    Spi::run(&format!(
+        "SELECT outbox.ack(id, attempts, 'delivered', 200) FROM outbox.delivery WHERE endpoint_id = '{limited}' AND status = 'in_flight'"
+    ))
+    .unwrap();
+    assert_eq!(count("SELECT count(*) FROM outbox.claim(100)"), 2);
+    // The worker is told when the next token comes, not "now".
+    assert!(Spi::get_one::<f64>("SELECT outbox._next_due()").unwrap().unwrap() > 0.0);
+}
+
+#[pg_test]
+fn making_an_endpoint_ordered_numbers_its_queue_oldest_first() {
+    let id = endpoint("https://example.com/erp", "");
+    Spi::run("SELECT outbox.enqueue('a.b', jsonb_build_object('n', g)) FROM generate_series(1, 5) g").unwrap();
+    Spi::run(&format!("SELECT outbox.update_endpoint('{id}', ordered => true)")).unwrap();
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery WHERE seq IS NULL"), 0);
+    Spi::run("SELECT outbox.enqueue('a.b', jsonb_build_object('n', 6))").unwrap();
+    // One at a time: the head, and nothing behind it while it is in flight.
+    assert_eq!(count("SELECT count(*) FROM outbox.claim(100)"), 1);
+    assert_eq!(count("SELECT count(*) FROM outbox.claim(100)"), 0);
+    // A retrying head holds the rest back.
+    Spi::run("SELECT outbox.ack(id, attempts, 'retry', 503, retry_at => now() + interval '1 hour') FROM outbox.delivery WHERE status = 'in_flight'").unwrap();
+    assert_eq!(count("SELECT count(*) FROM outbox.claim(100)"), 0);
+    // When it dies, the next one goes.
+    Spi::run("UPDATE outbox.delivery SET due_at = now() WHERE attempts = 1").unwrap();
+    Spi::run("SELECT outbox.ack(delivery_id, attempt, 'dead', 400) FROM outbox.claim(100)").unwrap();
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery WHERE status = 'dead'"), 1);
+    let next = Spi::get_one::<pgrx::JsonB>("SELECT ev.payload FROM outbox.claim(100) c JOIN outbox.event ev ON ev.id = c.event_id")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.0["n"], 2);
+}

@@ -11,7 +11,7 @@ use common::{sqlstate, Cluster};
 fn setup(cluster: &Cluster, events: usize) {
     let mut c = cluster.client();
     c.batch_execute(&format!(
-        "SELECT outbox.create_endpoint('http://127.0.0.1:9/hook');
+        "SELECT outbox.create_endpoint('http://127.0.0.1:9/hook', max_in_flight => 10000);
          SELECT outbox.enqueue('test.event', jsonb_build_object('n', g)) FROM generate_series(1, {events}) g;"
     ))
     .unwrap();

@@ -3,33 +3,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::worker::{endpoint, scalar_text, wait_settled, FAST};
+use common::worker::{collect_notifications as collect, endpoint, scalar_text, wait_settled, FAST};
 use common::Cluster;
 use outbox_receiver::{Receiver, Reply};
-use postgres::fallible_iterator::FallibleIterator;
-
-/// Collects notifications until `until` says enough or `timeout` passes.
-fn collect(
-    c: &mut postgres::Client,
-    timeout: Duration,
-    until: impl Fn(&[(String, serde_json::Value)]) -> bool,
-) -> Vec<(String, serde_json::Value)> {
-    let deadline = Instant::now() + timeout;
-    let mut got = Vec::new();
-    while Instant::now() < deadline && !until(&got) {
-        let mut n = c.notifications();
-        let mut it = n.timeout_iter(Duration::from_millis(200));
-        while let Ok(Some(note)) = it.next() {
-            got.push((
-                note.channel().to_string(),
-                serde_json::from_str(note.payload()).unwrap(),
-            ));
-        }
-    }
-    got
-}
 
 fn statuses(got: &[(String, serde_json::Value)], channel: &str, id: &str) -> Vec<String> {
     got.iter()

@@ -1,4 +1,4 @@
-//! Upgrading from the previous release: install 0.1.0, queue work in every state, run
+//! Upgrading from earlier releases: install 0.1.0 (or 0.2.0), queue work in every state, run
 //! ALTER EXTENSION ... UPDATE, and check that nothing queued was lost, the new functions
 //! work, and the upgraded schema is exactly what a fresh install creates.
 
@@ -87,7 +87,7 @@ fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(version, "0.2.0");
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
 
     // Nothing queued was lost or changed.
     let after: Vec<String> = c
@@ -150,7 +150,7 @@ fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
         .get(0);
     assert_eq!(per_minute, 8);
 
-    // The upgraded schema is what a fresh 0.2.0 install creates (after the same grant).
+    // The upgraded schema is what a fresh install creates (after the same grant).
     c.batch_execute("CREATE DATABASE fresh").unwrap();
     let mut fresh = cluster.client_to("fresh");
     fresh
@@ -159,13 +159,104 @@ fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
     // grant_operator in 0.2.0 grants more than in 0.1.0; grant it on the upgraded side too.
     c.batch_execute("SELECT outbox.grant_operator('oncall')")
         .unwrap();
-    let (upgraded, installed) = (schema(&mut c), schema(&mut fresh));
+    assert_same_schema(&mut c, &mut fresh);
+}
+
+fn assert_same_schema(upgraded: &mut postgres::Client, fresh: &mut postgres::Client) {
+    let (upgraded, installed) = (schema(upgraded), schema(fresh));
     let only_upgraded: Vec<&String> = upgraded.iter().filter(|l| !installed.contains(l)).collect();
     let only_fresh: Vec<&String> = installed.iter().filter(|l| !upgraded.contains(l)).collect();
     assert!(
         only_upgraded.is_empty() && only_fresh.is_empty(),
         "schemas differ:\nonly after upgrade: {only_upgraded:#?}\nonly in a fresh install: {only_fresh:#?}"
     );
+}
+
+#[test]
+fn upgrading_from_0_2_0_gives_every_endpoint_a_circuit_and_keeps_grants() {
+    let cluster = Cluster::start_empty(&[]);
+    let mut c = cluster.client();
+    c.batch_execute("CREATE EXTENSION webhook_outbox VERSION '0.2.0'")
+        .unwrap();
+    c.batch_execute("CREATE ROLE platform LOGIN; SELECT outbox.grant_admin('platform');")
+        .unwrap();
+    let ep: String = c
+        .query_one(
+            "SELECT outbox.create_endpoint('https://example.com/hook')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // Work in every state, and a failure streak in progress.
+    c.batch_execute(
+        "SELECT outbox.enqueue('order.created', jsonb_build_object('n', g)) FROM generate_series(1, 10) g;
+         SELECT outbox.ack(delivery_id, attempt, 'delivered', 200) FROM outbox.claim(2, 'old');
+         SELECT outbox.ack(delivery_id, attempt, 'retry', 503, retry_at => now() - interval '1 second')
+           FROM outbox.claim(3, 'old');
+         SELECT count(*) FROM outbox.claim(1, 'old');",
+    )
+    .unwrap();
+    let before: Vec<String> = c
+        .query(
+            "SELECT concat_ws('|', id, status, attempts, due_at) FROM outbox.delivery ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    c.batch_execute("ALTER EXTENSION webhook_outbox UPDATE")
+        .unwrap();
+
+    let after: Vec<String> = c
+        .query(
+            "SELECT concat_ws('|', id, status, attempts, due_at) FROM outbox.delivery ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(before, after, "queued work is untouched");
+    let state = c
+        .query_one(
+            &format!(
+                "SELECT circuit::text, consecutive_failures, failing_since IS NOT NULL
+                   FROM outbox.endpoint_state WHERE endpoint_id = '{ep}'"
+            ),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(state.get::<_, String>(0), "closed");
+    assert_eq!(state.get::<_, i32>(1), 3);
+    assert!(
+        state.get::<_, bool>(2),
+        "a failing endpoint counts as failing"
+    );
+    // The new claim takes everything due: the 3 retries and the 4 never tried (2 were
+    // delivered, 1 is held by its lease).
+    let claimed = c
+        .query("SELECT * FROM outbox.claim(100, 'new')", &[])
+        .unwrap();
+    assert_eq!(claimed.len(), 7);
+
+    // The admin granted before the upgrade can use the new arguments.
+    let info = cluster.conninfo().replace("user=postgres", "user=platform");
+    let mut admin = postgres::Client::connect(&info, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(
+            "SELECT outbox.create_endpoint('https://example.com/ordered', ordered => true, rate_limit => 10);
+             SELECT outbox.update_endpoint(id, max_in_flight => 4) FROM outbox.endpoints;",
+        )
+        .unwrap();
+
+    c.batch_execute("CREATE DATABASE fresh").unwrap();
+    let mut fresh = cluster.client_to("fresh");
+    fresh
+        .batch_execute("CREATE EXTENSION webhook_outbox; SELECT outbox.grant_admin('platform');")
+        .unwrap();
+    assert_same_schema(&mut c, &mut fresh);
 }
 
 #[test]

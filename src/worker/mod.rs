@@ -88,6 +88,9 @@ struct Worker {
     warned_stale: bool,
     /// The version of the extension's SQL last seen in the database.
     installed: Option<String>,
+    /// Whether the server was last seen in recovery (a hot standby), so the change is
+    /// logged once each way.
+    standby: bool,
 }
 
 /// What a successful cycle claimed.
@@ -141,6 +144,7 @@ impl Worker {
             next_retention: std::time::Instant::now(),
             warned_stale: false,
             installed: None,
+            standby: false,
             settings,
         })
     }
@@ -223,8 +227,32 @@ impl Worker {
         );
     }
 
+    /// Whether this server is a standby (in recovery). A standby has the queue (every table
+    /// is WAL-logged) but must not send anything: its primary does. After promotion the
+    /// same worker starts delivering without a restart.
+    fn on_standby(&mut self) -> bool {
+        let standby = unsafe { pg_sys::RecoveryInProgress() };
+        if standby != self.standby {
+            if standby {
+                log!("webhook_outbox worker: this server is a standby; delivering nothing until it is promoted");
+            } else {
+                log!("webhook_outbox worker: this server was promoted; delivering");
+            }
+            self.standby = standby;
+        }
+        standby
+    }
+
     /// Records finished attempts and claims new work, in one transaction.
     fn cycle(&mut self) -> Result<CycleResult, String> {
+        if self.on_standby() {
+            return Ok(CycleResult {
+                claimed: 0,
+                requested: 0,
+                next_due: None,
+                ready: false,
+            });
+        }
         self.take_records();
         let free = self
             .settings
@@ -326,7 +354,8 @@ impl Worker {
     /// (more may be waiting), or `None` when it did not run.
     fn retention(&mut self) -> Option<bool> {
         let now = std::time::Instant::now();
-        if now < self.next_retention
+        if self.standby
+            || now < self.next_retention
             || (self.settings.retention_delivered.is_none()
                 && self.settings.retention_dead.is_none())
         {

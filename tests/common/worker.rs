@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use postgres::fallible_iterator::FallibleIterator;
+
 use super::Cluster;
 
 /// postgresql.conf lines for a cluster whose worker retries fast.
@@ -75,4 +77,25 @@ pub fn worker_pid(cluster: &Cluster) -> i32 {
         cluster.log()
     );
     pid
+}
+
+/// Collects notifications (channel, JSON payload) until `until` says enough or `timeout` passes.
+pub fn collect_notifications(
+    c: &mut postgres::Client,
+    timeout: Duration,
+    until: impl Fn(&[(String, serde_json::Value)]) -> bool,
+) -> Vec<(String, serde_json::Value)> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while Instant::now() < deadline && !until(&got) {
+        let mut n = c.notifications();
+        let mut it = n.timeout_iter(Duration::from_millis(200));
+        while let Ok(Some(note)) = it.next() {
+            got.push((
+                note.channel().to_string(),
+                serde_json::from_str(note.payload()).unwrap(),
+            ));
+        }
+    }
+    got
 }
