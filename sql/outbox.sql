@@ -105,11 +105,13 @@ CREATE SEQUENCE outbox.delivery_seq;
 -- value; each replay is an extra delivery. Led by event_id, it also serves every lookup of
 -- an event's deliveries (the foreign key's checks when retention deletes events).
 CREATE UNIQUE INDEX delivery_event_endpoint_key ON outbox.delivery (event_id, endpoint_id, replay_of) NULLS NOT DISTINCT;
--- The claim, endpoint by endpoint: each endpoint's live rows in due order. Claiming per
+-- The claim, endpoint by endpoint: each endpoint's pending rows in due order. Claiming per
 -- endpoint keeps one endpoint's backlog (behind an open circuit, a rate limit, a disabled
--- endpoint) from ever sitting in front of another's due rows. Also: per-endpoint backlog,
--- requests in flight, cancelling on delete.
-CREATE INDEX delivery_endpoint_due_idx ON outbox.delivery (endpoint_id, due_at) WHERE status IN ('pending', 'in_flight');
+-- endpoint) from ever sitting in front of another's due rows.
+CREATE INDEX delivery_pending_idx ON outbox.delivery (endpoint_id, due_at) WHERE status = 'pending';
+-- Each endpoint's requests in flight by lease expiry: expired leases are found here. Kept
+-- apart from the pending rows so that neither scan walks the other's entries.
+CREATE INDEX delivery_in_flight_idx ON outbox.delivery (endpoint_id, due_at) WHERE status = 'in_flight';
 -- The head of an ordered endpoint's queue.
 CREATE INDEX delivery_ordered_idx ON outbox.delivery (endpoint_id, seq) WHERE seq IS NOT NULL AND status IN ('pending', 'in_flight');
 -- Finished rows by age: recent-hour statistics and retention.
@@ -154,7 +156,11 @@ CREATE TABLE outbox.endpoint_state (
     failing_since        timestamptz,
     -- Rate limit (GCRA): the endpoint's "theoretical arrival time"; one more request may go
     -- while it is less than a second ahead of now.
-    rate_tat             timestamptz
+    rate_tat             timestamptz,
+    -- Its deliveries in_flight: +1 per claim, -1 per accepted ack, cancel or expired lease,
+    -- in the same statements that change their status. The claim checks max_in_flight
+    -- against it (counting rows instead would walk every version the index still holds).
+    in_flight            integer     NOT NULL DEFAULT 0
 );
 
 -- Hourly rollup of finished deliveries, written with each acknowledged batch. Statistics
@@ -273,7 +279,9 @@ END
 $$;
 
 -- The delivery-control settings, read where SQL decides (claim, ack). A session that has
--- not loaded the library sees the documented defaults.
+-- not loaded the library sees the documented defaults. (The small helpers on the claim and
+-- ack path are plpgsql rather than sql: their plans are prepared once per session instead
+-- of on every call.)
 CREATE FUNCTION outbox._policy(
     OUT circuit_threshold integer,
     OUT circuit_cooldown interval,
@@ -281,25 +289,69 @@ CREATE FUNCTION outbox._policy(
     OUT auto_disable_after interval,
     OUT endpoint_max_in_flight integer
 )
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(current_setting('outbox.circuit_threshold', true), '10')::integer,
-           coalesce(current_setting('outbox.circuit_cooldown', true), '1min')::interval,
-           coalesce(current_setting('outbox.circuit_max_cooldown', true), '1h')::interval,
-           coalesce(current_setting('outbox.auto_disable_after', true), '5d')::interval,
-           coalesce(current_setting('outbox.endpoint_max_in_flight', true), '64')::integer
+BEGIN
+    circuit_threshold := coalesce(current_setting('outbox.circuit_threshold', true), '10')::integer;
+    circuit_cooldown := coalesce(current_setting('outbox.circuit_cooldown', true), '1min')::interval;
+    circuit_max_cooldown := coalesce(current_setting('outbox.circuit_max_cooldown', true), '1h')::interval;
+    auto_disable_after := coalesce(current_setting('outbox.auto_disable_after', true), '5d')::interval;
+    endpoint_max_in_flight := coalesce(current_setting('outbox.endpoint_max_in_flight', true), '64')::integer;
+END
 $$;
 
--- Requests to an endpoint in flight right now (claimed, lease not expired).
-CREATE FUNCTION outbox._busy(p_endpoint_id uuid)
+-- Counts an endpoint's deliveries in flight, and corrects outbox.endpoint_state.in_flight
+-- if it says otherwise (the claim asks only when the counter says the endpoint is full, so
+-- a counter that drifted never holds an endpoint back for long).
+CREATE FUNCTION outbox._recount_in_flight(p_endpoint_id uuid)
 RETURNS integer
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
-    SELECT count(*)::integer FROM outbox.delivery d
-     WHERE d.endpoint_id = p_endpoint_id AND d.status IN ('pending', 'in_flight')
-       AND d.due_at > now() AND d.status = 'in_flight'
+DECLARE
+    n integer := (SELECT count(*) FROM outbox.delivery d
+                   WHERE d.endpoint_id = p_endpoint_id AND d.status = 'in_flight');
+BEGIN
+    UPDATE outbox.endpoint_state SET in_flight = n WHERE endpoint_id = p_endpoint_id AND in_flight <> n;
+    RETURN n;
+END
+$$;
+
+-- Leases that expired (their sender died or hung) make their deliveries pending again, due
+-- at once; the attempt number stays, so the old holder's late ack is refused. Returns how
+-- many. The claim runs it first, for the endpoints it may serve.
+CREATE FUNCTION outbox._requeue_expired(p_endpoint_id uuid)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH expired AS (
+        UPDATE outbox.delivery d
+           SET status = 'pending', lease_owner = NULL,
+               last_error = 'lease expired before the sender reported back'
+          FROM (SELECT x.id
+                  FROM outbox.endpoint e
+                 CROSS JOIN LATERAL (
+                       SELECT q.id FROM outbox.delivery q
+                        WHERE q.endpoint_id = e.id AND q.status = 'in_flight' AND q.due_at <= now()
+                          FOR UPDATE SKIP LOCKED) x
+                 WHERE (p_endpoint_id IS NULL OR e.id = p_endpoint_id)) x
+         WHERE d.id = x.id
+        RETURNING d.endpoint_id
+    ),
+    counted AS (
+        UPDATE outbox.endpoint_state s SET in_flight = greatest(s.in_flight - c.n, 0)
+          FROM (SELECT endpoint_id, count(*)::integer AS n FROM expired GROUP BY endpoint_id) c
+         WHERE s.endpoint_id = c.endpoint_id
+        RETURNING c.n
+    )
+    SELECT coalesce(sum(counted.n), 0) INTO n FROM counted;
+    RETURN n;
+END
 $$;
 
 -- The circuit breaker's rule, in one place: an endpoint's next circuit state after a batch
@@ -313,13 +365,15 @@ CREATE FUNCTION outbox._circuit_next(
     OUT circuit outbox.circuit_state, OUT cooldown interval, OUT next_probe_at timestamptz,
     OUT opened_at timestamptz, OUT changed_at timestamptz
 )
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
     SELECT n.circuit, n.cooldown, n.next_probe_at,
            CASE WHEN n.circuit = 'closed' THEN NULL
                 WHEN p_circuit = 'closed' THEN now() ELSE p_opened_at END,
            CASE WHEN n.circuit <> p_circuit THEN now() ELSE p_changed_at END
+      INTO circuit, cooldown, next_probe_at, opened_at, changed_at
       FROM outbox._policy() p
      CROSS JOIN LATERAL (
            SELECT CASE WHEN p_succeeded THEN 'closed'::outbox.circuit_state
@@ -338,7 +392,8 @@ AS $$
                   c.cooldown,
                   CASE WHEN c.circuit = 'closed' THEN NULL
                        WHEN c.circuit = 'open' AND p_circuit <> 'open' THEN now() + c.cooldown
-                       ELSE p_next_probe_at END AS next_probe_at) n
+                       ELSE p_next_probe_at END AS next_probe_at) n;
+END
 $$;
 
 -- The live endpoint, locked: FOR UPDATE by the functions that change it, FOR SHARE by
@@ -588,6 +643,7 @@ BEGIN
            last_error = 'cancelled: endpoint deleted'
      WHERE d.endpoint_id = delete_endpoint.endpoint_id AND d.status IN ('pending', 'in_flight');
     GET DIAGNOSTICS n = ROW_COUNT;
+    UPDATE outbox.endpoint_state SET in_flight = 0 WHERE endpoint_id = delete_endpoint.endpoint_id;
     RETURN n;
 END
 $$;
@@ -778,27 +834,29 @@ $$;
 -- Claim and acknowledge (the worker uses these same statements)
 -------------------------------------------------------------------------------------------
 
--- Claims up to p_batch_size due deliveries (pending ones whose time has come, and in-flight
--- ones whose lease expired because their sender died): each is set in_flight with its lease running
+-- Claims up to p_batch_size due deliveries: each is set in_flight with its lease running
 -- until now() + lease and its attempt number incremented; the attempt number is the fencing
--- token the ack must present.
+-- token the ack must present. Leases that expired are first made pending again
+-- (outbox._requeue_expired), so their deliveries are claimed like any other.
 --
 -- It goes endpoint by endpoint, the endpoint with the oldest due delivery first, and takes
 -- from each what its policy allows right now:
 --   circuit open (before its probe time): nothing; open after it, or half-open: one probe,
 --     when nothing else is in flight there;
---   ordered: its oldest unfinished delivery, when that is due and nothing is in flight;
+--   ordered: its oldest unfinished delivery, when that is due (so never while one is in
+--     flight);
 --   max_in_flight (or outbox.endpoint_max_in_flight): up to the free slots;
 --   rate_limit: what the token bucket holds (one second's worth at most).
--- Where a limit must be exact (rate limit, circuit probe, ordered head) the endpoint's state
--- row is locked (SKIP LOCKED: another claimer serving it makes this one skip it this time);
--- max_in_flight is a soft limit that concurrent claimers may overshoot by their batch, so
--- plain endpoints are served by many claimers at once. Each endpoint's rows come from its
--- own range of delivery_endpoint_due_idx in due order, so a blocked endpoint's backlog is
--- never read by the claims of the others. Sorts and bitmap scans are priced out: the plans
--- stay index scans in due order whatever the statistics said when they were cached. (JIT
--- is off: the priced-out sort of the few endpoints would otherwise look expensive enough
--- to compile, which costs far more than the claim.)
+-- The endpoint's state row is locked (SKIP LOCKED) while it is served: its in-flight
+-- counter, token bucket and circuit change with the claim, and another claimer serving the
+-- same endpoint at that moment makes this one pass it by. Each endpoint's rows come from
+-- its own range of delivery_pending_idx in due order, so a blocked endpoint's backlog is
+-- never read by the claims of the others. Sequential scans, sorts and bitmap scans are
+-- priced out: the plans, prepared once per session, stay index scans in due order whatever
+-- the statistics said when they were made (a plan made while the tables were small would
+-- otherwise hash-join whole tables once they are large). (JIT is off: the priced-out sort
+-- of the few endpoints would otherwise look expensive enough to compile, which costs far
+-- more than the claim.)
 CREATE FUNCTION outbox._claim(
     p_batch_size integer, p_worker text, p_lease interval, p_endpoint_id uuid, p_tenant_id text
 )
@@ -806,26 +864,26 @@ RETURNS TABLE (o_delivery_id uuid, o_event_id text, o_attempt integer, o_endpoin
                o_secret text, o_headers jsonb, o_timeout interval, o_event_type text, o_body text,
                o_tenant_id text, o_previous_secret text)
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp SET enable_sort = off SET enable_bitmapscan = off SET jit = off
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET enable_sort = off SET enable_bitmapscan = off SET jit = off
 AS $$
 DECLARE
-    v_left  integer := outbox._check_claim(p_batch_size, p_lease);
-    v_cap   integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
-    v_ep    record;
-    v_circuit outbox.circuit_state;
-    v_probe   timestamptz;
-    v_tat     timestamptz;
-    v_quota integer;
-    v_ids   uuid[];
-    v_got   integer;
+    v_left    integer := outbox._check_claim(p_batch_size, p_lease);
+    v_cap     integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
+    v_ep      record;
+    v_st      outbox.endpoint_state;
+    v_quota   integer;
+    v_ids     uuid[];
+    v_got     integer;
 BEGIN
+    PERFORM outbox._requeue_expired(p_endpoint_id);
     FOR v_ep IN
-        SELECT e.id, e.ordered, e.rate_limit, coalesce(e.max_in_flight, v_cap) AS cap, s.circuit
+        SELECT e.id, e.ordered, e.rate_limit, coalesce(e.max_in_flight, v_cap) AS cap
           FROM outbox.endpoint e
           JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
          CROSS JOIN LATERAL (
                SELECT d.due_at FROM outbox.delivery d
-                WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
+                WHERE d.endpoint_id = e.id AND d.status = 'pending'
                 ORDER BY d.due_at LIMIT 1) f
          WHERE e.enabled AND e.deleted_at IS NULL
            AND (p_endpoint_id IS NULL OR e.id = p_endpoint_id)
@@ -836,43 +894,40 @@ BEGIN
          ORDER BY f.due_at
     LOOP
         EXIT WHEN v_left <= 0;
+        SELECT * INTO v_st FROM outbox.endpoint_state s WHERE s.endpoint_id = v_ep.id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND OR (v_st.circuit = 'open' AND v_st.next_probe_at > now());
+
         v_quota := v_left;
-        v_circuit := 'closed';
-        v_tat := NULL;
-        IF v_ep.ordered OR v_ep.rate_limit IS NOT NULL OR v_ep.circuit <> 'closed' THEN
-            SELECT s.circuit, s.next_probe_at, s.rate_tat INTO v_circuit, v_probe, v_tat
-              FROM outbox.endpoint_state s WHERE s.endpoint_id = v_ep.id
-               FOR UPDATE SKIP LOCKED;
-            CONTINUE WHEN NOT FOUND OR (v_circuit = 'open' AND v_probe > now());
-        END IF;
-        IF v_ep.ordered OR v_circuit <> 'closed' THEN
-            v_quota := least(v_quota, 1 - outbox._busy(v_ep.id));
-        ELSIF v_ep.cap IS NOT NULL THEN
-            v_quota := least(v_quota, v_ep.cap - outbox._busy(v_ep.id));
+        IF v_st.circuit <> 'closed' THEN
+            v_quota := least(v_quota, 1 - v_st.in_flight);
+        ELSIF v_ep.cap IS NOT NULL AND NOT v_ep.ordered THEN
+            v_quota := least(v_quota, v_ep.cap - v_st.in_flight);
+            IF v_quota <= 0 THEN
+                v_quota := least(v_left, v_ep.cap - outbox._recount_in_flight(v_ep.id));
+            END IF;
         END IF;
         IF v_ep.rate_limit IS NOT NULL THEN
             v_quota := least(v_quota, floor(extract(epoch FROM now() + interval '1 second'
-                             - greatest(coalesce(v_tat, now()), now())) * v_ep.rate_limit)::integer);
+                             - greatest(coalesce(v_st.rate_tat, now()), now())) * v_ep.rate_limit)::integer);
         END IF;
         CONTINUE WHEN v_quota <= 0;
 
         IF v_ep.ordered THEN
             -- Only the head of its queue may go, and only once it is due: a retrying head
-            -- holds back everything behind it.
+            -- holds back everything behind it, and so does one in flight.
             SELECT array_agg(h.id) INTO v_ids
               FROM (SELECT d.id FROM outbox.delivery d
                      WHERE d.id = (SELECT q.id FROM outbox.delivery q
                                     WHERE q.endpoint_id = v_ep.id AND q.seq IS NOT NULL
                                       AND q.status IN ('pending', 'in_flight')
                                     ORDER BY q.seq LIMIT 1)
-                       AND d.status IN ('pending', 'in_flight') AND d.due_at <= now()
+                       AND d.status = 'pending' AND d.due_at <= now()
                        AND (p_tenant_id IS NULL OR d.tenant_id = p_tenant_id)
                        FOR UPDATE SKIP LOCKED) h;
         ELSE
             SELECT array_agg(x.id) INTO v_ids
               FROM (SELECT d.id FROM outbox.delivery d
-                     WHERE d.endpoint_id = v_ep.id AND d.status IN ('pending', 'in_flight')
-                       AND d.due_at <= now()
+                     WHERE d.endpoint_id = v_ep.id AND d.status = 'pending' AND d.due_at <= now()
                        AND (p_tenant_id IS NULL OR d.tenant_id = p_tenant_id)
                      ORDER BY d.due_at
                      LIMIT v_quota
@@ -898,15 +953,14 @@ BEGIN
         GET DIAGNOSTICS v_got = ROW_COUNT;
         v_left := v_left - v_got;
 
-        IF v_got > 0 AND (v_ep.rate_limit IS NOT NULL OR v_circuit = 'open') THEN
-            UPDATE outbox.endpoint_state s
-               SET rate_tat = CASE WHEN v_ep.rate_limit IS NULL THEN s.rate_tat
-                                   ELSE greatest(coalesce(s.rate_tat, now()), now())
-                                        + v_got * interval '1 second' / v_ep.rate_limit END,
-                   circuit = CASE WHEN s.circuit = 'open' THEN 'half_open' ELSE s.circuit END,
-                   circuit_changed_at = CASE WHEN s.circuit = 'open' THEN now() ELSE s.circuit_changed_at END
-             WHERE s.endpoint_id = v_ep.id;
-        END IF;
+        UPDATE outbox.endpoint_state s
+           SET in_flight = s.in_flight + v_got,
+               rate_tat = CASE WHEN v_ep.rate_limit IS NULL THEN s.rate_tat
+                               ELSE greatest(coalesce(s.rate_tat, now()), now())
+                                    + v_got * interval '1 second' / v_ep.rate_limit END,
+               circuit = CASE WHEN s.circuit = 'open' THEN 'half_open' ELSE s.circuit END,
+               circuit_changed_at = CASE WHEN s.circuit = 'open' THEN now() ELSE s.circuit_changed_at END
+         WHERE s.endpoint_id = v_ep.id;
     END LOOP;
 END
 $$;
@@ -957,9 +1011,13 @@ CREATE FUNCTION outbox.ack_batch(
     worker        text               DEFAULT NULL
 )
 RETURNS SETOF uuid
-LANGUAGE sql
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
+#variable_conflict use_column
+BEGIN
+    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
+    RETURN QUERY
     WITH input AS (
         SELECT i.*,
                CASE WHEN i.outcome <> 'retry' THEN NULL
@@ -997,7 +1055,9 @@ AS $$
                                  THEN concat_ws(': ', x.error, 'retry schedule exhausted')
                                  ELSE x.error END
           FROM decided x, outbox.event ev
-         WHERE d.id = x.id AND d.status = 'in_flight' AND d.attempts = x.attempt AND ev.id = d.event_id
+         -- status is compared as text so that no plan can read delivery_in_flight_idx whole
+         -- (a plan cached while few rows were in flight would): each row is found by its id.
+         WHERE d.id = x.id AND d.status::text = 'in_flight' AND d.attempts = x.attempt AND ev.id = d.event_id
         RETURNING d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at, x.attempt, x.final_outcome,
                   x.status_code, x.error, x.duration_ms, x.response_body, ev.event_type
     ),
@@ -1012,10 +1072,13 @@ AS $$
         -- batch's failures extend it; the circuit breaker takes its step
         -- (outbox._circuit_next) and announces when the circuit opens or closes again.
         -- Rows are taken in endpoint order, so concurrent acks lock them in one order.
+        -- (in_flight carries the batch's count of finished attempts into `excluded`; the
+        -- state row exists from create_endpoint on, so the INSERT branch is a fallback.)
         INSERT INTO outbox.endpoint_state AS s
-               (endpoint_id, consecutive_failures, last_success_at, last_failure_at, last_error, updated_at,
-                failing_since)
+               (endpoint_id, in_flight, consecutive_failures, last_success_at, last_failure_at, last_error,
+                updated_at, failing_since)
         SELECT upd.endpoint_id,
+               0 - count(*)::integer,
                count(*) FILTER (WHERE upd.final_outcome <> 'delivered'),
                CASE WHEN bool_or(upd.final_outcome = 'delivered') THEN now() END,
                CASE WHEN bool_or(upd.final_outcome <> 'delivered') THEN now() END,
@@ -1026,6 +1089,7 @@ AS $$
          GROUP BY upd.endpoint_id
          ORDER BY upd.endpoint_id
         ON CONFLICT (endpoint_id) DO UPDATE SET
+               in_flight = greatest(s.in_flight + excluded.in_flight, 0),
                consecutive_failures = CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.consecutive_failures
                                            ELSE s.consecutive_failures + excluded.consecutive_failures END,
                last_success_at = coalesce(excluded.last_success_at, s.last_success_at),
@@ -1106,7 +1170,8 @@ AS $$
                                         'event_type', upd.event_type, 'attempts', upd.attempt,
                                         'status_code', upd.status_code, 'error', upd.error),
                      upd.endpoint_id)
-           WHERE upd.final_outcome = 'dead') dead ON true
+           WHERE upd.final_outcome = 'dead') dead ON true;
+END
 $$;
 
 -- Records one attempt's outcome ('delivered', 'retry' or 'dead') and returns the delivery's
@@ -1196,7 +1261,7 @@ SELECT d.id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url, d.
 -------------------------------------------------------------------------------------------
 
 -- Queue health in one row. Every count reads a partial index over the live part of the
--- table or a time-bounded range of the finished index, so the cost does not grow with the
+-- table (pending, in flight) or a time-bounded range of the finished index, so the cost does not grow with the
 -- history kept.
 CREATE FUNCTION outbox.stats(
     OUT pending               bigint,
@@ -1220,8 +1285,9 @@ AS $$
                count(*) FILTER (WHERE status = 'in_flight')                      AS in_flight,
                count(*) FILTER (WHERE status = 'pending' AND attempts > 0)       AS retrying,
                now() - min(created_at) FILTER (WHERE status = 'pending')         AS oldest
-          FROM outbox.delivery
-         WHERE status IN ('pending', 'in_flight')
+          FROM (SELECT status, due_at, attempts, created_at FROM outbox.delivery WHERE status = 'pending'
+                UNION ALL
+                SELECT status, due_at, attempts, created_at FROM outbox.delivery WHERE status = 'in_flight') d
     ),
     recent AS (
         SELECT count(*) FILTER (WHERE status = 'delivered') AS delivered,
@@ -1451,10 +1517,19 @@ BEGIN
         UPDATE outbox.delivery d
            SET status = 'cancelled', finished_at = now(), lease_owner = NULL,
                last_error = 'cancelled by operator'
-         WHERE d.status IN ('pending', 'in_flight')
-           AND (cancel.delivery_id IS NULL OR d.id = cancel.delivery_id)
-           AND (cancel.endpoint_id IS NULL OR d.endpoint_id = cancel.endpoint_id)
-        RETURNING d.id, d.attempts
+          FROM (SELECT q.id, q.status FROM outbox.delivery q
+                 WHERE q.status IN ('pending', 'in_flight')
+                   AND (cancel.delivery_id IS NULL OR q.id = cancel.delivery_id)
+                   AND (cancel.endpoint_id IS NULL OR q.endpoint_id = cancel.endpoint_id)
+                   FOR UPDATE) old
+         WHERE d.id = old.id
+        RETURNING d.id, d.attempts, d.endpoint_id, old.status AS was
+    ),
+    counted AS (
+        UPDATE outbox.endpoint_state s SET in_flight = greatest(s.in_flight - c.n, 0)
+          FROM (SELECT endpoint_id, count(*)::integer AS n FROM cancelled
+                 WHERE was = 'in_flight' GROUP BY endpoint_id) c
+         WHERE s.endpoint_id = c.endpoint_id
     )
     INSERT INTO outbox.attempt (delivery_id, attempt, outcome, error, worker)
     SELECT id, attempts, 'cancelled', 'cancelled by operator', session_user FROM cancelled;
@@ -1562,8 +1637,11 @@ SELECT e.id AS endpoint_id, e.url, e.enabled, e.disabled_reason, e.tenant_id,
                count(*) FILTER (WHERE d.status = 'in_flight') AS in_flight,
                count(*) FILTER (WHERE d.status = 'pending' AND d.attempts > 0) AS retrying,
                now() - min(d.created_at) FILTER (WHERE d.status = 'pending') AS oldest_pending_age
-          FROM outbox.delivery d
-         WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
+          FROM (SELECT d.status, d.attempts, d.created_at FROM outbox.delivery d
+                 WHERE d.endpoint_id = e.id AND d.status = 'pending'
+                UNION ALL
+                SELECT d.status, d.attempts, d.created_at FROM outbox.delivery d
+                 WHERE d.endpoint_id = e.id AND d.status = 'in_flight') d
        ) q ON true
  WHERE e.deleted_at IS NULL;
 
@@ -1581,9 +1659,11 @@ SELECT a.created_at, a.delivery_id, d.event_id, ev.event_type, d.endpoint_id, e.
 -- Counters and gauges in the shape Prometheus exporters want: one row per metric and label
 -- set. See contrib/postgres_exporter.yml.
 CREATE VIEW outbox.metrics AS
-SELECT 'outbox_deliveries'::text AS metric, s.status::text AS status, NULL::text AS endpoint_id,
+SELECT 'outbox_deliveries'::text AS metric, 'pending'::text AS status, NULL::text AS endpoint_id,
        count(*)::double precision AS value
-  FROM outbox.delivery s WHERE s.status IN ('pending', 'in_flight') GROUP BY s.status
+  FROM outbox.delivery WHERE status = 'pending'
+UNION ALL
+SELECT 'outbox_deliveries', 'in_flight', NULL, count(*) FROM outbox.delivery WHERE status = 'in_flight'
 UNION ALL
 SELECT 'outbox_deliveries', 'dead', NULL, count(*) FROM outbox.delivery WHERE status = 'dead'
 UNION ALL
@@ -1608,43 +1688,48 @@ SELECT 'outbox_endpoint_circuit_open', st.circuit::text, st.endpoint_id::text,
   FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL;
 
 -- Seconds until the claim can next take something (negative if it could now), NULL if
--- nothing waits. Per endpoint that is the latest of: its first delivery coming due (for an
--- ordered endpoint, its head), its circuit's probe time, its rate limit's next token, and,
--- when it is at its limit of requests in flight, the first of their leases expiring (their
--- outcomes wake the worker sooner). The worker sleeps that long (NULL: until the poll
--- interval or a commit wakes it), so blocked endpoints never make it spin.
+-- nothing waits. Per endpoint that is the latest of: its first pending delivery coming due
+-- (for an ordered endpoint, its head), its circuit's probe time and its rate limit's next
+-- token. An endpoint at its limit of requests in flight does not count: their outcomes
+-- wake the worker. Nor do leases about to expire: a sender that vanished is rare, and the
+-- poll interval picks its deliveries up (reading lease times here would walk the index
+-- entries of every recently finished attempt on each call). The worker sleeps that long
+-- (NULL: until the poll interval or a commit wakes it), so blocked endpoints never make it
+-- spin.
 CREATE FUNCTION outbox._next_due()
 RETURNS double precision
-LANGUAGE sql STABLE
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
+DECLARE
+    v_cap integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
+BEGIN
+    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
+    RETURN (
     SELECT extract(epoch FROM min(r.ready_at) - clock_timestamp())::double precision
       FROM outbox.endpoint e
       JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
-     CROSS JOIN LATERAL (
-           SELECT d.due_at FROM outbox.delivery d
-            WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
-            ORDER BY d.due_at LIMIT 1) f
       LEFT JOIN LATERAL (
            SELECT d.due_at FROM outbox.delivery d
-            WHERE e.ordered AND d.endpoint_id = e.id AND d.seq IS NOT NULL
-              AND d.status IN ('pending', 'in_flight')
-            ORDER BY d.seq LIMIT 1) h ON true
+            WHERE d.endpoint_id = e.id AND d.status = 'pending'
+            ORDER BY d.due_at LIMIT 1) f ON NOT e.ordered
+      LEFT JOIN LATERAL (
+           SELECT d.status, d.due_at FROM outbox.delivery d
+            WHERE d.endpoint_id = e.id AND d.seq IS NOT NULL AND d.status IN ('pending', 'in_flight')
+            ORDER BY d.seq LIMIT 1) h ON e.ordered
      CROSS JOIN LATERAL (
-           SELECT CASE WHEN e.ordered OR s.circuit <> 'closed' THEN 1
-                       ELSE coalesce(e.max_in_flight, nullif((outbox._policy()).endpoint_max_in_flight, 0)) END AS cap) c
-     CROSS JOIN LATERAL (
-           SELECT CASE WHEN f.due_at <= now() AND c.cap IS NOT NULL AND outbox._busy(e.id) >= c.cap
-                       THEN (SELECT min(d.due_at) FROM outbox.delivery d
-                              WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
-                                AND d.status = 'in_flight' AND d.due_at > now()) END AS free_at) b
-     CROSS JOIN LATERAL (
-           SELECT greatest(CASE WHEN e.ordered THEN h.due_at ELSE f.due_at END,
-                           CASE WHEN s.circuit = 'open' THEN s.next_probe_at END,
-                           CASE WHEN e.rate_limit IS NOT NULL
-                                THEN s.rate_tat - interval '1 second' + interval '1 second' / e.rate_limit END,
-                           b.free_at) AS ready_at) r
-     WHERE e.enabled AND e.deleted_at IS NULL
+           SELECT CASE
+                  WHEN e.ordered AND h.status IS DISTINCT FROM 'pending' THEN NULL
+                  WHEN NOT e.ordered AND f.due_at IS NULL THEN NULL
+                  WHEN s.circuit <> 'closed' AND s.in_flight > 0 THEN NULL
+                  WHEN NOT e.ordered AND s.in_flight >= coalesce(e.max_in_flight, v_cap) THEN NULL
+                  ELSE greatest(CASE WHEN e.ordered THEN h.due_at ELSE f.due_at END,
+                                CASE WHEN s.circuit = 'open' THEN s.next_probe_at END,
+                                CASE WHEN e.rate_limit IS NOT NULL
+                                     THEN s.rate_tat - interval '1 second' + interval '1 second' / e.rate_limit END)
+                  END AS ready_at) r
+     WHERE e.enabled AND e.deleted_at IS NULL);
+END
 $$;
 
 -------------------------------------------------------------------------------------------

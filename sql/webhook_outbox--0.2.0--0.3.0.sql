@@ -22,22 +22,30 @@ ALTER TABLE outbox.endpoint_state
     ADD COLUMN next_probe_at      timestamptz,
     ADD COLUMN cooldown           interval,
     ADD COLUMN failing_since      timestamptz,
-    ADD COLUMN rate_tat           timestamptz;
+    ADD COLUMN rate_tat           timestamptz,
+    ADD COLUMN in_flight          integer NOT NULL DEFAULT 0;
 
 -- Every endpoint has its state row from now on (the claim locks it while serving it).
 INSERT INTO outbox.endpoint_state (endpoint_id)
 SELECT e.id FROM outbox.endpoint e
  WHERE NOT EXISTS (SELECT 1 FROM outbox.endpoint_state s WHERE s.endpoint_id = e.id);
--- An endpoint failing now counts as failing since its last failure.
-UPDATE outbox.endpoint_state SET failing_since = last_failure_at
- WHERE consecutive_failures > 0;
+-- An endpoint failing now counts as failing since its last failure; what is in flight is
+-- counted once here and kept up to date from now on.
+UPDATE outbox.endpoint_state s
+   SET failing_since = CASE WHEN s.consecutive_failures > 0 THEN s.last_failure_at END,
+       in_flight = (SELECT count(*) FROM outbox.delivery d
+                     WHERE d.endpoint_id = s.endpoint_id AND d.status = 'in_flight');
 
 ALTER TABLE outbox.delivery ADD COLUMN seq bigint;
 CREATE SEQUENCE outbox.delivery_seq;
 
--- The claim reads each endpoint's range of delivery_endpoint_due_idx; the global due index
--- is no longer read by anything, and every state change paid for it.
+-- The claim reads each endpoint's range of pending rows; expired leases are found in each
+-- endpoint's range of rows in flight. The global due index is no longer read by anything
+-- (and every state change paid for it).
 DROP INDEX outbox.delivery_due_idx;
+DROP INDEX outbox.delivery_endpoint_due_idx;
+CREATE INDEX delivery_pending_idx ON outbox.delivery (endpoint_id, due_at) WHERE status = 'pending';
+CREATE INDEX delivery_in_flight_idx ON outbox.delivery (endpoint_id, due_at) WHERE status = 'in_flight';
 CREATE INDEX delivery_ordered_idx ON outbox.delivery (endpoint_id, seq) WHERE seq IS NOT NULL AND status IN ('pending', 'in_flight');
 
 -- An endpoint's request limit (rate_limit, max_in_flight): NULL for none, else 1..max.
@@ -56,7 +64,9 @@ END
 $$;
 
 -- The delivery-control settings, read where SQL decides (claim, ack). A session that has
--- not loaded the library sees the documented defaults.
+-- not loaded the library sees the documented defaults. (The small helpers on the claim and
+-- ack path are plpgsql rather than sql: their plans are prepared once per session instead
+-- of on every call.)
 CREATE FUNCTION outbox._policy(
     OUT circuit_threshold integer,
     OUT circuit_cooldown interval,
@@ -64,25 +74,69 @@ CREATE FUNCTION outbox._policy(
     OUT auto_disable_after interval,
     OUT endpoint_max_in_flight integer
 )
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(current_setting('outbox.circuit_threshold', true), '10')::integer,
-           coalesce(current_setting('outbox.circuit_cooldown', true), '1min')::interval,
-           coalesce(current_setting('outbox.circuit_max_cooldown', true), '1h')::interval,
-           coalesce(current_setting('outbox.auto_disable_after', true), '5d')::interval,
-           coalesce(current_setting('outbox.endpoint_max_in_flight', true), '64')::integer
+BEGIN
+    circuit_threshold := coalesce(current_setting('outbox.circuit_threshold', true), '10')::integer;
+    circuit_cooldown := coalesce(current_setting('outbox.circuit_cooldown', true), '1min')::interval;
+    circuit_max_cooldown := coalesce(current_setting('outbox.circuit_max_cooldown', true), '1h')::interval;
+    auto_disable_after := coalesce(current_setting('outbox.auto_disable_after', true), '5d')::interval;
+    endpoint_max_in_flight := coalesce(current_setting('outbox.endpoint_max_in_flight', true), '64')::integer;
+END
 $$;
 
--- Requests to an endpoint in flight right now (claimed, lease not expired).
-CREATE FUNCTION outbox._busy(p_endpoint_id uuid)
+-- Counts an endpoint's deliveries in flight, and corrects outbox.endpoint_state.in_flight
+-- if it says otherwise (the claim asks only when the counter says the endpoint is full, so
+-- a counter that drifted never holds an endpoint back for long).
+CREATE FUNCTION outbox._recount_in_flight(p_endpoint_id uuid)
 RETURNS integer
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off
 AS $$
-    SELECT count(*)::integer FROM outbox.delivery d
-     WHERE d.endpoint_id = p_endpoint_id AND d.status IN ('pending', 'in_flight')
-       AND d.due_at > now() AND d.status = 'in_flight'
+DECLARE
+    n integer := (SELECT count(*) FROM outbox.delivery d
+                   WHERE d.endpoint_id = p_endpoint_id AND d.status = 'in_flight');
+BEGIN
+    UPDATE outbox.endpoint_state SET in_flight = n WHERE endpoint_id = p_endpoint_id AND in_flight <> n;
+    RETURN n;
+END
+$$;
+
+-- Leases that expired (their sender died or hung) make their deliveries pending again, due
+-- at once; the attempt number stays, so the old holder's late ack is refused. Returns how
+-- many. The claim runs it first, for the endpoints it may serve.
+CREATE FUNCTION outbox._requeue_expired(p_endpoint_id uuid)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH expired AS (
+        UPDATE outbox.delivery d
+           SET status = 'pending', lease_owner = NULL,
+               last_error = 'lease expired before the sender reported back'
+          FROM (SELECT x.id
+                  FROM outbox.endpoint e
+                 CROSS JOIN LATERAL (
+                       SELECT q.id FROM outbox.delivery q
+                        WHERE q.endpoint_id = e.id AND q.status = 'in_flight' AND q.due_at <= now()
+                          FOR UPDATE SKIP LOCKED) x
+                 WHERE (p_endpoint_id IS NULL OR e.id = p_endpoint_id)) x
+         WHERE d.id = x.id
+        RETURNING d.endpoint_id
+    ),
+    counted AS (
+        UPDATE outbox.endpoint_state s SET in_flight = greatest(s.in_flight - c.n, 0)
+          FROM (SELECT endpoint_id, count(*)::integer AS n FROM expired GROUP BY endpoint_id) c
+         WHERE s.endpoint_id = c.endpoint_id
+        RETURNING c.n
+    )
+    SELECT coalesce(sum(counted.n), 0) INTO n FROM counted;
+    RETURN n;
+END
 $$;
 
 -- The circuit breaker's rule, in one place: an endpoint's next circuit state after a batch
@@ -96,13 +150,15 @@ CREATE FUNCTION outbox._circuit_next(
     OUT circuit outbox.circuit_state, OUT cooldown interval, OUT next_probe_at timestamptz,
     OUT opened_at timestamptz, OUT changed_at timestamptz
 )
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
     SELECT n.circuit, n.cooldown, n.next_probe_at,
            CASE WHEN n.circuit = 'closed' THEN NULL
                 WHEN p_circuit = 'closed' THEN now() ELSE p_opened_at END,
            CASE WHEN n.circuit <> p_circuit THEN now() ELSE p_changed_at END
+      INTO circuit, cooldown, next_probe_at, opened_at, changed_at
       FROM outbox._policy() p
      CROSS JOIN LATERAL (
            SELECT CASE WHEN p_succeeded THEN 'closed'::outbox.circuit_state
@@ -121,7 +177,8 @@ AS $$
                   c.cooldown,
                   CASE WHEN c.circuit = 'closed' THEN NULL
                        WHEN c.circuit = 'open' AND p_circuit <> 'open' THEN now() + c.cooldown
-                       ELSE p_next_probe_at END AS next_probe_at) n
+                       ELSE p_next_probe_at END AS next_probe_at) n;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION outbox.enable_endpoint(endpoint_id uuid)
@@ -143,6 +200,31 @@ BEGIN
            circuit_opened_at = NULL, next_probe_at = NULL, cooldown = NULL, updated_at = now();
     -- Its waiting deliveries are due now: wake the worker when this commits.
     PERFORM outbox._wake_at_commit();
+END
+$$;
+
+-- Deletes an endpoint and cancels its deliveries that were not finished; returns how many
+-- were cancelled. A delivery in flight at that moment is cancelled too: an ack from its
+-- sender is then refused, so the endpoint's history ends consistently.
+CREATE OR REPLACE FUNCTION outbox.delete_endpoint(endpoint_id uuid)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM outbox._endpoint_or_raise(delete_endpoint.endpoint_id);
+    UPDATE outbox.endpoint SET enabled = false, disabled_reason = 'deleted', deleted_at = now(), updated_at = now()
+    WHERE id = delete_endpoint.endpoint_id;
+    UPDATE outbox.delivery d
+       SET status = 'cancelled', finished_at = now(), lease_owner = NULL,
+           last_error = 'cancelled: endpoint deleted'
+     WHERE d.endpoint_id = delete_endpoint.endpoint_id AND d.status IN ('pending', 'in_flight');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    UPDATE outbox.endpoint_state SET in_flight = 0 WHERE endpoint_id = delete_endpoint.endpoint_id;
+    RETURN n;
 END
 $$;
 
@@ -323,27 +405,73 @@ BEGIN
 END
 $$;
 
--- Claims up to p_batch_size due deliveries (pending ones whose time has come, and in-flight
--- ones whose lease expired because their sender died): each is set in_flight with its lease running
+-- Cancels deliveries that are not finished: one by id, or every one of an endpoint.
+-- A sender still holding one of them has its ack refused. Returns how many.
+CREATE OR REPLACE FUNCTION outbox.cancel(delivery_id uuid DEFAULT NULL, endpoint_id uuid DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+    IF cancel.delivery_id IS NULL AND cancel.endpoint_id IS NULL THEN
+        RAISE EXCEPTION 'outbox.cancel needs a delivery_id or an endpoint_id'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH cancelled AS (
+        UPDATE outbox.delivery d
+           SET status = 'cancelled', finished_at = now(), lease_owner = NULL,
+               last_error = 'cancelled by operator'
+          FROM (SELECT q.id, q.status FROM outbox.delivery q
+                 WHERE q.status IN ('pending', 'in_flight')
+                   AND (cancel.delivery_id IS NULL OR q.id = cancel.delivery_id)
+                   AND (cancel.endpoint_id IS NULL OR q.endpoint_id = cancel.endpoint_id)
+                   FOR UPDATE) old
+         WHERE d.id = old.id
+        RETURNING d.id, d.attempts, d.endpoint_id, old.status AS was
+    ),
+    counted AS (
+        UPDATE outbox.endpoint_state s SET in_flight = greatest(s.in_flight - c.n, 0)
+          FROM (SELECT endpoint_id, count(*)::integer AS n FROM cancelled
+                 WHERE was = 'in_flight' GROUP BY endpoint_id) c
+         WHERE s.endpoint_id = c.endpoint_id
+    )
+    INSERT INTO outbox.attempt (delivery_id, attempt, outcome, error, worker)
+    SELECT id, attempts, 'cancelled', 'cancelled by operator', session_user FROM cancelled;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 0 AND cancel.delivery_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM outbox.delivery WHERE id = cancel.delivery_id) THEN
+        RAISE EXCEPTION 'delivery % does not exist', cancel.delivery_id USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- Claims up to p_batch_size due deliveries: each is set in_flight with its lease running
 -- until now() + lease and its attempt number incremented; the attempt number is the fencing
--- token the ack must present.
+-- token the ack must present. Leases that expired are first made pending again
+-- (outbox._requeue_expired), so their deliveries are claimed like any other.
 --
 -- It goes endpoint by endpoint, the endpoint with the oldest due delivery first, and takes
 -- from each what its policy allows right now:
 --   circuit open (before its probe time): nothing; open after it, or half-open: one probe,
 --     when nothing else is in flight there;
---   ordered: its oldest unfinished delivery, when that is due and nothing is in flight;
+--   ordered: its oldest unfinished delivery, when that is due (so never while one is in
+--     flight);
 --   max_in_flight (or outbox.endpoint_max_in_flight): up to the free slots;
 --   rate_limit: what the token bucket holds (one second's worth at most).
--- Where a limit must be exact (rate limit, circuit probe, ordered head) the endpoint's state
--- row is locked (SKIP LOCKED: another claimer serving it makes this one skip it this time);
--- max_in_flight is a soft limit that concurrent claimers may overshoot by their batch, so
--- plain endpoints are served by many claimers at once. Each endpoint's rows come from its
--- own range of delivery_endpoint_due_idx in due order, so a blocked endpoint's backlog is
--- never read by the claims of the others. Sorts and bitmap scans are priced out: the plans
--- stay index scans in due order whatever the statistics said when they were cached. (JIT
--- is off: the priced-out sort of the few endpoints would otherwise look expensive enough
--- to compile, which costs far more than the claim.)
+-- The endpoint's state row is locked (SKIP LOCKED) while it is served: its in-flight
+-- counter, token bucket and circuit change with the claim, and another claimer serving the
+-- same endpoint at that moment makes this one pass it by. Each endpoint's rows come from
+-- its own range of delivery_pending_idx in due order, so a blocked endpoint's backlog is
+-- never read by the claims of the others. Sequential scans, sorts and bitmap scans are
+-- priced out: the plans, prepared once per session, stay index scans in due order whatever
+-- the statistics said when they were made (a plan made while the tables were small would
+-- otherwise hash-join whole tables once they are large). (JIT is off: the priced-out sort
+-- of the few endpoints would otherwise look expensive enough to compile, which costs far
+-- more than the claim.)
 CREATE OR REPLACE FUNCTION outbox._claim(
     p_batch_size integer, p_worker text, p_lease interval, p_endpoint_id uuid, p_tenant_id text
 )
@@ -351,26 +479,26 @@ RETURNS TABLE (o_delivery_id uuid, o_event_id text, o_attempt integer, o_endpoin
                o_secret text, o_headers jsonb, o_timeout interval, o_event_type text, o_body text,
                o_tenant_id text, o_previous_secret text)
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp SET enable_sort = off SET enable_bitmapscan = off SET jit = off
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET enable_sort = off SET enable_bitmapscan = off SET jit = off
 AS $$
 DECLARE
-    v_left  integer := outbox._check_claim(p_batch_size, p_lease);
-    v_cap   integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
-    v_ep    record;
-    v_circuit outbox.circuit_state;
-    v_probe   timestamptz;
-    v_tat     timestamptz;
-    v_quota integer;
-    v_ids   uuid[];
-    v_got   integer;
+    v_left    integer := outbox._check_claim(p_batch_size, p_lease);
+    v_cap     integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
+    v_ep      record;
+    v_st      outbox.endpoint_state;
+    v_quota   integer;
+    v_ids     uuid[];
+    v_got     integer;
 BEGIN
+    PERFORM outbox._requeue_expired(p_endpoint_id);
     FOR v_ep IN
-        SELECT e.id, e.ordered, e.rate_limit, coalesce(e.max_in_flight, v_cap) AS cap, s.circuit
+        SELECT e.id, e.ordered, e.rate_limit, coalesce(e.max_in_flight, v_cap) AS cap
           FROM outbox.endpoint e
           JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
          CROSS JOIN LATERAL (
                SELECT d.due_at FROM outbox.delivery d
-                WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
+                WHERE d.endpoint_id = e.id AND d.status = 'pending'
                 ORDER BY d.due_at LIMIT 1) f
          WHERE e.enabled AND e.deleted_at IS NULL
            AND (p_endpoint_id IS NULL OR e.id = p_endpoint_id)
@@ -381,43 +509,40 @@ BEGIN
          ORDER BY f.due_at
     LOOP
         EXIT WHEN v_left <= 0;
+        SELECT * INTO v_st FROM outbox.endpoint_state s WHERE s.endpoint_id = v_ep.id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND OR (v_st.circuit = 'open' AND v_st.next_probe_at > now());
+
         v_quota := v_left;
-        v_circuit := 'closed';
-        v_tat := NULL;
-        IF v_ep.ordered OR v_ep.rate_limit IS NOT NULL OR v_ep.circuit <> 'closed' THEN
-            SELECT s.circuit, s.next_probe_at, s.rate_tat INTO v_circuit, v_probe, v_tat
-              FROM outbox.endpoint_state s WHERE s.endpoint_id = v_ep.id
-               FOR UPDATE SKIP LOCKED;
-            CONTINUE WHEN NOT FOUND OR (v_circuit = 'open' AND v_probe > now());
-        END IF;
-        IF v_ep.ordered OR v_circuit <> 'closed' THEN
-            v_quota := least(v_quota, 1 - outbox._busy(v_ep.id));
-        ELSIF v_ep.cap IS NOT NULL THEN
-            v_quota := least(v_quota, v_ep.cap - outbox._busy(v_ep.id));
+        IF v_st.circuit <> 'closed' THEN
+            v_quota := least(v_quota, 1 - v_st.in_flight);
+        ELSIF v_ep.cap IS NOT NULL AND NOT v_ep.ordered THEN
+            v_quota := least(v_quota, v_ep.cap - v_st.in_flight);
+            IF v_quota <= 0 THEN
+                v_quota := least(v_left, v_ep.cap - outbox._recount_in_flight(v_ep.id));
+            END IF;
         END IF;
         IF v_ep.rate_limit IS NOT NULL THEN
             v_quota := least(v_quota, floor(extract(epoch FROM now() + interval '1 second'
-                             - greatest(coalesce(v_tat, now()), now())) * v_ep.rate_limit)::integer);
+                             - greatest(coalesce(v_st.rate_tat, now()), now())) * v_ep.rate_limit)::integer);
         END IF;
         CONTINUE WHEN v_quota <= 0;
 
         IF v_ep.ordered THEN
             -- Only the head of its queue may go, and only once it is due: a retrying head
-            -- holds back everything behind it.
+            -- holds back everything behind it, and so does one in flight.
             SELECT array_agg(h.id) INTO v_ids
               FROM (SELECT d.id FROM outbox.delivery d
                      WHERE d.id = (SELECT q.id FROM outbox.delivery q
                                     WHERE q.endpoint_id = v_ep.id AND q.seq IS NOT NULL
                                       AND q.status IN ('pending', 'in_flight')
                                     ORDER BY q.seq LIMIT 1)
-                       AND d.status IN ('pending', 'in_flight') AND d.due_at <= now()
+                       AND d.status = 'pending' AND d.due_at <= now()
                        AND (p_tenant_id IS NULL OR d.tenant_id = p_tenant_id)
                        FOR UPDATE SKIP LOCKED) h;
         ELSE
             SELECT array_agg(x.id) INTO v_ids
               FROM (SELECT d.id FROM outbox.delivery d
-                     WHERE d.endpoint_id = v_ep.id AND d.status IN ('pending', 'in_flight')
-                       AND d.due_at <= now()
+                     WHERE d.endpoint_id = v_ep.id AND d.status = 'pending' AND d.due_at <= now()
                        AND (p_tenant_id IS NULL OR d.tenant_id = p_tenant_id)
                      ORDER BY d.due_at
                      LIMIT v_quota
@@ -443,15 +568,14 @@ BEGIN
         GET DIAGNOSTICS v_got = ROW_COUNT;
         v_left := v_left - v_got;
 
-        IF v_got > 0 AND (v_ep.rate_limit IS NOT NULL OR v_circuit = 'open') THEN
-            UPDATE outbox.endpoint_state s
-               SET rate_tat = CASE WHEN v_ep.rate_limit IS NULL THEN s.rate_tat
-                                   ELSE greatest(coalesce(s.rate_tat, now()), now())
-                                        + v_got * interval '1 second' / v_ep.rate_limit END,
-                   circuit = CASE WHEN s.circuit = 'open' THEN 'half_open' ELSE s.circuit END,
-                   circuit_changed_at = CASE WHEN s.circuit = 'open' THEN now() ELSE s.circuit_changed_at END
-             WHERE s.endpoint_id = v_ep.id;
-        END IF;
+        UPDATE outbox.endpoint_state s
+           SET in_flight = s.in_flight + v_got,
+               rate_tat = CASE WHEN v_ep.rate_limit IS NULL THEN s.rate_tat
+                               ELSE greatest(coalesce(s.rate_tat, now()), now())
+                                    + v_got * interval '1 second' / v_ep.rate_limit END,
+               circuit = CASE WHEN s.circuit = 'open' THEN 'half_open' ELSE s.circuit END,
+               circuit_changed_at = CASE WHEN s.circuit = 'open' THEN now() ELSE s.circuit_changed_at END
+         WHERE s.endpoint_id = v_ep.id;
     END LOOP;
 END
 $$;
@@ -474,9 +598,13 @@ CREATE OR REPLACE FUNCTION outbox.ack_batch(
     worker        text               DEFAULT NULL
 )
 RETURNS SETOF uuid
-LANGUAGE sql
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
+#variable_conflict use_column
+BEGIN
+    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
+    RETURN QUERY
     WITH input AS (
         SELECT i.*,
                CASE WHEN i.outcome <> 'retry' THEN NULL
@@ -514,7 +642,9 @@ AS $$
                                  THEN concat_ws(': ', x.error, 'retry schedule exhausted')
                                  ELSE x.error END
           FROM decided x, outbox.event ev
-         WHERE d.id = x.id AND d.status = 'in_flight' AND d.attempts = x.attempt AND ev.id = d.event_id
+         -- status is compared as text so that no plan can read delivery_in_flight_idx whole
+         -- (a plan cached while few rows were in flight would): each row is found by its id.
+         WHERE d.id = x.id AND d.status::text = 'in_flight' AND d.attempts = x.attempt AND ev.id = d.event_id
         RETURNING d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at, x.attempt, x.final_outcome,
                   x.status_code, x.error, x.duration_ms, x.response_body, ev.event_type
     ),
@@ -529,10 +659,13 @@ AS $$
         -- batch's failures extend it; the circuit breaker takes its step
         -- (outbox._circuit_next) and announces when the circuit opens or closes again.
         -- Rows are taken in endpoint order, so concurrent acks lock them in one order.
+        -- (in_flight carries the batch's count of finished attempts into `excluded`; the
+        -- state row exists from create_endpoint on, so the INSERT branch is a fallback.)
         INSERT INTO outbox.endpoint_state AS s
-               (endpoint_id, consecutive_failures, last_success_at, last_failure_at, last_error, updated_at,
-                failing_since)
+               (endpoint_id, in_flight, consecutive_failures, last_success_at, last_failure_at, last_error,
+                updated_at, failing_since)
         SELECT upd.endpoint_id,
+               0 - count(*)::integer,
                count(*) FILTER (WHERE upd.final_outcome <> 'delivered'),
                CASE WHEN bool_or(upd.final_outcome = 'delivered') THEN now() END,
                CASE WHEN bool_or(upd.final_outcome <> 'delivered') THEN now() END,
@@ -543,6 +676,7 @@ AS $$
          GROUP BY upd.endpoint_id
          ORDER BY upd.endpoint_id
         ON CONFLICT (endpoint_id) DO UPDATE SET
+               in_flight = greatest(s.in_flight + excluded.in_flight, 0),
                consecutive_failures = CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.consecutive_failures
                                            ELSE s.consecutive_failures + excluded.consecutive_failures END,
                last_success_at = coalesce(excluded.last_success_at, s.last_success_at),
@@ -623,47 +757,104 @@ AS $$
                                         'event_type', upd.event_type, 'attempts', upd.attempt,
                                         'status_code', upd.status_code, 'error', upd.error),
                      upd.endpoint_id)
-           WHERE upd.final_outcome = 'dead') dead ON true
+           WHERE upd.final_outcome = 'dead') dead ON true;
+END
 $$;
 
--- Seconds until the claim can next take something (negative if it could now), NULL if
--- nothing waits. Per endpoint that is the latest of: its first delivery coming due (for an
--- ordered endpoint, its head), its circuit's probe time, its rate limit's next token, and,
--- when it is at its limit of requests in flight, the first of their leases expiring (their
--- outcomes wake the worker sooner). The worker sleeps that long (NULL: until the poll
--- interval or a commit wakes it), so blocked endpoints never make it spin.
-CREATE OR REPLACE FUNCTION outbox._next_due()
-RETURNS double precision
+-- Queue health in one row. Every count reads a partial index over the live part of the
+-- table (pending, in flight) or a time-bounded range of the finished index, so the cost does not grow with the
+-- history kept.
+CREATE OR REPLACE FUNCTION outbox.stats(
+    OUT pending               bigint,
+    OUT due                   bigint,
+    OUT in_flight             bigint,
+    OUT retrying              bigint,
+    OUT dead                  bigint,
+    OUT oldest_pending_age    interval,
+    OUT delivered_last_hour   bigint,
+    OUT dead_last_hour        bigint,
+    OUT failed_attempts_last_hour bigint,
+    OUT success_rate_last_hour double precision,
+    OUT delivered_last_minute bigint
+)
 LANGUAGE sql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+    WITH live AS (
+        SELECT count(*) FILTER (WHERE status = 'pending')                        AS pending,
+               count(*) FILTER (WHERE status = 'pending' AND due_at <= now())    AS due,
+               count(*) FILTER (WHERE status = 'in_flight')                      AS in_flight,
+               count(*) FILTER (WHERE status = 'pending' AND attempts > 0)       AS retrying,
+               now() - min(created_at) FILTER (WHERE status = 'pending')         AS oldest
+          FROM (SELECT status, due_at, attempts, created_at FROM outbox.delivery WHERE status = 'pending'
+                UNION ALL
+                SELECT status, due_at, attempts, created_at FROM outbox.delivery WHERE status = 'in_flight') d
+    ),
+    recent AS (
+        SELECT count(*) FILTER (WHERE status = 'delivered') AS delivered,
+               count(*) FILTER (WHERE status = 'dead')      AS dead,
+               count(*) FILTER (WHERE status = 'delivered' AND finished_at >= now() - interval '1 minute') AS last_minute
+          FROM outbox.delivery
+         WHERE finished_at >= now() - interval '1 hour'
+    ),
+    failures AS (
+        SELECT count(*) AS failed
+          FROM outbox.attempt
+         WHERE created_at >= now() - interval '1 hour' AND outcome <> 'delivered'
+    )
+    SELECT live.pending, live.due, live.in_flight, live.retrying,
+           (SELECT count(*) FROM outbox.delivery WHERE status = 'dead'),
+           live.oldest,
+           recent.delivered, recent.dead, failures.failed,
+           CASE WHEN recent.delivered + recent.dead = 0 THEN NULL
+                ELSE recent.delivered::double precision / (recent.delivered + recent.dead) END,
+           recent.last_minute
+      FROM live, recent, failures
+$$;
+
+-- Seconds until the claim can next take something (negative if it could now), NULL if
+-- nothing waits. Per endpoint that is the latest of: its first pending delivery coming due
+-- (for an ordered endpoint, its head), its circuit's probe time and its rate limit's next
+-- token. An endpoint at its limit of requests in flight does not count: their outcomes
+-- wake the worker. Nor do leases about to expire: a sender that vanished is rare, and the
+-- poll interval picks its deliveries up (reading lease times here would walk the index
+-- entries of every recently finished attempt on each call). The worker sleeps that long
+-- (NULL: until the poll interval or a commit wakes it), so blocked endpoints never make it
+-- spin.
+CREATE OR REPLACE FUNCTION outbox._next_due()
+RETURNS double precision
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    v_cap integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
+BEGIN
+    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
+    RETURN (
     SELECT extract(epoch FROM min(r.ready_at) - clock_timestamp())::double precision
       FROM outbox.endpoint e
       JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
-     CROSS JOIN LATERAL (
-           SELECT d.due_at FROM outbox.delivery d
-            WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
-            ORDER BY d.due_at LIMIT 1) f
       LEFT JOIN LATERAL (
            SELECT d.due_at FROM outbox.delivery d
-            WHERE e.ordered AND d.endpoint_id = e.id AND d.seq IS NOT NULL
-              AND d.status IN ('pending', 'in_flight')
-            ORDER BY d.seq LIMIT 1) h ON true
+            WHERE d.endpoint_id = e.id AND d.status = 'pending'
+            ORDER BY d.due_at LIMIT 1) f ON NOT e.ordered
+      LEFT JOIN LATERAL (
+           SELECT d.status, d.due_at FROM outbox.delivery d
+            WHERE d.endpoint_id = e.id AND d.seq IS NOT NULL AND d.status IN ('pending', 'in_flight')
+            ORDER BY d.seq LIMIT 1) h ON e.ordered
      CROSS JOIN LATERAL (
-           SELECT CASE WHEN e.ordered OR s.circuit <> 'closed' THEN 1
-                       ELSE coalesce(e.max_in_flight, nullif((outbox._policy()).endpoint_max_in_flight, 0)) END AS cap) c
-     CROSS JOIN LATERAL (
-           SELECT CASE WHEN f.due_at <= now() AND c.cap IS NOT NULL AND outbox._busy(e.id) >= c.cap
-                       THEN (SELECT min(d.due_at) FROM outbox.delivery d
-                              WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
-                                AND d.status = 'in_flight' AND d.due_at > now()) END AS free_at) b
-     CROSS JOIN LATERAL (
-           SELECT greatest(CASE WHEN e.ordered THEN h.due_at ELSE f.due_at END,
-                           CASE WHEN s.circuit = 'open' THEN s.next_probe_at END,
-                           CASE WHEN e.rate_limit IS NOT NULL
-                                THEN s.rate_tat - interval '1 second' + interval '1 second' / e.rate_limit END,
-                           b.free_at) AS ready_at) r
-     WHERE e.enabled AND e.deleted_at IS NULL
+           SELECT CASE
+                  WHEN e.ordered AND h.status IS DISTINCT FROM 'pending' THEN NULL
+                  WHEN NOT e.ordered AND f.due_at IS NULL THEN NULL
+                  WHEN s.circuit <> 'closed' AND s.in_flight > 0 THEN NULL
+                  WHEN NOT e.ordered AND s.in_flight >= coalesce(e.max_in_flight, v_cap) THEN NULL
+                  ELSE greatest(CASE WHEN e.ordered THEN h.due_at ELSE f.due_at END,
+                                CASE WHEN s.circuit = 'open' THEN s.next_probe_at END,
+                                CASE WHEN e.rate_limit IS NOT NULL
+                                     THEN s.rate_tat - interval '1 second' + interval '1 second' / e.rate_limit END)
+                  END AS ready_at) r
+     WHERE e.enabled AND e.deleted_at IS NULL);
+END
 $$;
 
 -- Administrators manage endpoints (and their secrets), and may act as a sender with
@@ -714,17 +905,22 @@ SELECT e.id AS endpoint_id, e.url, e.enabled, e.disabled_reason, e.tenant_id,
                count(*) FILTER (WHERE d.status = 'in_flight') AS in_flight,
                count(*) FILTER (WHERE d.status = 'pending' AND d.attempts > 0) AS retrying,
                now() - min(d.created_at) FILTER (WHERE d.status = 'pending') AS oldest_pending_age
-          FROM outbox.delivery d
-         WHERE d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight')
+          FROM (SELECT d.status, d.attempts, d.created_at FROM outbox.delivery d
+                 WHERE d.endpoint_id = e.id AND d.status = 'pending'
+                UNION ALL
+                SELECT d.status, d.attempts, d.created_at FROM outbox.delivery d
+                 WHERE d.endpoint_id = e.id AND d.status = 'in_flight') d
        ) q ON true
  WHERE e.deleted_at IS NULL;
 
 -- Counters and gauges in the shape Prometheus exporters want: one row per metric and label
 -- set. See contrib/postgres_exporter.yml.
 CREATE OR REPLACE VIEW outbox.metrics AS
-SELECT 'outbox_deliveries'::text AS metric, s.status::text AS status, NULL::text AS endpoint_id,
+SELECT 'outbox_deliveries'::text AS metric, 'pending'::text AS status, NULL::text AS endpoint_id,
        count(*)::double precision AS value
-  FROM outbox.delivery s WHERE s.status IN ('pending', 'in_flight') GROUP BY s.status
+  FROM outbox.delivery WHERE status = 'pending'
+UNION ALL
+SELECT 'outbox_deliveries', 'in_flight', NULL, count(*) FROM outbox.delivery WHERE status = 'in_flight'
 UNION ALL
 SELECT 'outbox_deliveries', 'dead', NULL, count(*) FROM outbox.delivery WHERE status = 'dead'
 UNION ALL

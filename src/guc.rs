@@ -70,9 +70,28 @@ pub static AUTO_DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 86
 /// limit. Keeps one slow receiver from holding every slot of `outbox.max_in_flight`.
 pub static ENDPOINT_MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(64);
 
+/// Worker processes started at server start. More than one helps only when one worker's
+/// main thread (its SQL) is the bottleneck and cores are free.
+pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
+
 /// The most requests the sender can ever hold; `outbox.max_in_flight` moves below it
 /// without a restart.
 pub const MAX_IN_FLIGHT_LIMIT: i32 = 10_000;
+
+/// `outbox.workers` sizes shared memory and the set of background workers, so it exists
+/// only when the library is preloaded (a postmaster setting cannot be created later).
+pub fn register_postmaster() {
+    GucRegistry::define_int_guc(
+        c"outbox.workers",
+        c"Delivery worker processes (a restart applies a change).",
+        c"Each claims with SKIP LOCKED and holds its own outbox.max_in_flight requests.",
+        &WORKERS,
+        1,
+        crate::wake::MAX_WORKERS as i32,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+}
 
 pub fn register() {
     GucRegistry::define_string_guc(

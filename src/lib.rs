@@ -22,8 +22,9 @@ pub extern "C-unwind" fn _PG_init() {
     guc::register();
     // SAFETY: a plain read of a PostgreSQL global on the main thread.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        guc::register_postmaster();
         wake::init_shared_memory();
-        worker::register();
+        worker::register(guc::WORKERS.get());
     } else {
         log!(
             "webhook_outbox is loaded without shared_preload_libraries: the delivery worker is not \

@@ -1,19 +1,23 @@
 //! Waking the worker when an enqueueing transaction commits.
 //!
-//! The worker publishes its latch in shared memory. `outbox.enqueue` registers, once per
-//! transaction, a commit callback that sets that latch; a rollback sets nothing. So a
+//! Each worker publishes its latch in shared memory. `outbox.enqueue` registers, once per
+//! transaction, a commit callback that sets those latches; a rollback sets nothing. So a
 //! committed event is picked up within milliseconds without the worker polling the table,
-//! and a transaction that enqueues a thousand events wakes the worker once.
+//! and a transaction that enqueues a thousand events wakes the workers once.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, register_xact_callback, PgAtomic, PgXactCallbackEvent};
+use pgrx::{pg_shmem_init, register_xact_callback, PgLwLock, PgXactCallbackEvent};
 
-/// Address of the worker's latch (0 = no worker running). Shared memory is mapped at the
-/// same address in every backend, so the address is valid everywhere.
-static WORKER_LATCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"webhook_outbox_worker_latch") };
+/// How many workers may run at once (the `outbox.workers` maximum).
+pub const MAX_WORKERS: usize = 8;
+
+/// Addresses of the workers' latches (0 = no worker in that slot). Shared memory is mapped
+/// at the same address in every backend, so the addresses are valid everywhere.
+static WORKER_LATCHES: PgLwLock<[u64; MAX_WORKERS]> =
+    unsafe { PgLwLock::new(c"webhook_outbox_worker_latches") };
 
 /// Whether the shared memory above exists: only when the library was preloaded. A backend
 /// that loaded the library late (no worker) must not touch it.
@@ -25,12 +29,12 @@ thread_local! {
 
 /// Called from `_PG_init` while `shared_preload_libraries` is processed.
 pub fn init_shared_memory() {
-    pg_shmem_init!(WORKER_LATCH);
+    pg_shmem_init!(WORKER_LATCHES);
     SHMEM_READY.store(true, Ordering::Release);
 }
 
-/// The worker announces itself (or, with `false`, withdraws).
-pub fn publish_worker_latch(present: bool) {
+/// Worker `slot` announces itself (or, with `false`, withdraws).
+pub fn publish_worker_latch(slot: usize, present: bool) {
     if !SHMEM_READY.load(Ordering::Acquire) {
         return;
     }
@@ -40,18 +44,24 @@ pub fn publish_worker_latch(present: bool) {
     } else {
         0
     };
-    WORKER_LATCH.get().store(addr, Ordering::Release);
+    if let Some(latch) = WORKER_LATCHES.exclusive().get_mut(slot) {
+        *latch = addr;
+    }
 }
 
-fn wake_worker() {
+/// Wakes every worker: each claims what it can, and one that finds nothing goes back to
+/// sleep at the cost of one cheap claim.
+fn wake_workers() {
     if !SHMEM_READY.load(Ordering::Acquire) {
         return;
     }
-    let addr = WORKER_LATCH.get().load(Ordering::Acquire);
-    if addr != 0 {
-        // SAFETY: the address is a latch in shared memory published by the worker; setting
-        // a latch of a process that has since exited is harmless (latches are never freed).
-        unsafe { pg_sys::SetLatch(addr as *mut pg_sys::Latch) };
+    let latches = *WORKER_LATCHES.share();
+    for addr in latches {
+        if addr != 0 {
+            // SAFETY: the address is a latch in shared memory published by a worker; setting
+            // a latch of a process that has since exited is harmless (latches are never freed).
+            unsafe { pg_sys::SetLatch(addr as *mut pg_sys::Latch) };
+        }
     }
 }
 
@@ -65,7 +75,7 @@ fn wake_at_commit() {
     WAKE_REGISTERED.with(|r| r.set(true));
     register_xact_callback(PgXactCallbackEvent::Commit, || {
         WAKE_REGISTERED.with(|r| r.set(false));
-        wake_worker();
+        wake_workers();
     });
     register_xact_callback(PgXactCallbackEvent::Abort, || {
         WAKE_REGISTERED.with(|r| r.set(false));

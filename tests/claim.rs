@@ -20,7 +20,12 @@ fn setup(cluster: &Cluster, events: usize) {
 #[test]
 fn concurrent_claimers_never_share_a_delivery() {
     let cluster = Cluster::start(&[]);
-    setup(&cluster, 3000);
+    let mut c = cluster.client();
+    c.batch_execute(
+        "SELECT outbox.create_endpoint('http://127.0.0.1:9/' || g, max_in_flight => 10000) FROM generate_series(1, 3) g;
+         SELECT outbox.enqueue('test.event', jsonb_build_object('n', g)) FROM generate_series(1, 1000) g;",
+    )
+    .unwrap();
     let claimers: Vec<_> = (0..3)
         .map(|w| {
             let mut c = cluster.client();
@@ -33,10 +38,20 @@ fn concurrent_claimers_never_share_a_delivery() {
                             &[&format!("w{w}")],
                         )
                         .unwrap();
-                    if rows.is_empty() {
+                    mine.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+                    // An empty claim may only mean that the others were serving every
+                    // endpoint at that moment: stop when nothing is pending any more.
+                    if rows.is_empty()
+                        && c.query_one(
+                            "SELECT count(*) FROM outbox.delivery WHERE status = 'pending'",
+                            &[],
+                        )
+                        .unwrap()
+                        .get::<_, i64>(0)
+                            == 0
+                    {
                         return mine;
                     }
-                    mine.extend(rows.iter().map(|r| r.get::<_, String>(0)));
                 }
             })
         })
@@ -50,7 +65,6 @@ fn concurrent_claimers_never_share_a_delivery() {
         results.iter().all(|r| !r.is_empty()),
         "all claimers took part"
     );
-    let mut c = cluster.client();
     let in_flight: i64 = c
         .query_one(
             "SELECT count(*) FROM outbox.delivery WHERE status = 'in_flight' AND attempts = 1",
@@ -59,31 +73,57 @@ fn concurrent_claimers_never_share_a_delivery() {
         .unwrap()
         .get(0);
     assert_eq!(in_flight, 3000);
+    // The per-endpoint counters agree with the rows.
+    let counted: i64 = c
+        .query_one("SELECT sum(in_flight) FROM outbox.endpoint_state", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(counted, 3000);
 }
 
 #[test]
-fn a_claim_skips_rows_another_claimer_holds() {
+fn a_claim_passes_by_an_endpoint_another_claimer_is_serving() {
     let cluster = Cluster::start(&[]);
-    setup(&cluster, 10);
+    let mut c = cluster.client();
+    let first: String = c
+        .query_one(
+            "SELECT outbox.create_endpoint('http://127.0.0.1:9/a')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    c.batch_execute(
+        "SELECT outbox.create_endpoint('http://127.0.0.1:9/b');
+         SELECT outbox.enqueue('test.event', jsonb_build_object('n', g)) FROM generate_series(1, 10) g;",
+    )
+    .unwrap();
     let mut a = cluster.client();
     let mut b = cluster.client();
     let mut ta = a.transaction().unwrap();
     let held = ta
-        .query("SELECT delivery_id FROM outbox.claim(4, 'a')", &[])
+        .query(
+            &format!("SELECT delivery_id FROM outbox.claim(4, 'a', endpoint_id => '{first}')"),
+            &[],
+        )
         .unwrap();
     assert_eq!(held.len(), 4);
-    // b is not blocked by a's open transaction and gets only the other six.
+    // b is not blocked by a's open transaction: it passes that endpoint by and takes the
+    // other one's ten.
     b.batch_execute("SET lock_timeout = '2s'").unwrap();
     let other = b
-        .query("SELECT delivery_id FROM outbox.claim(100, 'b')", &[])
+        .query(
+            "SELECT delivery_id, endpoint_id::text FROM outbox.claim(100, 'b')",
+            &[],
+        )
         .unwrap();
-    assert_eq!(other.len(), 6);
+    assert_eq!(other.len(), 10);
+    assert!(other.iter().all(|r| r.get::<_, String>(1) != first));
     ta.rollback().unwrap();
-    // a rolled back: its four are claimable again, as first attempts.
+    // a rolled back: all ten of the first endpoint are claimable, as first attempts.
     let again = b
         .query("SELECT attempt FROM outbox.claim(100, 'b')", &[])
         .unwrap();
-    assert_eq!(again.len(), 4);
+    assert_eq!(again.len(), 10);
     assert!(again.iter().all(|r| r.get::<_, i32>(0) == 1));
 }
 

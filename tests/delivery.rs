@@ -482,3 +482,42 @@ fn an_idle_worker_sleeps_and_enabling_an_endpoint_wakes_it() {
         enabled.elapsed()
     );
 }
+
+#[test]
+fn several_workers_share_the_queue_and_send_each_delivery_once() {
+    let settings: Vec<&str> = FAST
+        .iter()
+        .copied()
+        .chain(["outbox.workers = 2", "outbox.batch_size = 50"])
+        .collect();
+    let cluster = Cluster::start(&settings);
+    let rx = receiver();
+    rx.set_default("/slowish", Reply::Delay(Duration::from_millis(20), 200));
+    let mut c = cluster.client();
+    endpoint(&mut c, &rx.url("/slowish"), ", max_in_flight => 1000");
+    assert!(wait_until(Duration::from_secs(20), || {
+        scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'webhook_outbox worker'",
+        ) == 2
+    }));
+    let ids = enqueue_many(&mut c, "multi", 2000);
+    assert!(
+        wait_settled(&cluster, Duration::from_secs(60)),
+        "{}",
+        cluster.log()
+    );
+    let received: Vec<String> = rx.received().into_iter().map(|r| r.webhook_id).collect();
+    let distinct: HashSet<String> = received.iter().cloned().collect();
+    assert_eq!(distinct, ids, "every event arrived");
+    assert_eq!(received.len(), ids.len(), "and none twice");
+    // Both workers took part.
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(DISTINCT worker) FROM outbox.attempt"),
+        2
+    );
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT max(attempt)::bigint FROM outbox.attempt"),
+        1
+    );
+}

@@ -31,24 +31,34 @@ const RETENTION_EVERY: Duration = Duration::from_secs(60);
 /// Deliveries deleted per retention transaction: small, so it never holds locks for long.
 const RETENTION_BATCH: i32 = 1000;
 
-/// Registers the worker; only possible while `shared_preload_libraries` is processed.
-pub fn register() {
-    BackgroundWorkerBuilder::new("webhook_outbox worker")
-        .set_type("webhook_outbox worker")
-        .set_function("webhook_outbox_worker_main")
-        .set_library("webhook_outbox")
-        .enable_spi_access()
-        .set_restart_time(Some(Duration::from_secs(1)))
-        .load();
+/// Registers `count` workers; only possible while `shared_preload_libraries` is processed.
+/// Each gets its slot number (for its latch, and so that only the first runs retention).
+pub fn register(count: i32) {
+    for slot in 0..count.max(1) {
+        let name = if slot == 0 {
+            "webhook_outbox worker".to_string()
+        } else {
+            format!("webhook_outbox worker {slot}")
+        };
+        BackgroundWorkerBuilder::new(&name)
+            .set_type("webhook_outbox worker")
+            .set_function("webhook_outbox_worker_main")
+            .set_library("webhook_outbox")
+            .set_argument(Some(pg_sys::Datum::from(slot)))
+            .enable_spi_access()
+            .set_restart_time(Some(Duration::from_secs(1)))
+            .load();
+    }
 }
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn webhook_outbox_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn webhook_outbox_worker_main(arg: pg_sys::Datum) {
+    let slot = arg.value();
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let settings = WorkerSettings::read();
     BackgroundWorker::connect_worker_to_spi(Some(&settings.database), settings.role.as_deref());
-    let mut worker = match Worker::start(settings) {
+    let mut worker = match Worker::start(settings, slot) {
         Ok(w) => w,
         Err(e) => {
             log!("webhook_outbox worker: cannot start the HTTP sender: {e}");
@@ -56,7 +66,7 @@ pub extern "C-unwind" fn webhook_outbox_worker_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::proc_exit(1) };
         }
     };
-    wake::publish_worker_latch(true);
+    wake::publish_worker_latch(slot, true);
     log!(
         "webhook_outbox worker started (database \"{}\", role \"{}\", pid {})",
         worker.settings.database,
@@ -68,7 +78,7 @@ pub extern "C-unwind" fn webhook_outbox_worker_main(_arg: pg_sys::Datum) {
         std::process::id()
     );
     let restart = worker.run();
-    wake::publish_worker_latch(false);
+    wake::publish_worker_latch(slot, false);
     worker.stop();
     // Exit 1 means "start me again" (after a reload that changed the database); at server
     // shutdown the postmaster does not restart anyone.
@@ -77,6 +87,8 @@ pub extern "C-unwind" fn webhook_outbox_worker_main(_arg: pg_sys::Datum) {
 
 struct Worker {
     settings: WorkerSettings,
+    /// Which of the `outbox.workers` this is; retention runs on the first only.
+    slot: usize,
     sender: Sender,
     name: String,
     /// Outcomes taken from the sender but not recorded yet (their transaction failed).
@@ -113,7 +125,7 @@ struct CycleResult {
 }
 
 impl Worker {
-    fn start(settings: WorkerSettings) -> std::io::Result<Worker> {
+    fn start(settings: WorkerSettings, slot: usize) -> std::io::Result<Worker> {
         let config = Config {
             max_in_flight: guc::MAX_IN_FLIGHT_LIMIT as usize,
             max_response_body: settings.max_response_body,
@@ -145,6 +157,7 @@ impl Worker {
             warned_stale: false,
             installed: None,
             standby: false,
+            slot,
             settings,
         })
     }
@@ -355,6 +368,7 @@ impl Worker {
     fn retention(&mut self) -> Option<bool> {
         let now = std::time::Instant::now();
         if self.standby
+            || self.slot != 0
             || now < self.next_retention
             || (self.settings.retention_delivered.is_none()
                 && self.settings.retention_dead.is_none())
