@@ -134,7 +134,10 @@ CREATE TABLE outbox.attempt (
 );
 
 CREATE INDEX attempt_delivery_idx ON outbox.attempt (delivery_id, attempt);
-CREATE INDEX attempt_created_idx ON outbox.attempt (created_at);
+-- Failed attempts and operator actions by time (recent failures, the failure count of the
+-- last hour). Successes, the bulk of the history, stay out of it: one index fewer to write
+-- per delivery.
+CREATE INDEX attempt_failed_idx ON outbox.attempt (created_at) WHERE outcome <> 'delivered';
 
 -- What senders learned about each endpoint, kept apart from outbox.endpoint so that the
 -- worker's updates never wait on (or block) producers and operators using the endpoint row.
@@ -1645,7 +1648,7 @@ SELECT e.id AS endpoint_id, e.url, e.enabled, e.disabled_reason, e.tenant_id,
        ) q ON true
  WHERE e.deleted_at IS NULL;
 
--- Failed attempts, newest first (the index on created_at serves ORDER BY ... LIMIT).
+-- Failed attempts, newest first (attempt_failed_idx serves ORDER BY ... LIMIT).
 CREATE VIEW outbox.recent_failures AS
 SELECT a.created_at, a.delivery_id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url,
        a.attempt, a.outcome, a.status_code, a.error, a.response_body

@@ -48,6 +48,10 @@ CREATE INDEX delivery_pending_idx ON outbox.delivery (endpoint_id, due_at) WHERE
 CREATE INDEX delivery_in_flight_idx ON outbox.delivery (endpoint_id, due_at) WHERE status = 'in_flight';
 CREATE INDEX delivery_ordered_idx ON outbox.delivery (endpoint_id, seq) WHERE seq IS NOT NULL AND status IN ('pending', 'in_flight');
 
+-- Only failed attempts and operator actions are ever looked up by time.
+DROP INDEX outbox.attempt_created_idx;
+CREATE INDEX attempt_failed_idx ON outbox.attempt (created_at) WHERE outcome <> 'delivered';
+
 -- An endpoint's request limit (rate_limit, max_in_flight): NULL for none, else 1..max.
 CREATE FUNCTION outbox._check_limit(what text, v integer, max integer)
 RETURNS integer
