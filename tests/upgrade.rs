@@ -39,14 +39,15 @@ fn schema(c: &mut postgres::Client) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
+/// A cluster with the extension at `version`, `setup` run (roles, grants), and one
+/// endpoint, whose id is returned.
+fn install(version: &str, setup: &str) -> (Cluster, postgres::Client, String) {
     let cluster = Cluster::start_empty(&[]);
     let mut c = cluster.client();
-    c.batch_execute("CREATE EXTENSION webhook_outbox VERSION '0.1.0'")
-        .unwrap();
-    c.batch_execute("CREATE ROLE oncall LOGIN; SELECT outbox.grant_operator('oncall');")
-        .unwrap();
+    c.batch_execute(&format!(
+        "CREATE EXTENSION webhook_outbox VERSION '{version}'; {setup}"
+    ))
+    .unwrap();
     let ep: String = c
         .query_one(
             "SELECT outbox.create_endpoint('https://example.com/hook')::text",
@@ -54,6 +55,27 @@ fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
         )
         .unwrap()
         .get(0);
+    (cluster, c, ep)
+}
+
+/// Each delivery as one line of the given columns, in id order.
+fn deliveries(c: &mut postgres::Client, columns: &str) -> Vec<String> {
+    c.query(
+        &format!("SELECT concat_ws('|', {columns}) FROM outbox.delivery ORDER BY id"),
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[test]
+fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
+    let (cluster, mut c, ep) = install(
+        "0.1.0",
+        "CREATE ROLE oncall LOGIN; SELECT outbox.grant_operator('oncall');",
+    );
     c.batch_execute(
         "SELECT outbox.enqueue('order.created', jsonb_build_object('n', g), event_id => 'evt-' || g)
            FROM generate_series(1, 10) g;
@@ -68,15 +90,7 @@ fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
         )
         .unwrap();
     let (held_id, held_attempt): (String, i32) = (held.get(0), held.get(1));
-    let before: Vec<String> = c
-        .query(
-            "SELECT concat_ws('|', id, status, attempts) FROM outbox.delivery ORDER BY id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let before = deliveries(&mut c, "id, status, attempts");
 
     c.batch_execute("ALTER EXTENSION webhook_outbox UPDATE")
         .unwrap();
@@ -90,15 +104,7 @@ fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
     assert_eq!(version, env!("CARGO_PKG_VERSION"));
 
     // Nothing queued was lost or changed.
-    let after: Vec<String> = c
-        .query(
-            "SELECT concat_ws('|', id, status, attempts) FROM outbox.delivery ORDER BY id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let after = deliveries(&mut c, "id, status, attempts");
     assert_eq!(before, after);
     // The lease taken before the upgrade is still honoured, and the rest can be claimed.
     c.batch_execute(&format!(
@@ -174,19 +180,10 @@ fn assert_same_schema(upgraded: &mut postgres::Client, fresh: &mut postgres::Cli
 
 #[test]
 fn upgrading_from_0_2_0_gives_every_endpoint_a_circuit_and_keeps_grants() {
-    let cluster = Cluster::start_empty(&[]);
-    let mut c = cluster.client();
-    c.batch_execute("CREATE EXTENSION webhook_outbox VERSION '0.2.0'")
-        .unwrap();
-    c.batch_execute("CREATE ROLE platform LOGIN; SELECT outbox.grant_admin('platform');")
-        .unwrap();
-    let ep: String = c
-        .query_one(
-            "SELECT outbox.create_endpoint('https://example.com/hook')::text",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let (cluster, mut c, ep) = install(
+        "0.2.0",
+        "CREATE ROLE platform LOGIN; SELECT outbox.grant_admin('platform');",
+    );
     // Work in every state, and a failure streak in progress.
     c.batch_execute(
         "SELECT outbox.enqueue('order.created', jsonb_build_object('n', g)) FROM generate_series(1, 10) g;
@@ -196,28 +193,12 @@ fn upgrading_from_0_2_0_gives_every_endpoint_a_circuit_and_keeps_grants() {
          SELECT count(*) FROM outbox.claim(1, 'old');",
     )
     .unwrap();
-    let before: Vec<String> = c
-        .query(
-            "SELECT concat_ws('|', id, status, attempts, due_at) FROM outbox.delivery ORDER BY id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let before = deliveries(&mut c, "id, status, attempts, due_at");
 
     c.batch_execute("ALTER EXTENSION webhook_outbox UPDATE")
         .unwrap();
 
-    let after: Vec<String> = c
-        .query(
-            "SELECT concat_ws('|', id, status, attempts, due_at) FROM outbox.delivery ORDER BY id",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let after = deliveries(&mut c, "id, status, attempts, due_at");
     assert_eq!(before, after, "queued work is untouched");
     let state = c
         .query_one(
