@@ -24,12 +24,15 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -52,6 +55,17 @@ pub enum Reply {
     Body(u16, Vec<u8>),
     /// Never answer; the request stays open until the client gives up or the receiver stops.
     Hang,
+    /// Close the connection without answering.
+    Drop,
+    /// Send the status line and headers, then a few body bytes, then cut the connection.
+    Break(u16),
+    /// Send the status line and headers at once, then the body one byte at a time, `every`
+    /// apart, `bytes` bytes in all.
+    Drip {
+        status: u16,
+        bytes: usize,
+        every: Duration,
+    },
 }
 
 /// One request as the receiver got it.
@@ -354,11 +368,42 @@ async fn accept_loop(
     }
 }
 
+/// What the receiver answers with: a body that may arrive slowly or break off.
+type Body = BoxBody<Bytes, io::Error>;
+
+/// A response body fed frame by frame from a task (for dripping and breaking off).
+struct FedBody(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, io::Error>>);
+
+impl hyper::body::Body for FedBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// A response with `status` whose body `feed` produces, concurrently with the answer.
+fn fed<F, Fut>(status: StatusCode, feed: F) -> Response<Body>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Frame<Bytes>, io::Error>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(feed(tx));
+    let mut response = Response::new(BodyExt::boxed(FedBody(rx)));
+    *response.status_mut() = status;
+    response
+}
+
 async fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Body>, io::Error> {
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -438,7 +483,7 @@ async fn handle(
             status_only(status(code))
         }
         Reply::Body(code, body) => {
-            let mut response = Response::new(Full::new(Bytes::from(body)));
+            let mut response = Response::new(full(Bytes::from(body)));
             *response.status_mut() = status(code);
             response
         }
@@ -446,8 +491,42 @@ async fn handle(
             stopped(&mut stop).await;
             status_only(StatusCode::SERVICE_UNAVAILABLE)
         }
+        // An error from the service makes the server close the connection unanswered.
+        Reply::Drop => return Err(io::Error::other("dropped on purpose")),
+        Reply::Break(code) => fed(status(code), |tx| async move {
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"{\"partial\":"))))
+                .await;
+            // Let the start of the body reach the client before the cut.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx
+                .send(Err(io::Error::other("connection cut on purpose")))
+                .await;
+        }),
+        Reply::Drip {
+            status: code,
+            bytes,
+            every,
+        } => fed(status(code), move |tx| async move {
+            for _ in 0..bytes {
+                tokio::time::sleep(every).await;
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .is_err()
+                {
+                    return; // the client hung up
+                }
+            }
+        }),
     };
     Ok(response)
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never: Infallible| match never {})
+        .boxed()
 }
 
 /// Resolves once the receiver is stopping (or gone).
@@ -459,8 +538,8 @@ fn status(code: u16) -> StatusCode {
     StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
-fn status_only(status: StatusCode) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::new()));
+fn status_only(status: StatusCode) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = status;
     response
 }

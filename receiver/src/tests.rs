@@ -414,3 +414,52 @@ fn on_request_sees_requests_even_when_not_kept() {
     post(&rx, "/a", &[("webhook-id", "three")], b"{}");
     assert_eq!(rx.count(), 2);
 }
+
+/// Sends one request on a fresh connection and returns everything the receiver sent back
+/// before it closed the connection (or `timeout` passed), and how long that took.
+fn raw_exchange(rx: &Receiver, path: &str, timeout: Duration) -> (Vec<u8>, Duration) {
+    let mut stream = TcpStream::connect(("127.0.0.1", rx.port())).unwrap();
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let started = Instant::now();
+    stream
+        .write_all(&request_text(path, &[], b"{}", true))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    (got, started.elapsed())
+}
+
+#[test]
+fn chaos_replies_drop_break_and_drip() {
+    let rx = Receiver::start().unwrap();
+    rx.script(
+        "/chaos",
+        vec![
+            Reply::Drop,
+            Reply::Break(200),
+            Reply::Drip {
+                status: 200,
+                bytes: 5,
+                every: Duration::from_millis(100),
+            },
+        ],
+    );
+    // Drop: the connection closes with nothing sent back.
+    let (got, _) = raw_exchange(&rx, "/chaos", Duration::from_secs(5));
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    // Break: a status line and the start of a body, then the connection is cut before the
+    // body is complete (chunked, with no final chunk).
+    let (got, _) = raw_exchange(&rx, "/chaos", Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("partial"), "{text}");
+    assert!(!text.ends_with("0\r\n\r\n"), "{text}");
+    // Drip: the whole body, one byte every 100 ms.
+    let (got, took) = raw_exchange(&rx, "/chaos", Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("0\r\n\r\n"), "{text}");
+    assert!(took >= Duration::from_millis(450), "{took:?}");
+    // All three were recorded as they arrived.
+    assert_eq!(rx.received_on("/chaos").len(), 3);
+}
