@@ -185,6 +185,48 @@ BEGIN
 END
 $$;
 
+-- Every endpoint has its state row from the start, however it was inserted: the claim
+-- serves an endpoint only together with its state row, and acks only update it.
+CREATE FUNCTION outbox._endpoint_created()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO outbox.endpoint_state (endpoint_id) VALUES (NEW.id) ON CONFLICT (endpoint_id) DO NOTHING;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER endpoint_created AFTER INSERT ON outbox.endpoint
+    FOR EACH ROW EXECUTE FUNCTION outbox._endpoint_created();
+
+-- The live endpoint, locked: FOR NO KEY UPDATE by the functions that change it, FOR SHARE
+-- by enqueue (many producers may share it, and a concurrent delete waits for them). Not
+-- FOR UPDATE: that would also block the foreign-key checks (FOR KEY SHARE) the worker's
+-- writes make, while the operator in turn waits for the worker's state row: a deadlock.
+CREATE OR REPLACE FUNCTION outbox._endpoint_or_raise(p_endpoint_id uuid, p_for_update boolean DEFAULT true)
+RETURNS outbox.endpoint
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+DECLARE
+    ep outbox.endpoint;
+BEGIN
+    IF p_for_update THEN
+        SELECT * INTO ep FROM outbox.endpoint WHERE id = p_endpoint_id AND deleted_at IS NULL FOR NO KEY UPDATE;
+    ELSE
+        SELECT * INTO ep FROM outbox.endpoint WHERE id = p_endpoint_id AND deleted_at IS NULL FOR SHARE;
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'endpoint % does not exist', coalesce(p_endpoint_id::text, 'NULL')
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'List endpoints with: SELECT id, url FROM outbox.endpoints;';
+    END IF;
+    RETURN ep;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION outbox.enable_endpoint(endpoint_id uuid)
 RETURNS void
 LANGUAGE plpgsql
@@ -197,11 +239,11 @@ BEGIN
     WHERE id = enable_endpoint.endpoint_id;
     -- A fresh start: the circuit closes and the failure streak (which auto-disable counts)
     -- begins again.
-    INSERT INTO outbox.endpoint_state AS s (endpoint_id) VALUES (enable_endpoint.endpoint_id)
-    ON CONFLICT (endpoint_id) DO UPDATE
+    UPDATE outbox.endpoint_state s
        SET consecutive_failures = 0, failing_since = NULL, circuit = 'closed',
            circuit_changed_at = CASE WHEN s.circuit <> 'closed' THEN now() ELSE s.circuit_changed_at END,
-           circuit_opened_at = NULL, next_probe_at = NULL, cooldown = NULL, updated_at = now();
+           circuit_opened_at = NULL, next_probe_at = NULL, cooldown = NULL, updated_at = now()
+     WHERE s.endpoint_id = enable_endpoint.endpoint_id;
     -- Its waiting deliveries are due now: wake the worker when this commits.
     PERFORM outbox._wake_at_commit();
 END
@@ -658,43 +700,44 @@ BEGIN
                upd.response_body, ack_batch.worker
           FROM upd
     ),
-    health AS (
-        -- Per endpoint: a success in the batch resets the failure streak, otherwise the
-        -- batch's failures extend it; the circuit breaker takes its step
-        -- (outbox._circuit_next) and announces when the circuit opens or closes again.
-        -- Rows are taken in endpoint order, so concurrent acks lock them in one order.
-        -- (in_flight carries the batch's count of finished attempts into `excluded`; the
-        -- state row exists from create_endpoint on, so the INSERT branch is a fallback.)
-        INSERT INTO outbox.endpoint_state AS s
-               (endpoint_id, in_flight, consecutive_failures, last_success_at, last_failure_at, last_error,
-                updated_at, failing_since)
+    batch AS (
+        -- Per endpoint: what this batch finished, and whether any of it succeeded.
         SELECT upd.endpoint_id,
-               0 - count(*)::integer,
-               count(*) FILTER (WHERE upd.final_outcome <> 'delivered'),
-               CASE WHEN bool_or(upd.final_outcome = 'delivered') THEN now() END,
-               CASE WHEN bool_or(upd.final_outcome <> 'delivered') THEN now() END,
-               max(upd.error) FILTER (WHERE upd.final_outcome <> 'delivered'),
-               now(),
-               CASE WHEN NOT bool_or(upd.final_outcome = 'delivered') THEN now() END
+               count(*)::integer AS finished,
+               (count(*) FILTER (WHERE upd.final_outcome <> 'delivered'))::integer AS failures,
+               bool_or(upd.final_outcome = 'delivered') AS succeeded,
+               max(upd.error) FILTER (WHERE upd.final_outcome <> 'delivered') AS error
           FROM upd
          GROUP BY upd.endpoint_id
-         ORDER BY upd.endpoint_id
-        ON CONFLICT (endpoint_id) DO UPDATE SET
-               in_flight = greatest(s.in_flight + excluded.in_flight, 0),
-               consecutive_failures = CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.consecutive_failures
-                                           ELSE s.consecutive_failures + excluded.consecutive_failures END,
-               last_success_at = coalesce(excluded.last_success_at, s.last_success_at),
-               last_failure_at = coalesce(excluded.last_failure_at, s.last_failure_at),
-               last_error = coalesce(excluded.last_error, s.last_error),
+    ),
+    locked AS (
+        -- The state rows, locked in endpoint order, so concurrent acks never deadlock.
+        SELECT s.endpoint_id FROM outbox.endpoint_state s
+         WHERE s.endpoint_id IN (SELECT endpoint_id FROM batch)
+         ORDER BY s.endpoint_id
+           FOR UPDATE
+    ),
+    health AS (
+        -- A success in the batch resets the failure streak, otherwise the batch's failures
+        -- extend it; the circuit breaker takes its step (outbox._circuit_next) and announces
+        -- when the circuit opens or closes again; the finished attempts leave the in-flight
+        -- count.
+        UPDATE outbox.endpoint_state s
+           SET in_flight = greatest(s.in_flight - b.finished, 0),
+               consecutive_failures = CASE WHEN b.succeeded THEN b.failures
+                                           ELSE s.consecutive_failures + b.failures END,
+               last_success_at = CASE WHEN b.succeeded THEN now() ELSE s.last_success_at END,
+               last_failure_at = CASE WHEN b.failures > 0 THEN now() ELSE s.last_failure_at END,
+               last_error = coalesce(b.error, s.last_error),
                updated_at = now(),
-               failing_since = CASE WHEN excluded.last_success_at IS NOT NULL THEN NULL
-                                    ELSE coalesce(s.failing_since, now()) END,
+               failing_since = CASE WHEN b.succeeded THEN NULL ELSE coalesce(s.failing_since, now()) END,
                (circuit, cooldown, next_probe_at, circuit_opened_at, circuit_changed_at) =
                    (SELECT n.circuit, n.cooldown, n.next_probe_at, n.opened_at, n.changed_at
                       FROM outbox._circuit_next(s.circuit, s.cooldown, s.next_probe_at, s.circuit_opened_at,
-                                                s.circuit_changed_at,
-                                                s.consecutive_failures + excluded.consecutive_failures,
-                                                excluded.last_success_at IS NOT NULL) n)
+                                                s.circuit_changed_at, s.consecutive_failures + b.failures,
+                                                b.succeeded) n)
+          FROM batch b JOIN locked l ON l.endpoint_id = b.endpoint_id
+         WHERE s.endpoint_id = b.endpoint_id
         RETURNING s.endpoint_id, s.failing_since,
                   CASE WHEN s.circuit_changed_at = now()
                             AND (s.circuit = 'closed' OR s.circuit_opened_at = now()) THEN
@@ -999,7 +1042,6 @@ BEGIN
         outbox._check_limit('max_in_flight', create_endpoint.max_in_flight, 10000)
     )
     RETURNING id INTO new_id;
-    INSERT INTO outbox.endpoint_state (endpoint_id) VALUES (new_id);
     RETURN new_id;
 END
 $$;

@@ -33,6 +33,8 @@ const RETENTION_BATCH: i32 = 1000;
 
 /// Registers `count` workers; only possible while `shared_preload_libraries` is processed.
 /// Each gets its slot number (for its latch, and so that only the first runs retention).
+/// Workers with SPI access start once recovery has finished: a hot standby runs none (its
+/// primary delivers), and promotion starts them.
 pub fn register(count: i32) {
     for slot in 0..count.max(1) {
         let name = if slot == 0 {
@@ -100,9 +102,6 @@ struct Worker {
     warned_stale: bool,
     /// The version of the extension's SQL last seen in the database.
     installed: Option<String>,
-    /// Whether the server was last seen in recovery (a hot standby), so the change is
-    /// logged once each way.
-    standby: bool,
 }
 
 /// What a successful cycle claimed.
@@ -156,7 +155,6 @@ impl Worker {
             next_retention: std::time::Instant::now(),
             warned_stale: false,
             installed: None,
-            standby: false,
             slot,
             settings,
         })
@@ -240,32 +238,8 @@ impl Worker {
         );
     }
 
-    /// Whether this server is a standby (in recovery). A standby has the queue (every table
-    /// is WAL-logged) but must not send anything: its primary does. After promotion the
-    /// same worker starts delivering without a restart.
-    fn on_standby(&mut self) -> bool {
-        let standby = unsafe { pg_sys::RecoveryInProgress() };
-        if standby != self.standby {
-            if standby {
-                log!("webhook_outbox worker: this server is a standby; delivering nothing until it is promoted");
-            } else {
-                log!("webhook_outbox worker: this server was promoted; delivering");
-            }
-            self.standby = standby;
-        }
-        standby
-    }
-
     /// Records finished attempts and claims new work, in one transaction.
     fn cycle(&mut self) -> Result<CycleResult, String> {
-        if self.on_standby() {
-            return Ok(CycleResult {
-                claimed: 0,
-                requested: 0,
-                next_due: None,
-                ready: false,
-            });
-        }
         self.take_records();
         let free = self
             .settings
@@ -273,6 +247,10 @@ impl Worker {
             .saturating_sub(self.sender.in_flight());
         let requested = free.min(usize::try_from(self.settings.batch_size).unwrap_or(1));
         let records = std::mem::take(&mut self.unrecorded);
+        report_activity(Some(&format!(
+            "webhook_outbox: record {} outcomes, claim up to {requested}",
+            records.len()
+        )));
         let mut installed = None;
         let (settings, name) = (&self.settings, self.name.as_str());
         let outcome = in_transaction(|| {
@@ -306,6 +284,7 @@ impl Worker {
             })
         })
         .and_then(|r| r);
+        report_activity(None);
         self.note_installed(installed);
         match outcome {
             Ok(Some(c)) => {
@@ -367,8 +346,7 @@ impl Worker {
     /// (more may be waiting), or `None` when it did not run.
     fn retention(&mut self) -> Option<bool> {
         let now = std::time::Instant::now();
-        if self.standby
-            || self.slot != 0
+        if self.slot != 0
             || now < self.next_retention
             || (self.settings.retention_delivered.is_none()
                 && self.settings.retention_dead.is_none())
@@ -391,6 +369,7 @@ impl Worker {
             self.next_retention = now + every;
             return None;
         }
+        report_activity(Some("webhook_outbox: retention"));
         let result = in_transaction(|| {
             Spi::connect_mut(|client| {
                 if store::extension_ready(client)? {
@@ -401,6 +380,7 @@ impl Worker {
             })
         })
         .and_then(|r| r);
+        report_activity(None);
         let more = match result {
             Ok(n) => n >= i64::from(RETENTION_BATCH),
             Err(e) => {
@@ -446,6 +426,19 @@ impl Worker {
             Err(e) => log!("webhook_outbox worker stopping: could not record {n} attempts: {e}"),
         }
     }
+}
+
+/// Shows what the worker is doing in `pg_stat_activity.query` (and in lock and deadlock
+/// reports), or that it is idle.
+fn report_activity(what: Option<&str>) {
+    let text = std::ffi::CString::new(what.unwrap_or("")).unwrap_or_default();
+    let state = if what.is_some() {
+        pg_sys::BackendState::STATE_RUNNING
+    } else {
+        pg_sys::BackendState::STATE_IDLE
+    };
+    // SAFETY: called on the main thread; PostgreSQL copies the text.
+    unsafe { pg_sys::pgstat_report_activity(state, text.as_ptr()) };
 }
 
 /// Runs `f` in its own transaction. An ERROR inside rolls the transaction back and comes

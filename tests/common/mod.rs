@@ -47,6 +47,26 @@ fn run(mut cmd: Command) -> Output {
     out
 }
 
+/// A fresh directory for one cluster, owned by the cluster's OS user.
+fn new_dir() -> PathBuf {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "webhook-outbox-it-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if is_root() {
+        run({
+            let mut c = Command::new("chown");
+            c.arg("postgres:postgres").arg(&dir);
+            c
+        });
+    }
+    dir
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -68,21 +88,7 @@ impl Cluster {
 
     /// A fresh cluster without the extension.
     pub fn start_empty(settings: &[&str]) -> Cluster {
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "webhook-outbox-it-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        if is_root() {
-            run({
-                let mut c = Command::new("chown");
-                c.arg("postgres:postgres").arg(&dir);
-                c
-            });
-        }
+        let dir = new_dir();
         let data = dir.join("data");
         run({
             let mut c = pg_command("initdb");
@@ -96,6 +102,34 @@ impl Cluster {
             .arg(&data);
             c
         });
+        Cluster::configure_and_start(dir, settings)
+    }
+
+    /// A hot standby of `primary`, streaming from it (pg_basebackup -R), with `settings`.
+    pub fn standby_of(primary: &Cluster, settings: &[&str]) -> Cluster {
+        let dir = new_dir();
+        run({
+            let mut c = pg_command("pg_basebackup");
+            c.args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "--no-sync",
+            ])
+            .args(["-p", &primary.port.to_string(), "-D"])
+            .arg(dir.join("data"));
+            c
+        });
+        Cluster::configure_and_start(dir, settings)
+    }
+
+    /// Appends this cluster's settings to postgresql.conf (later lines win) and starts it.
+    fn configure_and_start(dir: PathBuf, settings: &[&str]) -> Cluster {
+        let data = dir.join("data");
         let port = free_port();
         let mut conf = format!(
             "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
@@ -170,6 +204,17 @@ impl Cluster {
             c
         });
         self.running = false;
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary.
+    pub fn promote(&self) {
+        run({
+            let mut c = pg_command("pg_ctl");
+            c.args(["-w", "-t", "60", "-D"])
+                .arg(self.data_dir())
+                .arg("promote");
+            c
+        });
     }
 
     pub fn restart(&mut self, mode: &str) {
