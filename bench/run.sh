@@ -6,6 +6,12 @@
 #   bench/run.sh throughput --n 50000
 #   bench/run.sh latency --rate 200 --seconds 20
 #   bench/run.sh drain --set outbox.batch_size=500
+#   bench/run.sh drain --n 1000000                 # backlog of a million, then retention
+#   bench/run.sh fanout --n 50000                  # 10 endpoints, 2 of them going bad
+#   bench/run.sh memory --n 10000                  # worker RSS with 10,000 in flight
+#   bench/run.sh enqueue-cost --seconds 15         # pgbench without/with outbox.trigger
+#   bench/run.sh soak --rate 1000 --seconds 600    # 10 minutes, reported per minute
+#   bench/run.sh all --seconds 30                  # every scenario
 #   bench/run.sh --help
 #
 # Sets the machine up if needed, installs a release build of the extension into the system

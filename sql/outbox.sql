@@ -445,12 +445,12 @@ $$;
 -- Live feed and operator events (LISTEN / NOTIFY)
 -------------------------------------------------------------------------------------------
 
--- Is the live feed on (outbox.live_feed)? On unless switched off.
+-- Is the live feed on (outbox.live_feed)? Off unless switched on.
 CREATE FUNCTION outbox._feed_on()
 RETURNS boolean
 LANGUAGE sql STABLE
 AS $$
-    SELECT coalesce(current_setting('outbox.live_feed', true), 'on') <> 'off'
+    SELECT coalesce(current_setting('outbox.live_feed', true), 'off') = 'on'
 $$;
 
 -- Publishes one status change of a delivery on the live feed: channel outbox_feed, the
@@ -1175,7 +1175,7 @@ BEGIN
                attempts = r.attempts + excluded.attempts,
                latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum
     )
-    -- Announcements: the live feed for every change (unless outbox.live_feed is off), and an
+    -- Announcements: the live feed for every change (when outbox.live_feed is on), and an
     -- operator event for every delivery that died (disabled endpoints and circuits are
     -- announced by `disabled` and `health` above).
     SELECT upd.id

@@ -201,6 +201,14 @@ $$;
 CREATE TRIGGER endpoint_created AFTER INSERT ON outbox.endpoint
     FOR EACH ROW EXECUTE FUNCTION outbox._endpoint_created();
 
+-- Is the live feed on (outbox.live_feed)? Off unless switched on.
+CREATE OR REPLACE FUNCTION outbox._feed_on()
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT coalesce(current_setting('outbox.live_feed', true), 'off') = 'on'
+$$;
+
 -- The live endpoint, locked: FOR NO KEY UPDATE by the functions that change it, FOR SHARE
 -- by enqueue (many producers may share it, and a concurrent delete waits for them). Not
 -- FOR UPDATE: that would also block the foreign-key checks (FOR KEY SHARE) the worker's
@@ -788,7 +796,7 @@ BEGIN
                attempts = r.attempts + excluded.attempts,
                latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum
     )
-    -- Announcements: the live feed for every change (unless outbox.live_feed is off), and an
+    -- Announcements: the live feed for every change (when outbox.live_feed is on), and an
     -- operator event for every delivery that died (disabled endpoints and circuits are
     -- announced by `disabled` and `health` above).
     SELECT upd.id

@@ -52,8 +52,10 @@ pub static RETENTION_DELIVERED_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 8
 /// How long dead deliveries are kept; 0 keeps them forever.
 pub static RETENTION_DEAD_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
 
-/// Whether every status change of a delivery is published with NOTIFY (outbox_feed…).
-pub static LIVE_FEED: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Whether every status change of a delivery is published with NOTIFY (outbox_feed…). Off
+/// by default: PostgreSQL serializes the commits of all transactions that NOTIFY, so a
+/// feed nobody listens to would cap every producer's commit rate.
+pub static LIVE_FEED: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// An endpoint (id) that receives operator events as webhooks; empty = NOTIFY only.
 pub static OPERATOR_ENDPOINT: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c""));
@@ -191,7 +193,7 @@ pub fn register() {
     GucRegistry::define_bool_guc(
         c"outbox.live_feed",
         c"Publish every delivery status change with NOTIFY on outbox_feed (and per endpoint and tenant).",
-        c"Switch off for the last bit of throughput when nobody listens.",
+        c"Off by default: transactions that NOTIFY commit one at a time, which caps concurrent producers.",
         &LIVE_FEED,
         GucContext::Suset,
         GucFlags::default(),

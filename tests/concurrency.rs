@@ -85,8 +85,8 @@ fn producers_operators_and_two_senders_at_once() {
                 &[&ops_flaky],
             ),
             _ => c.execute(
-                "SELECT outbox.cancel(delivery_id => (SELECT id FROM outbox.delivery
-                   WHERE status = 'pending' AND endpoint_id = $1::text::uuid LIMIT 1))",
+                "SELECT outbox.cancel(delivery_id => d.id) FROM (SELECT id FROM outbox.delivery
+                   WHERE status = 'pending' AND endpoint_id = $1::text::uuid LIMIT 1) d",
                 &[&ops_flaky],
             ),
         }

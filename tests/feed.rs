@@ -18,7 +18,12 @@ fn statuses(got: &[(String, serde_json::Value)], channel: &str, id: &str) -> Vec
 
 #[test]
 fn listeners_follow_deliveries_and_operators_hear_about_trouble() {
-    let cluster = Cluster::start(FAST);
+    let settings: Vec<&str> = FAST
+        .iter()
+        .copied()
+        .chain(["outbox.live_feed = on"])
+        .collect();
+    let cluster = Cluster::start(&settings);
     let rx = Receiver::start().unwrap();
     rx.script("/flaky", vec![Reply::Status(500)]);
     rx.set_default("/reject", Reply::Status(400));

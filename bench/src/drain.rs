@@ -1,5 +1,5 @@
-//! Backlog drain: how fast the worker catches up after an outage of the receiver, and what
-//! a large backlog does to the tables.
+//! Backlog drain: how fast the worker catches up after an outage of the receiver, what a
+//! large backlog does to the tables, and what is left of them after retention.
 
 use std::time::{Duration, SystemTime};
 
@@ -39,6 +39,16 @@ pub fn run(bench: &Bench, n: u32) -> Result<Rows> {
     let settled = bench.wait_settled(Duration::from_secs(120))?;
     let usage = cpu::Usage::between(&before, &bench.cpu_snapshot());
     let sizes_after = bench.table_sizes()?;
+    // Retention as the worker would do it after its age, then VACUUM: what a steady state
+    // keeps of the tables once the backlog is history.
+    eprintln!("drain: purging what was delivered, then VACUUM");
+    let purge_started = std::time::Instant::now();
+    let purged: i64 = client
+        .query_one("SELECT outbox.purge('0 seconds')", &[])?
+        .get(0);
+    let purge_seconds = purge_started.elapsed().as_secs_f64();
+    client.batch_execute("VACUUM outbox.delivery, outbox.event, outbox.attempt")?;
+    let sizes_purged = bench.table_sizes()?;
 
     let n_f = f64::from(n);
     let total = seconds_between(enabled, settled);
@@ -68,6 +78,15 @@ pub fn run(bench: &Bench, n: u32) -> Result<Rows> {
         bench.delivered("bench.item")? as f64,
         "deliveries",
     );
+    rows.add("retention: deliveries purged", purged as f64, "deliveries");
+    rows.add("retention: purge time", purge_seconds, "s");
+    for ((table, _), (_, purged)) in sizes_before.iter().zip(&sizes_purged) {
+        rows.add(
+            format!("{table} size after retention + VACUUM"),
+            *purged as f64 / MB,
+            "MB",
+        );
+    }
     for ((table, before), (_, after)) in sizes_before.iter().zip(&sizes_after) {
         rows.add(
             format!("{table} size before drain"),

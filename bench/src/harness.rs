@@ -89,6 +89,11 @@ impl Bench {
         self.cluster.client()
     }
 
+    /// The delivering worker's process id.
+    pub fn worker_pid(&self) -> i32 {
+        self.worker
+    }
+
     /// Sends one event and waits for it, so that measurements start with the worker past
     /// its start-up (it looks for the extension only every few seconds) and with its
     /// connection to the receiver open.

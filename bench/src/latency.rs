@@ -79,7 +79,7 @@ pub fn run(bench: &Bench, rate: f64, seconds: f64) -> Result<Rows> {
     Ok(rows)
 }
 
-fn sleep_until(deadline: Instant) {
+pub(crate) fn sleep_until(deadline: Instant) {
     let now = Instant::now();
     if deadline > now {
         std::thread::sleep(deadline - now);
@@ -88,7 +88,7 @@ fn sleep_until(deadline: Instant) {
 
 /// Nearest-rank percentile of sorted values: the smallest value with at least `q` of all
 /// values at or below it.
-fn percentile(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
     let rank = (q * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }

@@ -8,11 +8,15 @@ mod common;
 
 mod cpu;
 mod drain;
+mod enqueue_cost;
+mod fanout;
 mod harness;
 mod latency;
+mod memory;
 mod options;
 mod report;
 mod sink;
+mod soak;
 mod throughput;
 
 use std::path::PathBuf;
@@ -101,7 +105,13 @@ fn run_scenario(
     settings: &[String],
     server: &mut Value,
 ) -> Result<Rows> {
-    let bench = Bench::start(settings)?;
+    let settings: Vec<String> = scenario
+        .settings()
+        .iter()
+        .map(|s| s.to_string())
+        .chain(settings.iter().cloned())
+        .collect();
+    let bench = Bench::start(&settings)?;
     if server.is_null() {
         *server = bench.server_info()?;
     }
@@ -109,6 +119,10 @@ fn run_scenario(
         Scenario::Throughput => throughput::run(&bench, options.n),
         Scenario::Latency => latency::run(&bench, options.rate, options.seconds),
         Scenario::Drain => drain::run(&bench, options.n),
+        Scenario::Fanout => fanout::run(&bench, options.n),
+        Scenario::Memory => memory::run(&bench, if options.n_given { options.n } else { 10_000 }),
+        Scenario::EnqueueCost => enqueue_cost::run(&bench, options.seconds),
+        Scenario::Soak => soak::run(&bench, options.rate, options.seconds),
     };
     rows.map_err(|e| format!("{e}\nserver log (tail):\n{}", bench.log_tail()).into())
 }

@@ -14,13 +14,26 @@ Scenarios (each on a fresh cluster, in the order given):
                CPU split between PostgreSQL, the worker and this process
   latency      one event per transaction at a steady rate; commit -> receipt percentiles
   drain        N deliveries queued for a disabled endpoint, then enabled; drain time and
-               table sizes before and after
+               table sizes before, after the drain, and after retention (purge + VACUUM)
+  fanout       N deliveries over 10 endpoints, first all healthy, then with one always
+               answering 500 and one stalling past its 5 s timeout; the healthy eight's
+               rate in both runs
+  memory       N deliveries held by a receiver that answers after 20 s, with the limits
+               raised so that all are in flight at once; the worker's peak RSS
+  enqueue-cost pgbench inserting one row per transaction into a table, without and with an
+               outbox.trigger on it (--seconds per run); tps and microseconds per event
+  soak         one event per transaction at --rate for --seconds with retention at one
+               minute; per minute: deliveries, commit -> receipt p50/p99, worker RSS and
+               table sizes
+  all          every scenario above (soak for --seconds)
   (none)       throughput, then latency with --seconds 30
 
 Options:
-  --n N              events for throughput and drain (default 200000)
-  --rate R           events per second for latency (default 500)
-  --seconds S        duration of latency (default 60, or 30 when no scenario is named)
+  --n N              events for throughput, drain and fanout; requests in flight for
+                     memory (default 200000; memory 10000)
+  --rate R           events per second for latency and soak (default 500)
+  --seconds S        duration of latency and soak, and of each enqueue-cost run
+                     (default 60, or 30 when no scenario is named)
   --set NAME=VALUE   extra postgresql.conf line, repeatable, e.g. --set outbox.batch_size=500
   -h, --help         this text
 
@@ -33,7 +46,22 @@ pub enum Scenario {
     Throughput,
     Latency,
     Drain,
+    Fanout,
+    Memory,
+    EnqueueCost,
+    Soak,
 }
+
+/// Every scenario, in the order `all` runs them.
+pub const ALL: &[Scenario] = &[
+    Scenario::Throughput,
+    Scenario::Latency,
+    Scenario::Drain,
+    Scenario::Fanout,
+    Scenario::Memory,
+    Scenario::EnqueueCost,
+    Scenario::Soak,
+];
 
 impl Scenario {
     fn parse(name: &str) -> Option<Scenario> {
@@ -41,6 +69,10 @@ impl Scenario {
             "throughput" => Some(Scenario::Throughput),
             "latency" => Some(Scenario::Latency),
             "drain" => Some(Scenario::Drain),
+            "fanout" => Some(Scenario::Fanout),
+            "memory" => Some(Scenario::Memory),
+            "enqueue-cost" => Some(Scenario::EnqueueCost),
+            "soak" => Some(Scenario::Soak),
             _ => None,
         }
     }
@@ -50,6 +82,30 @@ impl Scenario {
             Scenario::Throughput => "throughput",
             Scenario::Latency => "latency",
             Scenario::Drain => "drain",
+            Scenario::Fanout => "fanout",
+            Scenario::Memory => "memory",
+            Scenario::EnqueueCost => "enqueue-cost",
+            Scenario::Soak => "soak",
+        }
+    }
+
+    /// postgresql.conf lines the scenario needs (the command line's --set lines win).
+    pub fn settings(self) -> &'static [&'static str] {
+        match self {
+            // Every request in flight at once: no per-worker, per-endpoint or batch cap
+            // below the number asked for, and leases longer than the receiver's delay.
+            Scenario::Memory => &[
+                "outbox.max_in_flight = 10000",
+                "outbox.endpoint_max_in_flight = 0",
+                "outbox.batch_size = 10000",
+                "outbox.lease = 120",
+                "outbox.request_timeout = '60s'",
+            ],
+            Scenario::Soak => &[
+                "outbox.retention_delivered = '1min'",
+                "outbox.retention_dead = '1min'",
+            ],
+            _ => &[],
         }
     }
 }
@@ -64,8 +120,10 @@ impl fmt::Display for Scenario {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub scenarios: Vec<Scenario>,
-    /// Events for `throughput` and `drain`.
+    /// Events for `throughput`, `drain` and `fanout`.
     pub n: u32,
+    /// Whether `--n` was given (`memory` has its own default).
+    pub n_given: bool,
     /// Events per second for `latency`.
     pub rate: f64,
     /// Duration of `latency`, in seconds.
@@ -84,6 +142,7 @@ pub enum Parsed {
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> {
     let mut scenarios = Vec::new();
     let mut n = 200_000;
+    let mut n_given = false;
     let mut rate = 500.0;
     let mut seconds = None;
     let mut settings = Vec::new();
@@ -102,11 +161,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(Parsed::Help),
-            "--n" => n = number(&flag, &value()?)?,
+            "--n" => {
+                n = number(&flag, &value()?)?;
+                n_given = true;
+            }
             "--rate" => rate = number(&flag, &value()?)?,
             "--seconds" => seconds = Some(number(&flag, &value()?)?),
             "--set" => settings.push(setting(&value()?)?),
             _ if flag.starts_with('-') => return Err(format!("unknown option {flag}")),
+            "all" => scenarios.extend_from_slice(ALL),
             name => scenarios
                 .push(Scenario::parse(name).ok_or_else(|| format!("unknown scenario {name:?}"))?),
         }
@@ -123,6 +186,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, String> 
     Ok(Parsed::Run(Options {
         scenarios,
         n,
+        n_given,
         rate,
         seconds,
         settings,

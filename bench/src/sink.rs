@@ -61,6 +61,12 @@ impl Sink {
         self.receiver.url("/bench")
     }
 
+    /// The URL of `path`, where every request is answered with `reply` (counted like all).
+    pub fn url_answering(&self, path: &str, reply: outbox_receiver::Reply) -> String {
+        self.receiver.set_default(path, reply);
+        self.receiver.url(path)
+    }
+
     /// Forgets everything recorded; `by_id` turns per-id arrival times on or off.
     pub fn reset(&self, by_id: bool) {
         *self.tally() = Tally {

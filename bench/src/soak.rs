@@ -1,0 +1,116 @@
+//! Soak: a steady load for a long time with retention on, reported minute by minute, so
+//! that drift (throughput falling, latency or memory or tables growing) shows.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::harness::{seconds_between, Bench};
+use crate::latency::{percentile, sleep_until};
+use crate::memory::status_kib;
+use crate::report::Rows;
+use crate::Result;
+
+const WINDOW: Duration = Duration::from_secs(60);
+const MB: f64 = 1024.0 * 1024.0;
+
+/// What was seen at the end of one window.
+struct Sample {
+    rss_kib: u64,
+    delivery_bytes: i64,
+    pending: i64,
+}
+
+pub fn run(bench: &Bench, rate: f64, seconds: f64) -> Result<Rows> {
+    let mut rows = Rows::new("soak");
+    let count = (rate * seconds).round().max(1.0) as u64;
+    bench.sink.reset(true);
+    let mut client = bench.client();
+    let mut probe = bench.client();
+    let statement =
+        client.prepare("SELECT outbox.enqueue('bench.soak', '{}'::jsonb, event_id => $1::text)")?;
+    let pid = bench.worker_pid();
+    eprintln!("soak: {count} events at {rate}/s, reported per minute");
+
+    let start = Instant::now();
+    let mut committed: Vec<(String, SystemTime, usize)> = Vec::with_capacity(count as usize);
+    let mut samples: Vec<Sample> = Vec::new();
+    let sample = |probe: &mut postgres::Client| -> Result<Sample> {
+        let row = probe.query_one(
+            "SELECT pg_total_relation_size('outbox.delivery'), (SELECT pending FROM outbox.stats())",
+            &[],
+        )?;
+        Ok(Sample {
+            rss_kib: status_kib(pid, "VmRSS").unwrap_or(0),
+            delivery_bytes: row.get(0),
+            pending: row.get(1),
+        })
+    };
+    for i in 0..count {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        sleep_until(due);
+        let window = (due - start).as_secs() as usize / WINDOW.as_secs() as usize;
+        while samples.len() < window {
+            samples.push(sample(&mut probe)?);
+        }
+        let id = format!("soak-{i}");
+        client.execute(&statement, &[&id])?;
+        committed.push((id, SystemTime::now(), window));
+    }
+    if let Err(e) = bench.sink.wait_for(count, Duration::from_secs(60)) {
+        eprintln!("soak: {e}");
+    }
+    samples.push(sample(&mut probe)?);
+
+    let windows = committed.last().map_or(0, |c| c.2 + 1);
+    for w in 0..windows {
+        let mut ms: Vec<f64> = committed
+            .iter()
+            .filter(|c| c.2 == w)
+            .filter_map(|(id, at, _)| {
+                Some(1000.0 * seconds_between(*at, bench.sink.arrival_of(id)?))
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        let sent = committed.iter().filter(|c| c.2 == w).count();
+        let minute = w + 1;
+        rows.add(
+            format!("minute {minute}: events sent"),
+            sent as f64,
+            "events",
+        );
+        rows.add(
+            format!("minute {minute}: received"),
+            ms.len() as f64,
+            "events",
+        );
+        if !ms.is_empty() {
+            rows.add(
+                format!("minute {minute}: p50 commit -> receipt"),
+                percentile(&ms, 0.5),
+                "ms",
+            );
+            rows.add(
+                format!("minute {minute}: p99 commit -> receipt"),
+                percentile(&ms, 0.99),
+                "ms",
+            );
+        }
+        if let Some(s) = samples.get(w) {
+            rows.add(
+                format!("minute {minute}: worker RSS"),
+                s.rss_kib as f64 / 1024.0,
+                "MiB",
+            );
+            rows.add(
+                format!("minute {minute}: outbox.delivery size"),
+                s.delivery_bytes as f64 / MB,
+                "MB",
+            );
+            rows.add(
+                format!("minute {minute}: pending at its end"),
+                s.pending as f64,
+                "deliveries",
+            );
+        }
+    }
+    Ok(rows)
+}
