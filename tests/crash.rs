@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::worker::{endpoint, scalar_i64, wait_until, worker_pid, FAST, SECRET};
+use common::worker::{
+    endpoint, scalar_i64, wait_settled_through_restarts, wait_until, worker_pid, FAST, SECRET,
+};
 use common::Cluster;
 use outbox_receiver::{Receiver, Reply};
 
@@ -119,25 +121,10 @@ fn kill_worker(cluster: &Cluster) -> i32 {
     pid
 }
 
-/// Waits until nothing is pending or in flight (reconnecting through restarts).
-fn settle(cluster: &Cluster, timeout: Duration) -> bool {
-    wait_until(timeout, || {
-        let Ok(mut c) = postgres::Client::connect(&cluster.conninfo(), postgres::NoTls) else {
-            return false;
-        };
-        c.query_one(
-            "SELECT count(*) FROM outbox.delivery WHERE status IN ('pending', 'in_flight')",
-            &[],
-        )
-        .map(|r| r.get::<_, i64>(0) == 0)
-        .unwrap_or(false)
-    })
-}
-
 /// The guarantees, checked after a run with `crashes` crashes.
 fn check(cluster: &Cluster, rx: &Receiver, produced: &Produced, crashes: usize) {
     assert!(
-        settle(cluster, Duration::from_secs(120)),
+        wait_settled_through_restarts(cluster, Duration::from_secs(120)),
         "deliveries left pending or in flight:\n{}",
         cluster.log()
     );
@@ -284,7 +271,7 @@ fn a_receiver_that_goes_away_and_comes_back_gets_everything() {
     std::thread::sleep(Duration::from_secs(2));
     let produced = producers.finish();
     assert!(
-        settle(&cluster, Duration::from_secs(120)),
+        wait_settled_through_restarts(&cluster, Duration::from_secs(120)),
         "{}",
         cluster.log()
     );

@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::worker::{
-    endpoint, scalar_i64, scalar_text, wait_settled, wait_until, worker_pid, FAST, SECRET,
+    endpoint, scalar_i64, scalar_text, wait_settled, wait_settled_through_restarts, wait_until,
+    worker_pid, FAST, SECRET,
 };
 use common::Cluster;
 use outbox_receiver::{Receiver, Reply};
@@ -353,17 +354,7 @@ fn a_killed_worker_loses_nothing() {
         .unwrap()
         .success());
     drop(c);
-    let settled = wait_until(Duration::from_secs(90), || {
-        let Ok(mut c) = postgres::Client::connect(&cluster.conninfo(), postgres::NoTls) else {
-            return false;
-        };
-        c.query_one(
-            "SELECT count(*) FROM outbox.delivery WHERE status IN ('pending', 'in_flight')",
-            &[],
-        )
-        .map(|r| r.get::<_, i64>(0) == 0)
-        .unwrap_or(false)
-    });
+    let settled = wait_settled_through_restarts(&cluster, Duration::from_secs(90));
     assert!(settled, "{}", cluster.log());
     assert_ne!(worker_pid(&cluster), pid, "a new worker took over");
     let received: Vec<String> = rx.received().into_iter().map(|r| r.webhook_id).collect();

@@ -39,6 +39,7 @@ pub fn run(bench: &Bench, n: u32) -> Result<Rows> {
     let settled = bench.wait_settled(Duration::from_secs(120))?;
     let usage = cpu::Usage::between(&before, &bench.cpu_snapshot());
     let sizes_after = bench.table_sizes()?;
+    let delivered = bench.delivered("bench.item")?;
     // Retention as the worker would do it after its age, then VACUUM: what a steady state
     // keeps of the tables once the backlog is history.
     eprintln!("drain: purging what was delivered, then VACUUM");
@@ -73,11 +74,7 @@ pub fn run(bench: &Bench, n: u32) -> Result<Rows> {
         );
     }
     rows.add("requests received", arrived.count as f64, "requests");
-    rows.add(
-        "rows delivered",
-        bench.delivered("bench.item")? as f64,
-        "deliveries",
-    );
+    rows.add("rows delivered", delivered as f64, "deliveries");
     rows.add("retention: deliveries purged", purged as f64, "deliveries");
     rows.add("retention: purge time", purge_seconds, "s");
     for ((table, _), (_, purged)) in sizes_before.iter().zip(&sizes_purged) {

@@ -5,32 +5,16 @@
 //! delivers (the worker serves `outbox.database`), so the figures are the producer's side
 //! alone: the event and delivery rows, the fan-out, the live feed and the wake-up.
 
-use std::process::Command;
-
 use crate::harness::Bench;
 use crate::report::Rows;
 use crate::Result;
 
-const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
 const DATABASE: &str = "enqueue_cost";
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
 
 /// Runs pgbench with `clients` connections for `seconds` and returns its tps.
 fn pgbench(bench: &Bench, script: &std::path::Path, clients: u32, seconds: f64) -> Result<f64> {
-    let mut cmd = if is_root() {
-        let mut c = Command::new("sudo");
-        c.args(["-u", "postgres", "--", PGBENCH]);
-        c
-    } else {
-        Command::new(PGBENCH)
-    };
+    // As the cluster's OS user, like every PostgreSQL program the harness runs.
+    let mut cmd = crate::common::pg_command("pgbench");
     let threads = clients.min(2);
     cmd.args(["-h", "127.0.0.1", "-U", "postgres", "-n"])
         .args(["-p", &bench.cluster.port.to_string()])

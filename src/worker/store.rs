@@ -242,8 +242,8 @@ pub fn record(
         .map_err(|e| e.to_string())
 }
 
-/// How long until the next delivery becomes due (a retry's time, or an expired lease), if
-/// any is waiting on an enabled endpoint.
+/// How long until the claim can next take something (a retry coming due, a circuit's probe,
+/// a rate limit's next token), if anything waits on an enabled endpoint.
 pub fn next_due(client: &SpiClient<'_>) -> Result<Option<Duration>, StoreError> {
     client
         .select("SELECT outbox._next_due()", None, &[])

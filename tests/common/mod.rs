@@ -25,7 +25,7 @@ fn is_root() -> bool {
 }
 
 /// Runs a PostgreSQL program as the cluster's owner.
-fn pg_command(program: &str) -> Command {
+pub fn pg_command(program: &str) -> Command {
     let path = Path::new(PG_BIN).join(program);
     if is_root() {
         let mut c = Command::new("sudo");

@@ -58,6 +58,22 @@ pub fn wait_settled(cluster: &Cluster, timeout: Duration) -> bool {
     })
 }
 
+/// Waits until nothing is pending or in flight, connecting afresh each time so that it
+/// carries on through crashes and restarts of the server.
+pub fn wait_settled_through_restarts(cluster: &Cluster, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        let Ok(mut c) = postgres::Client::connect(&cluster.conninfo(), postgres::NoTls) else {
+            return false;
+        };
+        c.query_one(
+            "SELECT count(*) FROM outbox.delivery WHERE status IN ('pending', 'in_flight')",
+            &[],
+        )
+        .map(|r| r.get::<_, i64>(0) == 0)
+        .unwrap_or(false)
+    })
+}
+
 /// The worker's process id, once it runs.
 pub fn worker_pid(cluster: &Cluster) -> i32 {
     let mut c = cluster.client();
