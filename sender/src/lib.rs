@@ -55,6 +55,9 @@ impl Outcome {
     }
 }
 
+/// Idle keep-alive connections kept per receiver host.
+const IDLE_CONNECTIONS_PER_HOST: usize = 128;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Requests in flight at once, across all endpoints.
@@ -253,6 +256,9 @@ impl Sender {
             .user_agent(config.user_agent.clone())
             .connect_timeout(config.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
+            // After a burst of thousands of requests to one receiver, keep a working set of
+            // connections, not one per request of the burst (each holds its buffers).
+            .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_HOST)
             .tcp_nodelay(true)
             // A proxy from the environment would connect on our behalf, past the guard.
             .no_proxy()
