@@ -14,9 +14,10 @@ use pgrx::{pg_shmem_init, register_xact_callback, PgLwLock, PgXactCallbackEvent}
 /// How many workers may run at once (the `outbox.workers` maximum).
 pub const MAX_WORKERS: usize = 8;
 
-/// Addresses of the workers' latches (0 = no worker in that slot). Shared memory is mapped
-/// at the same address in every backend, so the addresses are valid everywhere.
-static WORKER_LATCHES: PgLwLock<[u64; MAX_WORKERS]> =
+/// Per worker slot: the address of its latch (0 = no worker in that slot) and the OID of
+/// the database it serves. Shared memory is mapped at the same address in every backend, so
+/// the addresses are valid everywhere.
+static WORKER_LATCHES: PgLwLock<[(u64, u32); MAX_WORKERS]> =
     unsafe { PgLwLock::new(c"webhook_outbox_worker_latches") };
 
 /// Whether the shared memory above exists: only when the library was preloaded. A backend
@@ -38,26 +39,30 @@ pub fn publish_worker_latch(slot: usize, present: bool) {
     if !SHMEM_READY.load(Ordering::Acquire) {
         return;
     }
-    // SAFETY: MyLatch points at this process's latch, which lives in shared memory.
-    let addr = if present {
-        unsafe { pg_sys::MyLatch as u64 }
+    // SAFETY: MyLatch points at this process's latch, which lives in shared memory; the
+    // worker is connected to its database, so MyDatabaseId is set.
+    let entry = if present {
+        unsafe { (pg_sys::MyLatch as u64, u32::from(pg_sys::MyDatabaseId)) }
     } else {
-        0
+        (0, 0)
     };
     if let Some(latch) = WORKER_LATCHES.exclusive().get_mut(slot) {
-        *latch = addr;
+        *latch = entry;
     }
 }
 
-/// Wakes every worker: each claims what it can, and one that finds nothing goes back to
-/// sleep at the cost of one cheap claim.
+/// Wakes every worker serving this database: each claims what it can, and one that finds
+/// nothing goes back to sleep at the cost of one cheap claim. Workers of other databases
+/// have nothing to do with this commit and sleep on.
 fn wake_workers() {
     if !SHMEM_READY.load(Ordering::Acquire) {
         return;
     }
+    // SAFETY: a plain read of this backend's database OID.
+    let database = u32::from(unsafe { pg_sys::MyDatabaseId });
     let latches = *WORKER_LATCHES.share();
-    for addr in latches {
-        if addr != 0 {
+    for (addr, served) in latches {
+        if addr != 0 && served == database {
             // SAFETY: the address is a latch in shared memory published by a worker; setting
             // a latch of a process that has since exited is harmless (latches are never freed).
             unsafe { pg_sys::SetLatch(addr as *mut pg_sys::Latch) };
