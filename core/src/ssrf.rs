@@ -118,6 +118,9 @@ fn v6_reason(a: Ipv6Addr) -> Option<&'static str> {
         _ if a.is_unspecified() => "an unspecified (::) address",
         _ if a.is_loopback() => "a loopback address",
         _ if a.is_multicast() => "a multicast address",
+        // Deprecated (RFC 4291), and like NAT64 and 6to4 below it can embed any IPv4
+        // address: `::10.0.0.1` must not reach what `10.0.0.1` may not.
+        _ if seg[..6] == [0; 6] => "an IPv4-compatible (::/96) address",
         _ if seg[0] & 0xfe00 == 0xfc00 => "a unique local (fc00::/7) address",
         _ if seg[0] & 0xffc0 == 0xfe80 => "a link-local address",
         _ if seg[0] & 0xffc0 == 0xfec0 => "a site-local address",
@@ -192,6 +195,39 @@ mod tests {
             assert!(forbidden_reason(ip(a)).is_some(), "{a} must be refused");
             assert!(check("h", ip(a), &AllowList::default()).is_err(), "{a}");
         }
+    }
+
+    #[test]
+    fn ipv4_compatible_addresses_are_refused_but_their_neighbours_keep_their_reasons() {
+        for a in [
+            "::a00:1",
+            "::8.8.8.8",
+            "::a9fe:a9fe",
+            "::0.0.0.2",
+            "::ffff:ffff",
+        ] {
+            assert_eq!(
+                forbidden_reason(ip(a)),
+                Some("an IPv4-compatible (::/96) address"),
+                "{a}"
+            );
+        }
+        let msg = check("h", ip("::8.8.8.8"), &AllowList::default()).unwrap_err();
+        assert!(msg.contains("IPv4-compatible (::/96)"), "{msg}");
+        assert_eq!(forbidden_reason(ip("::1")), Some("a loopback address"));
+        assert_eq!(
+            forbidden_reason(ip("::")),
+            Some("an unspecified (::) address")
+        );
+        // IPv4-mapped addresses are still judged as the IPv4 address they carry.
+        assert_eq!(forbidden_reason(ip("::ffff:8.8.8.8")), None);
+        assert_eq!(
+            forbidden_reason(ip("::ffff:10.0.0.1")),
+            Some("a private (RFC 1918) address")
+        );
+        // Just outside the block.
+        assert_eq!(forbidden_reason(ip("0:0:0:0:0:1::1")), None);
+        assert!(check("h", ip("::a00:1"), &AllowList::parse("::/96").unwrap()).is_ok());
     }
 
     #[test]

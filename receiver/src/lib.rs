@@ -19,6 +19,9 @@
 //! ```
 //!
 //! HTTP/1.1 (with keep-alive) and HTTP/2 with prior knowledge (h2c) are both served.
+//!
+//! [`FakeDns`] is its counterpart for name resolution: a DNS server whose answers (and
+//! silences) a test chooses.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -41,6 +44,9 @@ use hyper_util::server::conn::auto;
 use standardwebhooks::Webhook;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+pub mod dns;
+pub use dns::FakeDns;
 
 /// How the receiver answers one request.
 #[derive(Clone, Debug, PartialEq, Eq)]

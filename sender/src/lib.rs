@@ -7,6 +7,7 @@
 //! when outcomes are waiting, so it can sleep on its latch and that descriptor together.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -17,6 +18,8 @@ use outbox_core::signing::{signature_header, SigningKey};
 use outbox_core::ssrf::{self, AllowList};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use tokio::sync::{mpsc, Semaphore};
+
+mod dns;
 
 /// One attempt to send, as claimed from the queue.
 #[derive(Debug, Clone)]
@@ -73,6 +76,12 @@ pub struct Config {
     pub allow: AllowList,
     /// Extra trusted root certificates (PEM), e.g. a private CA, on top of the system's.
     pub extra_roots_pem: Option<Vec<u8>>,
+    /// How long one name may take to resolve, all retries included. A name whose servers
+    /// never answer fails its attempt after this, without holding anything other requests
+    /// need.
+    pub dns_timeout: Duration,
+    /// Name servers to ask instead of those of /etc/resolv.conf (empty: the system's).
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 impl Default for Config {
@@ -85,6 +94,8 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             allow: AllowList::default(),
             extra_roots_pem: None,
+            dns_timeout: Duration::from_secs(5),
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -161,19 +172,23 @@ impl std::error::Error for GuardRefusal {}
 
 /// Resolves names itself and drops every address the guard refuses, so the connection is
 /// only ever made to an address that was checked (no rebinding between check and connect).
-struct GuardedResolver(Arc<Shared>);
+struct GuardedResolver {
+    shared: Arc<Shared>,
+    dns: Arc<dns::Resolver>,
+}
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow = self.0.allow_list();
+        let allow = self.shared.allow_list();
+        let dns = self.dns.clone();
         Box::pin(async move {
             let host = name.as_str().to_string();
-            let resolved = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let resolved = dns.lookup(&host).await?;
             let mut usable = Vec::new();
             let mut refusal = None;
-            for addr in resolved {
-                match ssrf::check(&host, addr.ip(), &allow) {
-                    Ok(()) => usable.push(addr),
+            for ip in resolved {
+                match ssrf::check(&host, ip, &allow) {
+                    Ok(()) => usable.push(SocketAddr::new(ip, 0)),
                     Err(e) => refusal = Some(e),
                 }
             }
@@ -223,8 +238,9 @@ impl Sender {
         block_postgres_signals();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.threads.max(1))
-            // Name resolution (getaddrinfo) runs on blocking threads.
-            .max_blocking_threads(4)
+            // Nothing is expected on blocking threads (names are resolved asynchronously);
+            // one bounds whatever might turn up there.
+            .max_blocking_threads(1)
             .thread_name("outbox-sender")
             .on_thread_start(block_postgres_signals)
             .enable_all()
@@ -232,6 +248,8 @@ impl Sender {
         // SAFETY: restores the mask read above on this thread.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
         let runtime = runtime?;
+        // Its queries run as tasks of whichever runtime performs the lookup: this one.
+        let dns = Arc::new(dns::Resolver::new(&config.dns_servers, config.dns_timeout)?);
 
         let mut builder = reqwest::Client::builder();
         if let Some(pem) = &config.extra_roots_pem {
@@ -262,7 +280,10 @@ impl Sender {
             .tcp_nodelay(true)
             // A proxy from the environment would connect on our behalf, past the guard.
             .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver(shared.clone())))
+            .dns_resolver(Arc::new(GuardedResolver {
+                shared: shared.clone(),
+                dns,
+            }))
             .build()
             .map_err(io::Error::other)?;
 
@@ -407,15 +428,26 @@ fn literal_ip_refusal(req: &Request, allow: &AllowList) -> Option<String> {
     ssrf::check(&ip.to_string(), ip, allow).err()
 }
 
-fn guard_refusal(e: &reqwest::Error) -> Option<String> {
+/// The first error of type `T` among the causes of `e`.
+fn cause<T: std::error::Error + 'static>(e: &reqwest::Error) -> Option<&T> {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        if let Some(g) = s.downcast_ref::<GuardRefusal>() {
-            return Some(g.0.clone());
+        if let Some(found) = s.downcast_ref::<T>() {
+            return Some(found);
         }
         source = s.source();
     }
     None
+}
+
+fn guard_refusal(e: &reqwest::Error) -> Option<String> {
+    cause::<GuardRefusal>(e).map(|g| g.0.clone())
+}
+
+/// A name that did not resolve in time is a timeout like any other, though reqwest does not
+/// count it as one.
+fn timed_out(e: &reqwest::Error) -> bool {
+    e.is_timeout() || cause::<dns::LookupError>(e).is_some_and(|l| l.timed_out)
 }
 
 /// Describes a transport error with its causes ("error sending request: …: Connection
@@ -490,7 +522,7 @@ async fn send(client: &reqwest::Client, req: Request, body_cap: usize) -> Outcom
             return failed(
                 &req,
                 describe(&e, req.timeout),
-                e.is_timeout(),
+                timed_out(&e),
                 started.elapsed(),
             );
         }

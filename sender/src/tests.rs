@@ -2,7 +2,8 @@
 
 use super::*;
 use outbox_core::ssrf::AllowList;
-use outbox_receiver::{Receiver, Reply};
+use outbox_receiver::{FakeDns, Receiver, Reply};
+use std::net::Ipv4Addr;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -384,4 +385,180 @@ fn endless_headers_and_slow_drip_bodies_cannot_hold_the_sender() {
         took >= Duration::from_millis(700) && took < Duration::from_secs(3),
         "{took:?}"
     );
+}
+
+/// Loopback allowed, and names resolved by `dns` alone.
+fn resolving_through(dns: &FakeDns, dns_timeout: Duration) -> Config {
+    Config {
+        dns_servers: vec![dns.addr()],
+        dns_timeout,
+        ..loopback()
+    }
+}
+
+/// `n` outcomes, each with how long after `since` it was taken.
+fn outcomes_after(sender: &Sender, n: usize, since: Instant) -> Vec<(Outcome, Duration)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut all = Vec::new();
+    while all.len() < n {
+        assert!(Instant::now() < deadline, "only {} outcomes", all.len());
+        let mut pfd = libc::pollfd {
+            fd: sender.wake_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one local pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        let at = since.elapsed();
+        all.extend(sender.take_outcomes().into_iter().map(|o| (o, at)));
+    }
+    all
+}
+
+#[test]
+fn a_name_server_that_never_answers_delays_only_its_own_names() {
+    let rx = Receiver::start().unwrap();
+    let dns = FakeDns::start(&[("good.test", Ipv4Addr::LOCALHOST)], &["black-hole.test"]).unwrap();
+    let sender = Sender::start(resolving_through(&dns, Duration::from_secs(3))).unwrap();
+    let port = rx.port();
+    let submitted = Instant::now();
+    // The silent names first, so that they are the ones holding whatever they hold.
+    for i in 0..30u8 {
+        let mut req = request(
+            format!("http://n{i}.black-hole.test:{port}/x"),
+            Duration::from_secs(10),
+        );
+        req.delivery_id = [0, i, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        sender.submit(req);
+    }
+    for i in 0..30u8 {
+        let mut req = request(
+            format!("http://good.test:{port}/x"),
+            Duration::from_secs(10),
+        );
+        req.delivery_id = [1, i, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        sender.submit(req);
+    }
+    let outcomes = outcomes_after(&sender, 60, submitted);
+    let (good, silent): (Vec<_>, Vec<_>) =
+        outcomes.iter().partition(|(o, _)| o.delivery_id[0] == 1);
+    assert_eq!(good.len(), 30);
+    for (o, at) in &good {
+        assert_eq!(o.status_code(), Some(200), "{o:?}");
+        assert!(
+            *at < Duration::from_millis(1500),
+            "delivered {at:?} after submission"
+        );
+    }
+    assert_eq!(rx.count(), 30);
+    assert_eq!(silent.len(), 30);
+    for (o, _) in &silent {
+        let host = format!("n{}.black-hole.test", o.delivery_id[1]);
+        match &o.response {
+            Response::Failed { error, timed_out } => {
+                assert!(*timed_out, "{error}");
+                assert!(
+                    error.contains(&format!("the DNS lookup of {host} timed out after 3000 ms")),
+                    "{error}"
+                );
+            }
+            other => panic!("expected a DNS timeout for {host}, got {other:?}"),
+        }
+        assert!(
+            o.duration >= Duration::from_millis(2900) && o.duration < Duration::from_millis(4500),
+            "{host} failed after {:?}",
+            o.duration
+        );
+        assert!(dns.queries(&host) >= 1, "{host} was never asked for");
+    }
+}
+
+#[test]
+fn a_name_that_resolves_to_a_forbidden_address_is_refused_before_connecting() {
+    let rx = Receiver::start().unwrap();
+    let dns = FakeDns::start(
+        &[
+            ("internal.test", Ipv4Addr::new(169, 254, 169, 254)),
+            ("loop.test", Ipv4Addr::LOCALHOST),
+        ],
+        &[],
+    )
+    .unwrap();
+    // Nothing allowed: not even the receiver's loopback address.
+    let sender = Sender::start(Config {
+        dns_servers: vec![dns.addr()],
+        ..Config::default()
+    })
+    .unwrap();
+    let port = rx.port();
+    sender.submit(request(
+        format!("http://internal.test:{port}/x"),
+        Duration::from_secs(5),
+    ));
+    let o = one(&sender);
+    match &o.response {
+        Response::Refused { error } => assert!(
+            error.contains("SSRF guard")
+                && error.contains("internal.test -> 169.254.169.254")
+                && error.contains("link-local"),
+            "{error}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(o.duration < Duration::from_secs(1), "{:?}", o.duration);
+    // The same for a name of the receiver's own address: it never hears of it.
+    sender.submit(request(
+        format!("http://loop.test:{port}/x"),
+        Duration::from_secs(5),
+    ));
+    match one(&sender).response {
+        Response::Refused { error } => assert!(
+            error.contains("loop.test -> 127.0.0.1") && error.contains("loopback"),
+            "{error}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(rx.count(), 0, "nothing reached the receiver");
+    // A name that does not exist is a failed attempt, to be retried, not a refusal.
+    sender.submit(request(
+        format!("http://nowhere.test:{port}/x"),
+        Duration::from_secs(5),
+    ));
+    match one(&sender).response {
+        Response::Failed { error, timed_out } => {
+            assert!(!timed_out);
+            assert!(
+                error.contains("the DNS lookup of nowhere.test failed: no such name (NXDOMAIN)"),
+                "{error}"
+            );
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn answers_are_cached() {
+    let rx = Receiver::start().unwrap();
+    // Closing after each answer makes the second request connect (so resolve) again,
+    // instead of reusing the first one's connection.
+    rx.set_default(
+        "/close",
+        Reply::StatusWithHeaders(200, vec![("Connection".into(), "close".into())]),
+    );
+    let dns = FakeDns::start(&[("cached.test", Ipv4Addr::LOCALHOST)], &[]).unwrap();
+    let sender = Sender::start(resolving_through(&dns, Duration::from_secs(3))).unwrap();
+    let url = format!("http://cached.test:{}/close", rx.port());
+    sender.submit(request(url.clone(), Duration::from_secs(5)));
+    assert_eq!(one(&sender).status_code(), Some(200));
+    // One lookup: an A query and an AAAA query.
+    assert_eq!(dns.queries("cached.test"), 2);
+    std::thread::sleep(Duration::from_millis(200));
+    sender.submit(request(url, Duration::from_secs(5)));
+    assert_eq!(one(&sender).status_code(), Some(200));
+    assert_eq!(
+        dns.queries("cached.test"),
+        2,
+        "the second lookup was not served from the cache"
+    );
+    assert_eq!(rx.count(), 2);
 }
