@@ -35,7 +35,8 @@ CREATE TYPE outbox.circuit_state AS ENUM ('closed', 'open', 'half_open');
 CREATE TABLE outbox.endpoint (
     id              uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
     url             text        NOT NULL,
-    secret          text        NOT NULL,
+    -- NULL only once the endpoint is deleted: its secrets and headers go with it.
+    secret          text,
     -- NULL = every event; otherwise exact names and 'prefix.*' patterns.
     event_types     text[],
     enabled         boolean     NOT NULL DEFAULT true,
@@ -61,24 +62,29 @@ CREATE TABLE outbox.endpoint (
     CONSTRAINT endpoint_headers_object CHECK (jsonb_typeof(headers) = 'object'),
     CONSTRAINT endpoint_timeout_range CHECK (timeout IS NULL OR (timeout >= interval '100 milliseconds' AND timeout <= interval '5 minutes')),
     CONSTRAINT endpoint_rate_limit_range CHECK (rate_limit BETWEEN 1 AND 100000),
-    CONSTRAINT endpoint_max_in_flight_range CHECK (max_in_flight BETWEEN 1 AND 10000)
+    CONSTRAINT endpoint_max_in_flight_range CHECK (max_in_flight BETWEEN 1 AND 10000),
+    CONSTRAINT endpoint_secret_present CHECK (secret IS NOT NULL OR deleted_at IS NOT NULL)
 );
 
 CREATE INDEX endpoint_tenant_idx ON outbox.endpoint (tenant_id) WHERE deleted_at IS NULL;
 
--- One row per enqueued event; its id is the `webhook-id` receivers deduplicate on.
+-- One row per enqueued event; its id is the `webhook-id` receivers deduplicate on. A
+-- caller's ids are its tenant's own: the same id in two tenants is two events.
 CREATE TABLE outbox.event (
-    id          text        PRIMARY KEY,
+    id          text        NOT NULL,
     event_type  text        NOT NULL,
     payload     jsonb       NOT NULL,
     tenant_id   text,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- The tenant as a key column: '' for none (a tenant id is never empty).
+    tenant_key  text        NOT NULL GENERATED ALWAYS AS (coalesce(tenant_id, '')) STORED,
+    CONSTRAINT event_pkey PRIMARY KEY (id, tenant_key)
 );
 
 -- One row per (event, endpoint): the unit that is claimed, sent, retried and acknowledged.
 CREATE TABLE outbox.delivery (
     id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
-    event_id         text        NOT NULL REFERENCES outbox.event (id),
+    event_id         text        NOT NULL,
     endpoint_id      uuid        NOT NULL REFERENCES outbox.endpoint (id),
     tenant_id        text,
     status           outbox.delivery_status NOT NULL DEFAULT 'pending',
@@ -96,7 +102,13 @@ CREATE TABLE outbox.delivery (
     -- Set on deliveries made by outbox.replay: the delivery whose event is sent again.
     replay_of        uuid,
     -- Enqueue order, set only for deliveries to ordered endpoints (outbox.delivery_seq).
-    seq              bigint
+    seq              bigint,
+    -- The event's tenant as a key column, as in outbox.event.
+    tenant_key       text        NOT NULL GENERATED ALWAYS AS (coalesce(tenant_id, '')) STORED,
+    -- Attempts made before the last outbox.retry_dead: the attempt number (the fencing
+    -- token) only ever grows, and the retry schedule counts from here.
+    retry_base       integer     NOT NULL DEFAULT 0,
+    CONSTRAINT delivery_event_fkey FOREIGN KEY (event_id, tenant_key) REFERENCES outbox.event (id, tenant_key)
 ) WITH (fillfactor = 80);
 
 CREATE SEQUENCE outbox.delivery_seq;
@@ -297,6 +309,65 @@ BEGIN
 END
 $$;
 
+-- When an enqueued event may first be sent: deliver_at, or now. A time in the past means
+-- now; a time more than outbox._max_schedule_ahead() ahead, or a non-finite one, is
+-- refused: every due time the worker computes with stays an ordinary timestamp (a retry
+-- time an external sender gives is clamped to the same range).
+CREATE FUNCTION outbox._max_schedule_ahead()
+RETURNS interval
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT interval '1 year' $$;
+
+CREATE FUNCTION outbox._check_deliver_at(deliver_at timestamptz)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF deliver_at IS NULL THEN
+        RETURN now();
+    END IF;
+    IF NOT isfinite(deliver_at) OR deliver_at > now() + outbox._max_schedule_ahead() THEN
+        RAISE EXCEPTION 'deliver_at % is out of range', deliver_at
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use a finite time at most one year ahead, or NULL to deliver at once.';
+    END IF;
+    RETURN greatest(deliver_at, now());
+END
+$$;
+
+-- `t` cut to at most `max_bytes` bytes of UTF-8 at a character boundary, marked with '…'
+-- when cut. Error texts and response bodies come from receivers and external senders:
+-- bounded here, they can neither bloat the history nor overflow a notification.
+CREATE FUNCTION outbox._truncate(t text, max_bytes integer)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+    n integer := max_bytes - 3;
+    cut text;
+BEGIN
+    IF t IS NULL OR octet_length(t) <= max_bytes THEN
+        RETURN t;
+    END IF;
+    IF max_bytes <= 3 THEN
+        RETURN '';
+    END IF;
+    cut := left(t, n);
+    -- Characters are 1 to 4 bytes: each round drops at least what is still over.
+    WHILE octet_length(cut) > max_bytes - 3 LOOP
+        n := n - greatest((octet_length(cut) - (max_bytes - 3) + 3) / 4, 1);
+        cut := left(t, n);
+    END LOOP;
+    RETURN cut || '…';
+END
+$$;
+
+-- Longest error text kept per attempt (and per endpoint), in bytes.
+CREATE FUNCTION outbox._max_error_bytes()
+RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT 2000 $$;
+
 -- The delivery-control settings, read where SQL decides (claim, ack). A session that has
 -- not loaded the library sees the documented defaults. (The small helpers on the claim and
 -- ack path are plpgsql rather than sql: their plans are prepared once per session instead
@@ -339,7 +410,9 @@ $$;
 
 -- Leases that expired (their sender died or hung) make their deliveries pending again, due
 -- at once; the attempt number stays, so the old holder's late ack is refused. Returns how
--- many. The claim runs it first, for the endpoints it may serve.
+-- many. The claim runs it first, for the endpoints it may serve. Endpoints whose state row
+-- someone else holds (an operator's open transaction) are left for a later call: a claimer
+-- never waits for them.
 CREATE FUNCTION outbox._requeue_expired(p_endpoint_id uuid)
 RETURNS integer
 LANGUAGE plpgsql
@@ -348,17 +421,23 @@ AS $$
 DECLARE
     n integer;
 BEGIN
-    WITH expired AS (
+    WITH free AS (
+        SELECT s.endpoint_id FROM outbox.endpoint_state s
+         WHERE (p_endpoint_id IS NULL OR s.endpoint_id = p_endpoint_id)
+           AND EXISTS (SELECT 1 FROM outbox.delivery q
+                        WHERE q.endpoint_id = s.endpoint_id AND q.status = 'in_flight' AND q.due_at <= now())
+           FOR UPDATE OF s SKIP LOCKED
+    ),
+    expired AS (
         UPDATE outbox.delivery d
            SET status = 'pending', lease_owner = NULL,
                last_error = 'lease expired before the sender reported back'
           FROM (SELECT x.id
-                  FROM outbox.endpoint e
+                  FROM free f
                  CROSS JOIN LATERAL (
                        SELECT q.id FROM outbox.delivery q
-                        WHERE q.endpoint_id = e.id AND q.status = 'in_flight' AND q.due_at <= now()
-                          FOR UPDATE SKIP LOCKED) x
-                 WHERE (p_endpoint_id IS NULL OR e.id = p_endpoint_id)) x
+                        WHERE q.endpoint_id = f.endpoint_id AND q.status = 'in_flight' AND q.due_at <= now()
+                          FOR UPDATE SKIP LOCKED) x) x
          WHERE d.id = x.id
         RETURNING d.endpoint_id
     ),
@@ -370,6 +449,84 @@ BEGIN
     )
     SELECT coalesce(sum(counted.n), 0) INTO n FROM counted;
     RETURN n;
+END
+$$;
+
+-- Leases of built-in workers that are gone (killed, crashed, restarted) go back to pending
+-- at once. A worker's leases carry its name, 'worker:<pid>'; a pid no webhook_outbox worker
+-- of this server runs under any more will never report back. A worker calls this when it
+-- starts, so that after a restart its endpoints resume at once instead of counting the dead
+-- worker's requests against their max_in_flight until the leases expire. (External senders
+-- must therefore not call themselves 'worker:<number>'.) Returns how many.
+CREATE FUNCTION outbox._requeue_orphaned()
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+AS $$
+DECLARE
+    live text[] := ARRAY(SELECT 'worker:' || a.pid FROM pg_stat_activity a
+                          WHERE a.backend_type = 'webhook_outbox worker');
+    n integer;
+BEGIN
+    WITH orphaned AS (
+        SELECT q.id, q.endpoint_id FROM outbox.delivery q
+         WHERE q.status = 'in_flight' AND q.lease_owner ~ '^worker:[0-9]+$'
+           AND q.lease_owner <> ALL (live)
+    ),
+    free AS (
+        SELECT s.endpoint_id FROM outbox.endpoint_state s
+         WHERE s.endpoint_id IN (SELECT endpoint_id FROM orphaned)
+           FOR UPDATE OF s SKIP LOCKED
+    ),
+    released AS (
+        UPDATE outbox.delivery d
+           SET status = 'pending', lease_owner = NULL, due_at = now(),
+               last_error = 'its sender stopped before reporting back'
+          FROM (SELECT q.id FROM outbox.delivery q
+                 WHERE q.id IN (SELECT o.id FROM orphaned o JOIN free f USING (endpoint_id))
+                   AND q.status = 'in_flight'
+                   FOR UPDATE SKIP LOCKED) x
+         WHERE d.id = x.id
+        RETURNING d.endpoint_id
+    ),
+    counted AS (
+        UPDATE outbox.endpoint_state s SET in_flight = greatest(s.in_flight - c.n, 0)
+          FROM (SELECT endpoint_id, count(*)::integer AS n FROM released GROUP BY endpoint_id) c
+         WHERE s.endpoint_id = c.endpoint_id
+        RETURNING c.n
+    )
+    SELECT coalesce(sum(counted.n), 0) INTO n FROM counted;
+    RETURN n;
+END
+$$;
+
+-- The state rows (and deliveries) of `ids` that this transaction can lock now, locked: the
+-- worker records only those outcomes, and keeps the rest for a later cycle, so that an
+-- operator's open transaction on one endpoint never makes it wait (nor anyone else wait
+-- on it). Returns the ids it may record.
+CREATE FUNCTION outbox._lock_for_ack(ids uuid[])
+RETURNS uuid[]
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    got uuid[];
+BEGIN
+    WITH mine AS (
+        SELECT d.id, d.endpoint_id FROM outbox.delivery d
+         WHERE d.id = ANY (ids)
+           FOR NO KEY UPDATE SKIP LOCKED
+    ),
+    free AS (
+        SELECT s.endpoint_id FROM outbox.endpoint_state s
+         WHERE s.endpoint_id IN (SELECT endpoint_id FROM mine)
+         ORDER BY s.endpoint_id
+           FOR UPDATE SKIP LOCKED
+    )
+    SELECT coalesce(array_agg(m.id), '{}') INTO got FROM mine m JOIN free f USING (endpoint_id);
+    -- Ids of deliveries that no longer exist lock nothing, and are recorded (as nothing).
+    RETURN got || ARRAY(SELECT i FROM unnest(ids) i
+                         WHERE NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.id = i));
 END
 $$;
 
@@ -453,9 +610,29 @@ AS $$
     SELECT coalesce(current_setting('outbox.live_feed', true), 'off') = 'on'
 $$;
 
+-- Is there room in the NOTIFY queue? A listener that never reads fills it, and a full queue
+-- would fail the commit of whoever notifies: past half full, announcements are skipped (the
+-- history and the views keep everything).
+CREATE FUNCTION outbox._notify_room()
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_notification_queue_usage() < 0.5 THEN
+        RETURN true;
+    END IF;
+    RAISE WARNING 'webhook_outbox: the NOTIFY queue is % full (a listener is not reading); announcements are skipped',
+        to_char(pg_notification_queue_usage() * 100, 'FM990%');
+    RETURN false;
+END
+$$;
+
 -- Publishes one status change of a delivery on the live feed: channel outbox_feed, the
 -- endpoint's channel outbox_feed_<endpoint id>, and the tenant's outbox_feed_tenant_<tenant>
--- (for tenant ids of at most 44 bytes, the rest of a channel name's room).
+-- (for tenant ids of at most 44 bytes, the rest of a channel name's room). Any role that
+-- can connect may LISTEN, so the payload carries ids and the status only; whoever may know
+-- more reads it from outbox.deliveries.
 CREATE FUNCTION outbox._feed(p_id uuid, p_endpoint_id uuid, p_tenant_id text, p_event_type text,
                              p_status text, p_attempt integer)
 RETURNS void
@@ -463,9 +640,12 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    payload text := json_build_object('id', p_id, 'endpoint_id', p_endpoint_id, 'event_type', p_event_type,
-                                      'status', p_status, 'attempt', p_attempt, 'tenant_id', p_tenant_id)::text;
+    payload text := json_build_object('id', p_id, 'endpoint_id', p_endpoint_id,
+                                      'status', p_status, 'attempt', p_attempt)::text;
 BEGIN
+    IF NOT outbox._notify_room() THEN
+        RETURN;
+    END IF;
     PERFORM pg_notify('outbox_feed', payload);
     PERFORM pg_notify('outbox_feed_' || p_endpoint_id, payload);
     IF p_tenant_id IS NOT NULL AND octet_length(p_tenant_id) <= 44 THEN
@@ -477,7 +657,9 @@ $$;
 -- Tells operators that something needs attention: NOTIFY on channel outbox_operator, and,
 -- when outbox.operator_endpoint names an endpoint, an event of type `kind` delivered there
 -- (never about deliveries to that endpoint itself, so a broken operator endpoint cannot
--- feed on itself).
+-- feed on itself). Any role that can connect may LISTEN, so the notification carries the
+-- kind and the ids in `details` only (never URLs, reasons or error texts); the operator
+-- endpoint, chosen by an administrator, gets all of `details`.
 CREATE FUNCTION outbox._operator_event(kind text, details jsonb, about_endpoint uuid)
 RETURNS void
 LANGUAGE plpgsql
@@ -486,7 +668,12 @@ AS $$
 DECLARE
     target text := nullif(current_setting('outbox.operator_endpoint', true), '');
 BEGIN
-    PERFORM pg_notify('outbox_operator', (jsonb_build_object('kind', kind) || details)::text);
+    IF outbox._notify_room() THEN
+        PERFORM pg_notify('outbox_operator',
+            (jsonb_build_object('kind', kind)
+             || coalesce((SELECT jsonb_object_agg(d.key, d.value) FROM jsonb_each(details) d
+                           WHERE d.key LIKE '%\_id' AND jsonb_typeof(d.value) = 'string'), '{}'))::text);
+    END IF;
     IF target IS NOT NULL AND target IS DISTINCT FROM about_endpoint::text THEN
         BEGIN
             PERFORM outbox.enqueue(kind, details, endpoint_id => target::uuid);
@@ -645,7 +832,8 @@ $$;
 
 -- Deletes an endpoint and cancels its deliveries that were not finished; returns how many
 -- were cancelled. A delivery in flight at that moment is cancelled too: an ack from its
--- sender is then refused, so the endpoint's history ends consistently.
+-- sender is then refused, so the endpoint's history ends consistently. The row stays for
+-- the history to point at, but its secrets and headers (credentials, often) go.
 CREATE FUNCTION outbox.delete_endpoint(endpoint_id uuid)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -656,8 +844,10 @@ DECLARE
     n bigint;
 BEGIN
     PERFORM outbox._endpoint_or_raise(delete_endpoint.endpoint_id);
-    UPDATE outbox.endpoint SET enabled = false, disabled_reason = 'deleted', deleted_at = now(), updated_at = now()
-    WHERE id = delete_endpoint.endpoint_id;
+    UPDATE outbox.endpoint
+       SET enabled = false, disabled_reason = 'deleted', deleted_at = now(), updated_at = now(),
+           secret = NULL, previous_secret = NULL, previous_secret_expires_at = NULL, headers = '{}'
+     WHERE id = delete_endpoint.endpoint_id;
     UPDATE outbox.delivery d
        SET status = 'cancelled', finished_at = now(), lease_owner = NULL,
            last_error = 'cancelled: endpoint deleted'
@@ -715,10 +905,11 @@ $$;
 -------------------------------------------------------------------------------------------
 
 -- Creates one delivery per enabled endpoint whose filter matches event_type (same tenant), or
--- exactly one for endpoint_id when it is given (its filter and enabled flag are not consulted:
--- a disabled endpoint's delivery waits until it is enabled). Runs in the caller's
--- transaction. With event_id, enqueueing the same (event_id, endpoint) again returns the
--- existing delivery; the first enqueue's payload wins.
+-- exactly one for endpoint_id when it is given (it must be the tenant's own; its filter and
+-- enabled flag are not consulted: a disabled endpoint's delivery waits until it is
+-- enabled). Runs in the caller's transaction. With event_id (unique per tenant), enqueueing
+-- the same event again returns the existing deliveries; the same id with another event type
+-- or payload is refused.
 CREATE FUNCTION outbox.enqueue(
     event_type  text,
     payload     jsonb,
@@ -738,12 +929,23 @@ DECLARE
     v_ordered  boolean[];
     v_endpoint outbox.endpoint;
     v_fed      bigint;
+    v_due      timestamptz;
+    v_known    outbox.event;
 BEGIN
     PERFORM outbox._check_event(enqueue.event_type, enqueue.event_id, enqueue.tenant_id,
                                 octet_length(enqueue.payload::text));
 
+    v_due := outbox._check_deliver_at(enqueue.deliver_at);
+
     IF enqueue.endpoint_id IS NOT NULL THEN
         v_endpoint := outbox._endpoint_or_raise(enqueue.endpoint_id, false);
+        IF v_endpoint.tenant_id IS DISTINCT FROM enqueue.tenant_id THEN
+            -- Said as if it did not exist: another tenant's endpoints are not to be probed.
+            RAISE EXCEPTION 'endpoint % does not exist for tenant %', enqueue.endpoint_id,
+                            coalesce(quote_literal(enqueue.tenant_id), 'NULL')
+                USING ERRCODE = 'no_data_found',
+                      HINT = 'Pass the endpoint''s own tenant_id; list them with: SELECT id, tenant_id FROM outbox.endpoints;';
+        END IF;
         v_targets := ARRAY[v_endpoint.id];
         v_ordered := ARRAY[v_endpoint.ordered];
     ELSE
@@ -765,7 +967,7 @@ BEGIN
         RETURN QUERY
             WITH ins AS (
                 INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at, seq)
-                SELECT v_event_id, t.id, enqueue.tenant_id, coalesce(enqueue.deliver_at, now()),
+                SELECT v_event_id, t.id, enqueue.tenant_id, v_due,
                        CASE WHEN t.ordered THEN nextval('outbox.delivery_seq') END
                   FROM unnest(v_targets, v_ordered) AS t(id, ordered)
                 RETURNING id, endpoint_id
@@ -776,13 +978,22 @@ BEGIN
                    WHERE outbox._feed_on()) feed ON true;
     ELSE
         -- A concurrent transaction enqueueing the same id makes these wait for it, then do
-        -- nothing; the SELECT (a new snapshot) then sees its rows.
+        -- nothing; the SELECTs (new snapshots) then see its rows.
         INSERT INTO outbox.event (id, event_type, payload, tenant_id)
         VALUES (v_event_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id)
-        ON CONFLICT (id) DO NOTHING;
+        ON CONFLICT (id, tenant_key) DO NOTHING;
+        IF NOT FOUND THEN
+            SELECT * INTO v_known FROM outbox.event ev
+             WHERE ev.id = v_event_id AND ev.tenant_key = coalesce(enqueue.tenant_id, '');
+            IF v_known.event_type IS DISTINCT FROM enqueue.event_type OR v_known.payload IS DISTINCT FROM enqueue.payload THEN
+                RAISE EXCEPTION 'event id % was enqueued before with another event type or payload', quote_literal(v_event_id)
+                    USING ERRCODE = 'unique_violation',
+                          HINT = 'An event id names one event (receivers deduplicate on it): enqueue a new event under a new id.';
+            END IF;
+        END IF;
         WITH ins AS (
             INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at, seq)
-            SELECT v_event_id, t.id, enqueue.tenant_id, coalesce(enqueue.deliver_at, now()),
+            SELECT v_event_id, t.id, enqueue.tenant_id, v_due,
                    CASE WHEN t.ordered THEN nextval('outbox.delivery_seq') END
               FROM unnest(v_targets, v_ordered) AS t(id, ordered)
             ON CONFLICT (event_id, endpoint_id, replay_of) DO NOTHING
@@ -962,7 +1173,8 @@ BEGIN
                due_at = now() + p_lease,
                lease_owner = p_worker
           FROM outbox.endpoint e, outbox.event ev
-         WHERE d.id = ANY (v_ids) AND e.id = d.endpoint_id AND ev.id = d.event_id
+         WHERE d.id = ANY (v_ids) AND e.id = d.endpoint_id
+           AND ev.id = d.event_id AND ev.tenant_key = d.tenant_key
         RETURNING d.id, d.event_id, d.attempts, d.endpoint_id, e.url, e.secret, e.headers, e.timeout,
                   ev.event_type,
                   json_build_object('type', ev.event_type,
@@ -1039,25 +1251,41 @@ BEGIN
     -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
     RETURN QUERY
     WITH input AS (
-        SELECT i.*,
-               CASE WHEN i.outcome <> 'retry' THEN NULL
-                    WHEN i.retry_at IS NOT NULL THEN i.retry_at
-                    ELSE now() + outbox.retry_delay(i.attempt) END AS next_at
+        -- Texts from receivers and senders are bounded before anything stores or
+        -- announces them: errors to outbox._max_error_bytes(), bodies to
+        -- outbox.max_response_body.
+        SELECT i.id, i.attempt, i.outcome, i.status_code,
+               CASE WHEN octet_length(i.error) > outbox._max_error_bytes()
+                    THEN outbox._truncate(i.error, outbox._max_error_bytes()) ELSE i.error END AS error,
+               i.duration_ms, i.retry_at,
+               CASE WHEN octet_length(i.response_body) > lim.body_bytes
+                    THEN outbox._truncate(i.response_body, lim.body_bytes) ELSE i.response_body END AS response_body
           FROM unnest(ack_batch.delivery_ids, ack_batch.attempts, ack_batch.outcomes,
                       ack_batch.status_codes, ack_batch.errors, ack_batch.durations_ms,
                       ack_batch.retry_at, ack_batch.response_bodies)
-               AS i(id, attempt, outcome, status_code, error, duration_ms, retry_at, response_body)
+               AS i(id, attempt, outcome, status_code, error, duration_ms, retry_at, response_body),
+               (SELECT outbox._max_response_body() AS body_bytes) lim
          WHERE outbox._check_ack_lengths(ARRAY[
                    cardinality(ack_batch.delivery_ids), cardinality(ack_batch.attempts),
                    cardinality(ack_batch.outcomes), cardinality(ack_batch.status_codes),
                    cardinality(ack_batch.errors), cardinality(ack_batch.durations_ms),
                    cardinality(ack_batch.retry_at), cardinality(ack_batch.response_bodies)])
     ),
-    decided AS (
+    scheduled AS (
+        -- The retry schedule counts the attempts since the last retry_dead; a retry time a
+        -- sender asks for stays within the range enqueue allows.
         SELECT input.*,
+               CASE WHEN input.outcome <> 'retry' THEN NULL
+                    WHEN input.retry_at IS NOT NULL
+                         THEN least(greatest(input.retry_at, now()), now() + outbox._max_schedule_ahead())
+                    ELSE now() + outbox.retry_delay(input.attempt - coalesce(d.retry_base, 0)) END AS next_at
+          FROM input LEFT JOIN outbox.delivery d ON d.id = input.id
+    ),
+    decided AS (
+        SELECT scheduled.*,
                CASE WHEN outcome = 'retry' AND next_at IS NULL THEN 'dead'::outbox.attempt_outcome
                     ELSE outcome END AS final_outcome
-          FROM input
+          FROM scheduled
     ),
     upd AS (
         -- Everything later steps need comes out of RETURNING, so they never join back to
@@ -1077,7 +1305,8 @@ BEGIN
           FROM decided x, outbox.event ev
          -- status is compared as text so that no plan can read delivery_in_flight_idx whole
          -- (a plan cached while few rows were in flight would): each row is found by its id.
-         WHERE d.id = x.id AND d.status::text = 'in_flight' AND d.attempts = x.attempt AND ev.id = d.event_id
+         WHERE d.id = x.id AND d.status::text = 'in_flight' AND d.attempts = x.attempt
+           AND ev.id = d.event_id AND ev.tenant_key = d.tenant_key
         RETURNING d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at, x.attempt, x.final_outcome,
                   x.status_code, x.error, x.duration_ms, x.response_body, ev.event_type
     ),
@@ -1139,7 +1368,9 @@ BEGIN
     ),
     disabled AS (
         -- Stop sending where the receiver answered 410 Gone, or where every attempt has
-        -- failed for outbox.auto_disable_after. Its queue stays; enabling resumes it.
+        -- failed for outbox.auto_disable_after. Its queue stays; enabling resumes it. An
+        -- endpoint row someone holds (an operator's open transaction) is not waited for:
+        -- the next failing batch disables it.
         UPDATE outbox.endpoint e
            SET enabled = false, disabled_reason = x.reason, updated_at = now()
           FROM (SELECT DISTINCT ON (c.endpoint_id) c.endpoint_id, c.reason
@@ -1155,6 +1386,8 @@ BEGIN
                            AND h.failing_since <= now() - p.auto_disable_after) c
                  ORDER BY c.endpoint_id) x
          WHERE e.id = x.endpoint_id AND e.enabled
+           AND e.id IN (SELECT l.id FROM outbox.endpoint l WHERE l.id = x.endpoint_id
+                          FOR NO KEY UPDATE SKIP LOCKED)
         RETURNING e.id,
                   outbox._operator_event('outbox.endpoint.disabled',
                       jsonb_build_object('endpoint_id', e.id, 'url', e.url, 'reason', x.reason), e.id)
@@ -1242,8 +1475,13 @@ $$;
 -- Views
 -------------------------------------------------------------------------------------------
 
+-- Header values are often credentials: only roles that may read the endpoints' secrets
+-- (administrators) see them; others see which headers are set, with masked values.
 CREATE VIEW outbox.endpoints AS
-SELECT e.id, e.url, e.event_types, e.enabled, e.disabled_reason, e.timeout, e.headers,
+SELECT e.id, e.url, e.event_types, e.enabled, e.disabled_reason, e.timeout,
+       CASE WHEN pg_catalog.has_function_privilege('outbox.endpoint_secret(uuid)', 'EXECUTE') THEN e.headers
+            ELSE (SELECT coalesce(jsonb_object_agg(h.key, '********'), '{}') FROM jsonb_each(e.headers) h)
+       END AS headers,
        e.tenant_id, e.description, e.created_at, e.updated_at,
        e.ordered, e.rate_limit, e.max_in_flight
   FROM outbox.endpoint e
@@ -1252,14 +1490,14 @@ SELECT e.id, e.url, e.event_types, e.enabled, e.disabled_reason, e.timeout, e.he
 CREATE VIEW outbox.deliveries AS
 SELECT d.id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url, d.tenant_id,
        d.status,
-       (d.status = 'pending' AND d.attempts > 0) AS retrying,
+       (d.status = 'pending' AND d.attempts > d.retry_base) AS retrying,
        d.attempts,
        CASE WHEN d.status = 'pending' THEN d.due_at END AS next_attempt_at,
        CASE WHEN d.status = 'in_flight' THEN d.due_at END AS lease_expires_at,
        d.lease_owner, d.created_at, d.last_attempt_at, d.finished_at,
        d.last_status_code, d.last_error, ev.payload
   FROM outbox.delivery d
-  JOIN outbox.event ev ON ev.id = d.event_id
+  JOIN outbox.event ev ON ev.id = d.event_id AND ev.tenant_key = d.tenant_key
   JOIN outbox.endpoint e ON e.id = d.endpoint_id;
 
 CREATE VIEW outbox.attempts AS
@@ -1273,7 +1511,7 @@ SELECT d.id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url, d.
        d.attempts, d.last_status_code, d.last_error, d.created_at, d.finished_at AS died_at,
        ev.payload
   FROM outbox.delivery d
-  JOIN outbox.event ev ON ev.id = d.event_id
+  JOIN outbox.event ev ON ev.id = d.event_id AND ev.tenant_key = d.tenant_key
   JOIN outbox.endpoint e ON e.id = d.endpoint_id
  WHERE d.status = 'dead';
 
@@ -1304,11 +1542,11 @@ AS $$
         SELECT count(*) FILTER (WHERE status = 'pending')                        AS pending,
                count(*) FILTER (WHERE status = 'pending' AND due_at <= now())    AS due,
                count(*) FILTER (WHERE status = 'in_flight')                      AS in_flight,
-               count(*) FILTER (WHERE status = 'pending' AND attempts > 0)       AS retrying,
+               count(*) FILTER (WHERE status = 'pending' AND attempts > retry_base) AS retrying,
                now() - min(created_at) FILTER (WHERE status = 'pending')         AS oldest
-          FROM (SELECT status, due_at, attempts, created_at FROM outbox.delivery WHERE status = 'pending'
+          FROM (SELECT status, due_at, attempts, retry_base, created_at FROM outbox.delivery WHERE status = 'pending'
                 UNION ALL
-                SELECT status, due_at, attempts, created_at FROM outbox.delivery WHERE status = 'in_flight') d
+                SELECT status, due_at, attempts, retry_base, created_at FROM outbox.delivery WHERE status = 'in_flight') d
     ),
     recent AS (
         SELECT count(*) FILTER (WHERE status = 'delivered') AS delivered,
@@ -1428,7 +1666,9 @@ $$;
 -------------------------------------------------------------------------------------------
 
 -- Puts dead deliveries back in the queue, due now, with a fresh retry schedule: one by id,
--- or every dead one of an endpoint and/or a time window (of death). Returns how many.
+-- or every dead one of an endpoint and/or a time window (of death). Returns how many. The
+-- attempt number goes on from where it was (it is the fencing token: an ack for an attempt
+-- before the retry is refused); the schedule counts from the retry (retry_base).
 CREATE FUNCTION outbox.retry_dead(
     delivery_id uuid        DEFAULT NULL,
     endpoint_id uuid        DEFAULT NULL,
@@ -1452,7 +1692,7 @@ BEGIN
     WITH requeued AS (
         -- On an ordered endpoint it joins the back of the queue.
         UPDATE outbox.delivery d
-           SET status = 'pending', due_at = now(), finished_at = NULL, attempts = 0,
+           SET status = 'pending', due_at = now(), finished_at = NULL, retry_base = d.attempts,
                last_error = NULL, last_status_code = NULL,
                seq = CASE WHEN (SELECT e.ordered FROM outbox.endpoint e WHERE e.id = d.endpoint_id)
                           THEN nextval('outbox.delivery_seq') END
@@ -1461,10 +1701,10 @@ BEGIN
            AND (retry_dead.endpoint_id IS NULL OR d.endpoint_id = retry_dead.endpoint_id)
            AND (retry_dead.since IS NULL OR d.finished_at >= retry_dead.since)
            AND (retry_dead.until IS NULL OR d.finished_at < retry_dead.until)
-        RETURNING d.id
+        RETURNING d.id, d.attempts
     )
     INSERT INTO outbox.attempt (delivery_id, attempt, outcome, error, worker)
-    SELECT id, 0, 'requeued', 'retried by operator', session_user FROM requeued;
+    SELECT id, attempts, 'requeued', 'retried by operator', session_user FROM requeued;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n = 0 AND retry_dead.delivery_id IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM outbox.delivery WHERE id = retry_dead.delivery_id) THEN
@@ -1580,14 +1820,25 @@ AS $$
 DECLARE
     n bigint;
     event_ids text[];
+    tenant_keys text[];
 BEGIN
     -- A fan-out enqueue that raced delete_endpoint may have left work for a deleted
     -- endpoint; it can never be sent, so it is cancelled like the rest of that endpoint's.
+    -- Rows someone holds are left for the next run: retention never waits.
     UPDATE outbox.delivery d
        SET status = 'cancelled', finished_at = now(), lease_owner = NULL,
            last_error = 'cancelled: endpoint deleted'
-      FROM outbox.endpoint e
-     WHERE e.deleted_at IS NOT NULL AND d.endpoint_id = e.id AND d.status IN ('pending', 'in_flight');
+      FROM (SELECT q.id FROM outbox.endpoint e JOIN outbox.delivery q ON q.endpoint_id = e.id
+             WHERE e.deleted_at IS NOT NULL AND q.status IN ('pending', 'in_flight')
+               FOR UPDATE OF q SKIP LOCKED) x
+     WHERE d.id = x.id;
+    -- A rotation's old secret stops signing when its overlap ends; then it goes.
+    UPDATE outbox.endpoint e
+       SET previous_secret = NULL, previous_secret_expires_at = NULL
+      FROM (SELECT q.id FROM outbox.endpoint q
+             WHERE q.previous_secret_expires_at <= now()
+               FOR NO KEY UPDATE SKIP LOCKED) x
+     WHERE e.id = x.id;
     WITH doomed AS (
         (SELECT d.id FROM outbox.delivery d
           WHERE d.finished_at < now() - delivered_age AND d.status IN ('delivered', 'cancelled')
@@ -1599,13 +1850,16 @@ BEGIN
     ),
     gone AS (
         DELETE FROM outbox.delivery d USING doomed WHERE d.id = doomed.id
-        RETURNING d.event_id
+        RETURNING d.event_id, d.tenant_key
     )
-    SELECT count(*), array_agg(DISTINCT event_id) INTO n, event_ids FROM gone;
+    SELECT (SELECT count(*) FROM gone), array_agg(g.event_id), array_agg(g.tenant_key)
+      INTO n, event_ids, tenant_keys
+      FROM (SELECT DISTINCT event_id, tenant_key FROM gone) g;
     -- Events whose last delivery just went (a new statement: it sees the deletions).
     DELETE FROM outbox.event e
-     WHERE e.id = ANY (event_ids)
-       AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id);
+     USING unnest(event_ids, tenant_keys) AS k(id, tenant_key)
+     WHERE e.id = k.id AND e.tenant_key = k.tenant_key
+       AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id AND d.tenant_key = e.tenant_key);
     DELETE FROM outbox.stats_hourly WHERE hour < now() - interval '90 days';
     RETURN n;
 END
@@ -1641,8 +1895,12 @@ $$;
 -- More views
 -------------------------------------------------------------------------------------------
 
--- One row per live endpoint: its backlog, what the last attempts said, and its circuit
--- breaker (state, when it opened, when the next probe goes, the current cool-down).
+-- One row per live endpoint: its backlog, what the last attempts said, its circuit breaker
+-- (state, when it opened, when the next probe goes, the current cool-down), and what holds
+-- its queue back, if anything, until when (NULL: until an operator or an outcome acts):
+-- disabled, circuit open (until its probe), a probe in flight, an ordered endpoint's head in
+-- flight or not due yet (a retry, or a deliver_at ahead: everything behind it waits), or
+-- max_in_flight reached.
 CREATE VIEW outbox.endpoint_health AS
 SELECT e.id AS endpoint_id, e.url, e.enabled, e.disabled_reason, e.tenant_id,
        coalesce(q.pending, 0) AS pending, coalesce(q.in_flight, 0) AS in_flight,
@@ -1650,20 +1908,41 @@ SELECT e.id AS endpoint_id, e.url, e.enabled, e.disabled_reason, e.tenant_id,
        coalesce(st.consecutive_failures, 0) AS consecutive_failures,
        st.last_success_at, st.last_failure_at, st.last_error,
        coalesce(st.circuit, 'closed') AS circuit, st.circuit_opened_at, st.next_probe_at,
-       st.cooldown AS circuit_cooldown, st.failing_since
+       st.cooldown AS circuit_cooldown, st.failing_since,
+       held.reason AS held_reason, held.until AS held_until
   FROM outbox.endpoint e
   LEFT JOIN outbox.endpoint_state st ON st.endpoint_id = e.id
   LEFT JOIN LATERAL (
         SELECT count(*) FILTER (WHERE d.status = 'pending') AS pending,
                count(*) FILTER (WHERE d.status = 'in_flight') AS in_flight,
-               count(*) FILTER (WHERE d.status = 'pending' AND d.attempts > 0) AS retrying,
+               count(*) FILTER (WHERE d.status = 'pending' AND d.attempts > d.retry_base) AS retrying,
                now() - min(d.created_at) FILTER (WHERE d.status = 'pending') AS oldest_pending_age
-          FROM (SELECT d.status, d.attempts, d.created_at FROM outbox.delivery d
+          FROM (SELECT d.status, d.attempts, d.retry_base, d.created_at FROM outbox.delivery d
                  WHERE d.endpoint_id = e.id AND d.status = 'pending'
                 UNION ALL
-                SELECT d.status, d.attempts, d.created_at FROM outbox.delivery d
+                SELECT d.status, d.attempts, d.retry_base, d.created_at FROM outbox.delivery d
                  WHERE d.endpoint_id = e.id AND d.status = 'in_flight') d
        ) q ON true
+  LEFT JOIN LATERAL (
+        SELECT h.status, h.due_at FROM outbox.delivery h
+         WHERE e.ordered AND h.endpoint_id = e.id AND h.seq IS NOT NULL AND h.status IN ('pending', 'in_flight')
+         ORDER BY h.seq LIMIT 1
+       ) head ON true
+ CROSS JOIN LATERAL (
+        SELECT CASE WHEN NOT e.enabled THEN 'disabled'
+                    WHEN st.circuit = 'open' THEN 'circuit open'
+                    WHEN st.circuit = 'half_open' THEN 'circuit half-open: a probe is in flight'
+                    WHEN head.status = 'in_flight' THEN 'ordered: its head is in flight'
+                    WHEN head.due_at > now() THEN 'ordered: its head is not due yet'
+                    WHEN q.pending > 0 AND q.in_flight >= coalesce(e.max_in_flight,
+                             nullif((outbox._policy()).endpoint_max_in_flight, 0)) THEN 'max_in_flight reached'
+               END AS reason,
+               CASE WHEN NOT e.enabled THEN NULL
+                    WHEN st.circuit = 'open' THEN st.next_probe_at
+                    WHEN st.circuit = 'half_open' OR head.status = 'in_flight' THEN NULL
+                    WHEN head.due_at > now() THEN head.due_at
+               END AS until
+       ) held
  WHERE e.deleted_at IS NULL;
 
 -- Failed attempts, newest first (attempt_failed_idx serves ORDER BY ... LIMIT).
@@ -1672,7 +1951,7 @@ SELECT a.created_at, a.delivery_id, d.event_id, ev.event_type, d.endpoint_id, e.
        a.attempt, a.outcome, a.status_code, a.error, a.response_body
   FROM outbox.attempt a
   JOIN outbox.delivery d ON d.id = a.delivery_id
-  JOIN outbox.event ev ON ev.id = d.event_id
+  JOIN outbox.event ev ON ev.id = d.event_id AND ev.tenant_key = d.tenant_key
   JOIN outbox.endpoint e ON e.id = d.endpoint_id
  WHERE a.outcome IN ('retry', 'dead')
  ORDER BY a.created_at DESC;
@@ -1727,7 +2006,10 @@ DECLARE
 BEGIN
     -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
     RETURN (
-    SELECT extract(epoch FROM min(r.ready_at) - clock_timestamp())::double precision
+    -- Epochs, not an interval: a due time that is not finite (none can be stored any
+    -- more, but one row must never fail the worker's cycle) is simply not waited for.
+    SELECT extract(epoch FROM min(r.ready_at) FILTER (WHERE isfinite(r.ready_at)))::double precision
+           - extract(epoch FROM clock_timestamp())::double precision
       FROM outbox.endpoint e
       JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
       LEFT JOIN LATERAL (
@@ -1752,6 +2034,24 @@ BEGIN
      WHERE e.enabled AND e.deleted_at IS NULL);
 END
 $$;
+
+-------------------------------------------------------------------------------------------
+-- pg_dump
+--
+-- Endpoints (with their secrets), events, deliveries in every state, the attempt history
+-- and the hourly statistics are user data: pg_dump saves them and a restore brings them
+-- back, with the sequences behind them. outbox.endpoint_state is not: it is what senders
+-- learned (circuit, failure streak, requests in flight), and a restore starts it afresh
+-- (every restored endpoint gets a new state row from its trigger).
+-------------------------------------------------------------------------------------------
+
+SELECT pg_catalog.pg_extension_config_dump('outbox.endpoint', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.delivery', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.delivery_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.attempt', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.attempt_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.stats_hourly', '');
 
 -------------------------------------------------------------------------------------------
 -- Privileges
@@ -1793,7 +2093,7 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.stats(), outbox.enable_endpoint(uuid), outbox.disable_endpoint(uuid, text),
         outbox.delivery_stats(interval, uuid, text, text), outbox.endpoint_stats(interval), outbox.event_type_stats(interval),
         outbox.retry_dead(uuid, uuid, timestamptz, timestamptz), outbox.replay(uuid, timestamptz, timestamptz),
-        outbox.cancel(uuid, uuid) TO %s', role);
+        outbox.cancel(uuid, uuid), outbox._policy() TO %s', role);
 END
 $$;
 
@@ -1833,7 +2133,8 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION
         outbox.claim(integer, text, interval, uuid, text),
         outbox.ack_batch(uuid[], integer[], outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[], text),
-        outbox._next_due(), outbox._purge_batch(interval, interval, integer)
+        outbox._next_due(), outbox._purge_batch(interval, interval, integer),
+        outbox._requeue_orphaned(), outbox._lock_for_ack(uuid[])
         TO %s', role);
 END
 $$;

@@ -56,6 +56,13 @@ fn retry_delay(attempt: i32) -> Option<Interval> {
     }))
 }
 
+/// Bytes of a response body the history keeps (`outbox.max_response_body`): `ack_batch`
+/// bounds what every sender reports by it.
+#[pg_extern(name = "_max_response_body", stable, parallel_safe)]
+fn max_response_body() -> i32 {
+    guc::MAX_RESPONSE_BODY.get()
+}
+
 #[pg_extern(name = "_check_url", stable, parallel_safe)]
 fn check_url(url: Option<&str>) -> Option<String> {
     let url = validate::endpoint_url(url?).or_refuse();

@@ -42,6 +42,14 @@ pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 /// Bytes of each response body kept in the attempt history.
 pub static MAX_RESPONSE_BODY: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
+/// Name servers the worker asks instead of those of /etc/resolv.conf (`ip` or `ip:port`,
+/// comma-separated); empty = the system's. Changing it restarts the worker.
+pub static DNS_SERVERS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+/// How long resolving one name may take; an endpoint whose DNS never answers then fails
+/// its attempt (and is retried) without holding up anyone else's. Changing it restarts the
+/// worker.
+pub static DNS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+
 /// Private and special-purpose targets the worker may contact anyway (the SSRF guard refuses
 /// them by default): CIDR blocks and exact host names, comma-separated.
 pub static ALLOWED_TARGETS: GucSetting<Option<CString>> =
@@ -119,6 +127,24 @@ pub fn register() {
         &CA_FILE,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"outbox.dns_servers",
+        c"Name servers the worker asks (ip or ip:port, comma-separated); empty = /etc/resolv.conf.",
+        c"Changing it restarts the worker.",
+        &DNS_SERVERS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.dns_timeout",
+        c"How long resolving one endpoint's host name may take.",
+        c"A name whose servers never answer fails its attempt after this (and is retried). Changing it restarts the worker.",
+        &DNS_TIMEOUT_MS,
+        100,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"outbox.batch_size",
@@ -338,6 +364,8 @@ pub struct WorkerSettings {
     /// `None`: the bootstrap superuser.
     pub role: Option<String>,
     pub ca_file: Option<String>,
+    pub dns_servers: Vec<std::net::SocketAddr>,
+    pub dns_timeout: std::time::Duration,
     pub batch_size: i32,
     pub max_in_flight: usize,
     pub request_timeout: std::time::Duration,
@@ -357,6 +385,12 @@ impl WorkerSettings {
             database: text(&DATABASE, "postgres"),
             role: Some(text(&WORKER_ROLE, "")).filter(|r| !r.is_empty()),
             ca_file: Some(text(&CA_FILE, "")).filter(|f| !f.is_empty()),
+            dns_servers: outbox_core::validate::name_servers(&text(&DNS_SERVERS, ""))
+                .unwrap_or_else(|e| {
+                    pgrx::warning!("outbox.dns_servers is invalid ({e}); using /etc/resolv.conf");
+                    Vec::new()
+                }),
+            dns_timeout: Duration::from_millis(positive(DNS_TIMEOUT_MS.get())),
             batch_size: BATCH_SIZE.get(),
             max_in_flight: positive(MAX_IN_FLIGHT.get()) as usize,
             request_timeout: Duration::from_millis(positive(REQUEST_TIMEOUT_MS.get())),

@@ -200,13 +200,16 @@ fn enqueue_with_an_event_id_is_idempotent() {
     endpoint("https://example.com/a", "");
     endpoint("https://example.com/b", "");
     let first = text("SELECT string_agg(x::text, ',' ORDER BY x) FROM outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'order-42') x");
-    let again = text("SELECT string_agg(x::text, ',' ORDER BY x) FROM outbox.enqueue('a.b', '{\"v\": 2}', event_id => 'order-42') x");
+    let again = text("SELECT string_agg(x::text, ',' ORDER BY x) FROM outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'order-42') x");
     assert_eq!(first, again);
     assert_eq!(count("SELECT count(*) FROM outbox.delivery"), 2);
+    // Another event under a known id is refused, never mixed up with the first.
+    assert_refused("SELECT outbox.enqueue('a.b', '{\"v\": 2}', event_id => 'order-42')", "23505");
+    assert_refused("SELECT outbox.enqueue('a.c', '{\"v\": 1}', event_id => 'order-42')", "23505");
     assert_eq!(text("SELECT payload::text FROM outbox.event WHERE id = 'order-42'"), "{\"v\": 1}");
-    // A new endpoint joining later gets its own delivery for the same event id.
+    // A new endpoint joining later gets its own delivery for the same event.
     endpoint("https://example.com/c", "");
-    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('a.b', '{}', event_id => 'order-42')"), 3);
+    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'order-42')"), 3);
     assert_eq!(count("SELECT count(*) FROM outbox.delivery"), 3);
 }
 
@@ -612,7 +615,8 @@ fn dead_letters_can_be_retried_in_one_call() {
     assert_eq!(count(&format!("SELECT outbox.retry_dead('{one}')")), 1);
     assert_eq!(count(&format!("SELECT outbox.retry_dead(endpoint_id => '{b}')")), 3);
     assert_eq!(count("SELECT outbox.retry_dead(since => now() - interval '1 hour')"), 2);
-    assert_eq!(count("SELECT count(*) FROM outbox.delivery WHERE status = 'pending' AND attempts = 0"), 6);
+    // The attempt number (the fencing token) goes on; the schedule starts again from it.
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery WHERE status = 'pending' AND attempts = 1 AND retry_base = 1"), 6);
     assert_eq!(
         text(&format!("SELECT string_agg(outcome::text, ',' ORDER BY id) FROM outbox.attempts WHERE delivery_id = '{one}'")),
         "dead,requeued"

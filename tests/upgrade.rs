@@ -116,7 +116,7 @@ fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
     // Idempotency still holds across the upgrade.
     let again = c
         .query(
-            "SELECT * FROM outbox.enqueue('order.created', '{}', event_id => 'evt-1')",
+            "SELECT * FROM outbox.enqueue('order.created', jsonb_build_object('n', 1), event_id => 'evt-1')",
             &[],
         )
         .unwrap();
@@ -275,4 +275,117 @@ fn a_new_worker_delivers_with_the_old_sql_until_the_update() {
         "{}",
         cluster.log()
     );
+}
+
+#[test]
+fn upgrading_from_0_3_0_keeps_a_queue_in_every_state() {
+    let (cluster, mut c, ep) = install(
+        "0.3.0",
+        "CREATE ROLE sender LOGIN; SELECT outbox.grant_worker('sender');
+         CREATE ROLE oncall LOGIN; SELECT outbox.grant_operator('oncall');",
+    );
+    let ordered: String = c
+        .query_one(
+            "SELECT outbox.create_endpoint('https://example.com/ordered', ordered => true, tenant_id => 'acme')::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // Pending, delivered, dead, retrying, in flight; an ordered endpoint whose head is in
+    // flight with two behind it; the same caller id enqueued by two tenants (0.3.0 mixed
+    // them up); and a due time of 'infinity' (0.3.0 accepted it).
+    c.batch_execute(&format!(
+        "SELECT outbox.enqueue('order.created', jsonb_build_object('n', g), event_id => 'evt-' || g) FROM generate_series(1, 10) g;
+         SELECT outbox.ack(delivery_id, attempt, 'delivered', 200) FROM outbox.claim(2, 'old', endpoint_id => '{ep}');
+         SELECT outbox.ack(delivery_id, attempt, 'dead', 400) FROM outbox.claim(2, 'old', endpoint_id => '{ep}');
+         SELECT outbox.ack(delivery_id, attempt, 'retry', 503, retry_at => now() - interval '1 second')
+           FROM outbox.claim(2, 'old', endpoint_id => '{ep}');
+         SELECT outbox.enqueue('order.created', jsonb_build_object('n', g), tenant_id => 'acme') FROM generate_series(1, 3) g;
+         SELECT count(*) FROM outbox.claim(1, 'old', endpoint_id => '{ordered}');
+         SELECT outbox.enqueue('order.created', '{{\"tenant\": \"acme\"}}', event_id => 'shared-id', tenant_id => 'acme');
+         SELECT outbox.enqueue('order.created', '{{\"tenant\": \"none\"}}', event_id => 'shared-id');
+         SELECT outbox.enqueue('later', '{{}}', event_id => 'never', deliver_at => 'infinity');"
+    ))
+    .unwrap();
+    let held = c
+        .query_one(
+            &format!("SELECT delivery_id::text, attempt FROM outbox.claim(1, 'old', endpoint_id => '{ep}')"),
+            &[],
+        )
+        .unwrap();
+    let (held_id, held_attempt): (String, i32) = (held.get(0), held.get(1));
+    let before = deliveries(
+        &mut c,
+        "id, event_id, endpoint_id, status, attempts, CASE WHEN isfinite(due_at) THEN due_at END, seq",
+    );
+
+    c.batch_execute("ALTER EXTENSION webhook_outbox UPDATE")
+        .unwrap();
+
+    let after = deliveries(
+        &mut c,
+        "id, event_id, endpoint_id, status, attempts, CASE WHEN isfinite(due_at) THEN due_at END, seq",
+    );
+    assert_eq!(before.len(), after.len());
+    for (b, a) in before.iter().zip(&after) {
+        if b.contains("|never|") {
+            // The infinite due time became an ordinary one.
+            assert!(a.split('|').nth(5).is_some_and(|d| !d.is_empty()), "{a}");
+        } else {
+            assert_eq!(b, a, "queued work is untouched");
+        }
+    }
+    // Each tenant's delivery of 'shared-id' now has an event of its own tenant.
+    assert_eq!(
+        c.query_one(
+            "SELECT count(DISTINCT (d.tenant_id, ev.tenant_id)) FROM outbox.delivery d
+               JOIN outbox.event ev ON ev.id = d.event_id AND ev.tenant_key = d.tenant_key
+              WHERE d.event_id = 'shared-id'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0),
+        2
+    );
+    // The lease taken before the upgrade is honoured; the rest of the queue can be taken,
+    // the ordered endpoint's head (still in flight) holding back what is behind it.
+    c.batch_execute(&format!(
+        "SELECT outbox.ack('{held_id}', {held_attempt}, 'delivered', 200)"
+    ))
+    .unwrap();
+    let taken: Vec<String> = c
+        .query(
+            "SELECT endpoint_id::text FROM outbox.claim(100, 'new')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        taken.iter().filter(|e| **e == ep).count(),
+        // Of the ten: 2 retrying and 3 never tried (2 delivered, 2 dead, 1 held); and the
+        // untenanted 'shared-id'. Not 'never', now due a year ahead.
+        6,
+        "{taken:?}"
+    );
+    assert!(!taken.contains(&ordered), "{taken:?}");
+    // A role granted the worker's functions before can run the new ones.
+    let info = cluster.conninfo().replace("user=postgres", "user=sender");
+    let mut sender = postgres::Client::connect(&info, postgres::NoTls).unwrap();
+    sender
+        .batch_execute(
+            "SELECT outbox._requeue_orphaned(); SELECT outbox._lock_for_ack('{}'::uuid[]);",
+        )
+        .unwrap();
+
+    c.batch_execute("CREATE DATABASE fresh").unwrap();
+    let mut fresh = cluster.client_to("fresh");
+    fresh
+        .batch_execute(
+            "CREATE EXTENSION webhook_outbox;
+             SELECT outbox.grant_worker('sender'); SELECT outbox.grant_operator('oncall');",
+        )
+        .unwrap();
+    assert_same_schema(&mut c, &mut fresh);
 }

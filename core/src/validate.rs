@@ -160,6 +160,21 @@ pub fn event_id(text: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// `outbox.dns_servers`: name servers as `ip` or `ip:port` (port 53 by default), separated
+/// by commas; empty means the system's (/etc/resolv.conf). IPv6 addresses with a port are
+/// written `[ip]:port`.
+pub fn name_servers(text: &str) -> Result<Vec<std::net::SocketAddr>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<std::net::SocketAddr>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                .map_err(|_| format!("{s:?} is not an address (ip or ip:port)"))
+        })
+        .collect()
+}
+
 /// A tenant key.
 pub fn tenant_id(text: &str) -> Result<(), Refusal> {
     check_name("the tenant id", text)
@@ -261,6 +276,21 @@ pub fn payload_size(bytes: usize, limit: usize) -> Result<(), Refusal> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn name_servers_are_addresses_with_an_optional_port() {
+        assert_eq!(name_servers(" ").unwrap(), vec![]);
+        assert_eq!(
+            name_servers("10.0.0.2, 127.0.0.1:5353,[::1]:53").unwrap(),
+            vec![
+                "10.0.0.2:53".parse().unwrap(),
+                "127.0.0.1:5353".parse().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+        assert!(name_servers("dns.example.com").is_err());
+        assert!(name_servers("10.0.0.2:99999").is_err());
+    }
+
     use super::*;
     use serde_json::json;
 

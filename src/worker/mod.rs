@@ -60,6 +60,7 @@ pub extern "C-unwind" fn webhook_outbox_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let settings = WorkerSettings::read();
     BackgroundWorker::connect_worker_to_spi(Some(&settings.database), settings.role.as_deref());
+    pin_session();
     let mut worker = match Worker::start(settings, slot) {
         Ok(w) => w,
         Err(e) => {
@@ -87,6 +88,33 @@ pub extern "C-unwind" fn webhook_outbox_worker_main(arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(if restart { 1 } else { 0 }) };
 }
 
+/// Session settings of the worker, before it runs any statement. Its search_path is only
+/// pg_catalog: a role that can create objects in `public` (a database owner, by default)
+/// could otherwise plant a function or operator that an unqualified name in the worker's
+/// statements resolves to, and have it run as the worker's role. And it never waits for a
+/// lock for long: what users can hold is taken with SKIP LOCKED, and anything else (a table
+/// lock taken by hand) fails the cycle after `LOCK_TIMEOUT` instead of stalling delivery.
+fn pin_session() {
+    for (name, value) in [
+        (c"search_path", c"pg_catalog, pg_temp"),
+        (c"lock_timeout", LOCK_TIMEOUT),
+    ] {
+        // SAFETY: main thread, before any transaction; both strings are NUL-terminated and
+        // PostgreSQL copies them. PGC_S_OVERRIDE: a reload of postgresql.conf cannot undo it.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
+    }
+}
+
+/// See [`pin_session`].
+const LOCK_TIMEOUT: &std::ffi::CStr = c"1s";
+
 struct Worker {
     settings: WorkerSettings,
     /// Which of the `outbox.workers` this is; retention runs on the first only.
@@ -102,6 +130,8 @@ struct Worker {
     warned_stale: bool,
     /// The version of the extension's SQL last seen in the database.
     installed: Option<String>,
+    /// Whether the leases of a predecessor that died were taken back since this started.
+    orphans_taken: bool,
 }
 
 /// What a successful cycle claimed.
@@ -109,6 +139,10 @@ struct Claimed {
     requests: Vec<outbox_sender::Request>,
     claimed: usize,
     next_due: Option<Duration>,
+    /// Outcomes whose rows someone else holds: recorded in a later cycle.
+    held: Vec<Record>,
+    /// Deliveries of a dead predecessor taken back, when that was done in this cycle.
+    orphans: Option<i64>,
 }
 
 /// Consecutive failed cycles after which unrecorded outcomes are dropped.
@@ -136,6 +170,8 @@ impl Worker {
                     })
                     .ok()
             }),
+            dns_servers: settings.dns_servers.clone(),
+            dns_timeout: settings.dns_timeout,
             ..Config::default()
         };
         let sender = Sender::start(config.clone()).or_else(|e| {
@@ -155,6 +191,7 @@ impl Worker {
             next_retention: std::time::Instant::now(),
             warned_stale: false,
             installed: None,
+            orphans_taken: false,
             slot,
             settings,
         })
@@ -172,8 +209,10 @@ impl Worker {
                 if new.database != self.settings.database
                     || new.role != self.settings.role
                     || new.ca_file != self.settings.ca_file
+                    || new.dns_servers != self.settings.dns_servers
+                    || new.dns_timeout != self.settings.dns_timeout
                 {
-                    log!("webhook_outbox worker: outbox.database, outbox.worker_role or outbox.ca_file changed; restarting");
+                    log!("webhook_outbox worker: outbox.database, outbox.worker_role, outbox.ca_file or outbox.dns_* changed; restarting");
                     return true;
                 }
                 self.sender.set_max_response_body(new.max_response_body);
@@ -253,13 +292,19 @@ impl Worker {
         )));
         let mut installed = None;
         let (settings, name) = (&self.settings, self.name.as_str());
+        let take_orphans = !self.orphans_taken;
         let outcome = in_transaction(|| {
             Spi::connect_mut(|client| -> Result<Option<Claimed>, String> {
                 let Some(version) = store::installed_version(client)? else {
                     return Ok(None);
                 };
                 installed = Some(version.clone());
-                store::record(client, &records, name)?;
+                let orphans = if take_orphans && store::has_lock_free_acks(&version) {
+                    Some(store::requeue_orphaned(client)?)
+                } else {
+                    None
+                };
+                let held = store::record_lockable(client, &records, name, &version)?;
                 let (requests, unsendable) = if requested > 0 {
                     store::claim(client, requested as i32, name, settings, &version)?
                 } else {
@@ -280,6 +325,8 @@ impl Worker {
                     requests,
                     claimed,
                     next_due,
+                    held,
+                    orphans,
                 }))
             })
         })
@@ -289,6 +336,13 @@ impl Worker {
         match outcome {
             Ok(Some(c)) => {
                 self.failed_cycles = 0;
+                self.unrecorded = c.held;
+                if let Some(n) = c.orphans {
+                    self.orphans_taken = true;
+                    if n > 0 {
+                        log!("webhook_outbox worker: took back {n} deliveries a stopped worker had in flight");
+                    }
+                }
                 for r in c.requests {
                     self.sender.submit(r);
                 }
@@ -413,15 +467,17 @@ impl Worker {
         }
         let n = unrecorded.len();
         let result = in_transaction(|| {
-            Spi::connect_mut(|client| {
-                if store::extension_ready(client)? {
-                    store::record(client, &unrecorded, &name)
-                } else {
-                    Ok(0)
-                }
+            Spi::connect_mut(|client| match store::installed_version(client)? {
+                Some(version) => store::record_lockable(client, &unrecorded, &name, &version),
+                None => Ok(Vec::new()),
             })
         });
         match result.and_then(|r| r) {
+            Ok(held) if !held.is_empty() => log!(
+                "webhook_outbox worker stopping: recorded {} attempts; {} wait on rows someone holds and will be sent again after their leases",
+                n - held.len(),
+                held.len()
+            ),
             Ok(_) => log!("webhook_outbox worker stopping: recorded {n} attempts ({in_flight} were in flight)"),
             Err(e) => log!("webhook_outbox worker stopping: could not record {n} attempts: {e}"),
         }

@@ -10,6 +10,29 @@ use pgrx::spi::SpiClient;
 /// Why a cycle's SQL failed (logged, then the loop goes on).
 pub type StoreError = String;
 
+/// Does the installed SQL have what 0.3.1 added (taking back a dead predecessor's leases,
+/// recording only what can be locked without waiting)? Older SQL keeps delivering without.
+pub fn has_lock_free_acks(version: &str) -> bool {
+    let parts: Vec<u32> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
+    parts >= vec![0, 3, 1]
+}
+
+/// Longest error text sent to SQL. The rule for what is stored is `ack_batch`'s (it bounds
+/// every sender's texts); this only keeps a hostile receiver's megabytes off the SPI call.
+const MAX_ERROR_TRANSPORT_BYTES: usize = 16 * 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// Is the extension created in this database? The worker idles until it is.
 pub fn extension_ready(client: &SpiClient<'_>) -> Result<bool, StoreError> {
     installed_version(client).map(|v| v.is_some())
@@ -19,7 +42,7 @@ pub fn extension_ready(client: &SpiClient<'_>) -> Result<bool, StoreError> {
 pub fn installed_version(client: &SpiClient<'_>) -> Result<Option<String>, StoreError> {
     client
         .select(
-            "SELECT extversion FROM pg_extension WHERE extname = 'webhook_outbox'",
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'webhook_outbox'",
             None,
             &[],
         )
@@ -59,9 +82,9 @@ pub fn claim(
         "previous_secret"
     };
     let query = format!(
-        "SELECT delivery_id, event_id, attempt, url, secret, headers::text,
-                (extract(epoch FROM timeout) * 1000)::float8, body, {previous_secret}
-           FROM outbox.claim($1, $2, $3::interval)"
+        "SELECT delivery_id, event_id, attempt, url, secret, headers::pg_catalog.text,
+                pg_catalog.date_part('epoch', timeout) OPERATOR(pg_catalog.*) 1000, body, {previous_secret}
+           FROM outbox.claim($1, $2, $3::pg_catalog.interval)"
     );
     let rows = client
         .update(
@@ -127,6 +150,7 @@ fn parse_headers(json: &str) -> Vec<(String, String)> {
 }
 
 /// One attempt's record, ready for `outbox.ack_batch`.
+#[derive(Clone)]
 pub struct Record {
     pub delivery_id: [u8; 16],
     pub attempt: i32,
@@ -182,7 +206,7 @@ impl Record {
             (Response::Status { code, .. }, _) => Some(format!("HTTP {code}")),
         };
         // PostgreSQL text cannot hold NUL bytes.
-        let error = error.map(|e| e.replace('\0', ""));
+        let error = error.map(|e| truncated(e.replace('\0', ""), MAX_ERROR_TRANSPORT_BYTES));
         Record {
             delivery_id: o.delivery_id,
             attempt: o.attempt,
@@ -194,6 +218,61 @@ impl Record {
             response_body: o.body_excerpt.map(|b| b.replace('\0', "")),
         }
     }
+}
+
+/// Locks, without waiting, what recording `records` touches (their deliveries and their
+/// endpoints' state rows), and splits them into those that can be recorded now and those
+/// someone else holds (an operator's open transaction): the worker never waits for a lock a
+/// user can hold, and records those later.
+pub fn lockable(
+    client: &mut SpiClient<'_>,
+    records: &[Record],
+) -> Result<(Vec<Record>, Vec<Record>), StoreError> {
+    if records.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let ids: Vec<pgrx::Uuid> = records
+        .iter()
+        .map(|r| pgrx::Uuid::from_bytes(r.delivery_id))
+        .collect();
+    let free: Vec<pgrx::Uuid> = client
+        .update("SELECT outbox._lock_for_ack($1)", None, &[ids.into()])
+        .and_then(|t| t.first().get::<Vec<pgrx::Uuid>>(1))
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    let free: std::collections::HashSet<[u8; 16]> = free.iter().map(|u| *u.as_bytes()).collect();
+    Ok(records
+        .iter()
+        .cloned()
+        .partition(|r| free.contains(&r.delivery_id)))
+}
+
+/// Takes back the leases of built-in workers that are no longer running (this worker's
+/// predecessor, killed or crashed): their endpoints resume at once instead of after the
+/// lease. Returns how many deliveries went back to pending.
+pub fn requeue_orphaned(client: &mut SpiClient<'_>) -> Result<i64, StoreError> {
+    client
+        .update("SELECT outbox._requeue_orphaned()::int8", None, &[])
+        .and_then(|t| t.first().get::<i64>(1))
+        .map(|n| n.unwrap_or(0))
+        .map_err(|e| e.to_string())
+}
+
+/// Records what of `records` can be recorded without waiting (all of them, with SQL older
+/// than 0.3.1); returns the rest, to be recorded later.
+pub fn record_lockable(
+    client: &mut SpiClient<'_>,
+    records: &[Record],
+    worker: &str,
+    version: &str,
+) -> Result<Vec<Record>, StoreError> {
+    if !has_lock_free_acks(version) {
+        record(client, records, worker)?;
+        return Ok(Vec::new());
+    }
+    let (now, later) = lockable(client, records)?;
+    record(client, &now, worker)?;
+    Ok(later)
 }
 
 /// Records a batch of attempts in one statement; returns how many were accepted (the rest
@@ -219,10 +298,14 @@ pub fn record(
     let bodies: Vec<Option<String>> = records.iter().map(|r| r.response_body.clone()).collect();
     client
         .update(
-            "SELECT count(*) FROM outbox.ack_batch(
-                 $1, $2, $3::text[]::outbox.attempt_outcome[], $4, $5, $6,
-                 (SELECT array_agg(now() + w * interval '1 millisecond' ORDER BY i)
-                    FROM unnest($7::float8[]) WITH ORDINALITY AS t(w, i)),
+            // Qualified throughout, like everything the worker runs: its search_path is
+            // pinned as well, but a name that needs no lookup cannot be planted.
+            "SELECT pg_catalog.count(*) FROM outbox.ack_batch(
+                 $1, $2, $3::pg_catalog.text[]::outbox.attempt_outcome[], $4, $5, $6,
+                 (SELECT pg_catalog.array_agg(pg_catalog.now()
+                             OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => w OPERATOR(pg_catalog./) 1000)
+                         ORDER BY i)
+                    FROM pg_catalog.unnest($7::pg_catalog.float8[]) WITH ORDINALITY AS t(w, i)),
                  $8, $9)",
             None,
             &[
@@ -248,8 +331,9 @@ pub fn next_due(client: &SpiClient<'_>) -> Result<Option<Duration>, StoreError> 
     client
         .select("SELECT outbox._next_due()", None, &[])
         .and_then(|t| t.first().get::<f64>(1))
-        // Overdue (negative) means now; NULL means nothing waits.
-        .map(|s| s.map(|secs| Duration::from_secs_f64(secs.max(0.0))))
+        // Overdue (negative) means now; NULL means nothing waits; a wait too long (or not a
+        // number) to be a Duration is as good as nothing: the poll interval comes first.
+        .map(|s| s.and_then(|secs| Duration::try_from_secs_f64(secs.max(0.0)).ok()))
         .map_err(|e| e.to_string())
 }
 
@@ -265,7 +349,7 @@ pub fn purge_batch(
         |d: Option<Duration>| format!("{} seconds", d.map_or(100 * 365 * 86_400, |d| d.as_secs()));
     client
         .update(
-            "SELECT outbox._purge_batch($1::interval, $2::interval, $3)",
+            "SELECT outbox._purge_batch($1::pg_catalog.interval, $2::pg_catalog.interval, $3)",
             None,
             &[
                 age(delivered).as_str().into(),
