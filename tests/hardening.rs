@@ -309,7 +309,9 @@ fn an_idle_operator_transaction_holds_back_only_its_endpoint() {
     operator
         .batch_execute(&format!("BEGIN; SELECT outbox.enable_endpoint('{slow}');"))
         .unwrap();
-    // The slow request finishes while the operator's transaction is open; its ack waits.
+    // The slow request finishes while the operator's transaction is open, and its outcome
+    // needs the rows the operator holds; only then does other work arrive.
+    std::thread::sleep(Duration::from_millis(2500));
     c.batch_execute(
         "SELECT outbox.enqueue('x.fast', jsonb_build_object('n', g)) FROM generate_series(1, 30) g",
     )
