@@ -6,10 +6,13 @@
 #   bench/run.sh throughput --n 50000
 #   bench/run.sh latency --rate 200 --seconds 20
 #   bench/run.sh drain --set outbox.batch_size=500
-#   bench/run.sh drain --n 1000000                 # backlog of a million, then retention
+#   bench/run.sh backlog                           # 1,000,000 queued fast, drained, then retention
+#   bench/run.sh backlog --n 50000                 # the same, smaller
 #   bench/run.sh fanout --n 50000                  # 10 endpoints, 2 of them going bad
 #   bench/run.sh memory --n 10000                  # worker RSS with 10,000 in flight
-#   bench/run.sh enqueue-cost --seconds 15         # pgbench without/with outbox.trigger
+#   bench/run.sh enqueue-cost --seconds 15         # pgbench: plain, PgQ, bare append, outbox.trigger
+#   bench/run.sh snapshot --rate 1000 --seconds 180  # latency without, then with an old snapshot held
+#   bench/run.sh soak-novacuum --rate 2000 --seconds 600  # soak with autovacuum off for outbox tables
 #   bench/run.sh soak --rate 1000 --seconds 600    # 10 minutes, reported per minute
 #   bench/run.sh all --seconds 30                  # every scenario
 #   bench/run.sh --help
@@ -24,6 +27,12 @@ cd "$BENCH_DIR/.."
 # shellcheck source=../scripts/setup.sh
 source scripts/setup.sh
 install_extension --release
+# PgQ (Debian's postgresql-15-pgq3), the anchor enqueue-cost measures beside ours.
+if ! dpkg-query -W -f='${Status}' postgresql-15-pgq3 2>/dev/null | grep -q 'install ok installed'; then
+  log "installing postgresql-15-pgq3 (PgQ) for the enqueue-cost comparison"
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15-pgq3
+fi
 
 # The clusters live in a directory of their own, so that whatever way the run ends
 # (including Ctrl-C, which need not reach the postmasters) they are stopped and removed.

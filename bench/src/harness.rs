@@ -45,6 +45,16 @@ impl Span {
     }
 }
 
+/// One outbox table's size, in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct RelationSize {
+    pub table: &'static str,
+    /// `pg_total_relation_size`: heap, TOAST and indexes.
+    pub total: i64,
+    /// `pg_indexes_size`: the indexes alone.
+    pub indexes: i64,
+}
+
 /// `to - from` in seconds, negative when `to` is earlier.
 pub fn seconds_between(from: SystemTime, to: SystemTime) -> f64 {
     match to.duration_since(from) {
@@ -144,16 +154,22 @@ impl Bench {
         Ok(row.get(0))
     }
 
-    /// `pg_total_relation_size` (table, indexes, TOAST) of each outbox table, in bytes.
-    pub fn table_sizes(&self) -> Result<Vec<(&'static str, i64)>> {
+    /// Each outbox table's total size and the part of it that is indexes, in bytes: a
+    /// backlog that bloats an index but not the heap (or the reverse) shows which one.
+    pub fn relation_sizes(&self) -> Result<Vec<RelationSize>> {
         let mut c = self.client();
         let mut sizes = Vec::new();
         for table in ["outbox.delivery", "outbox.event", "outbox.attempt"] {
             let row = c.query_one(
-                "SELECT pg_total_relation_size($1::text::regclass)",
+                "SELECT pg_total_relation_size($1::text::regclass),
+                        pg_indexes_size($1::text::regclass)",
                 &[&table],
             )?;
-            sizes.push((table, row.get(0)));
+            sizes.push(RelationSize {
+                table,
+                total: row.get(0),
+                indexes: row.get(1),
+            });
         }
         Ok(sizes)
     }
@@ -163,6 +179,18 @@ impl Bench {
     /// that endpoint even if it is disabled; without, it fans out to the enabled ones.
     /// Connections are opened before the clock starts.
     pub fn enqueue(&self, n: u32, producers: usize, endpoint: Option<&str>) -> Result<Span> {
+        self.enqueue_batched(n, BATCH, producers, endpoint)
+    }
+
+    /// [`Bench::enqueue`] with `batch` events per transaction (one statement each), for
+    /// filling a backlog as fast as the server takes it rather than as an application would.
+    pub fn enqueue_batched(
+        &self,
+        n: u32,
+        batch: u32,
+        producers: usize,
+        endpoint: Option<&str>,
+    ) -> Result<Span> {
         let clients: Vec<postgres::Client> = (0..producers).map(|_| self.client()).collect();
         // All threads and the clock start together.
         let go = Arc::new(Barrier::new(producers + 1));
@@ -170,7 +198,7 @@ impl Bench {
             .into_iter()
             .enumerate()
             .map(|(k, client)| {
-                let batches = batches(n, k, producers);
+                let batches = batches(n, batch.max(1), k, producers);
                 let endpoint = endpoint.map(str::to_owned);
                 let go = go.clone();
                 std::thread::spawn(move || {
@@ -224,14 +252,14 @@ impl Bench {
     }
 }
 
-/// The `[lo, hi]` ranges producer `k` of `producers` enqueues.
-fn batches(n: u32, k: usize, producers: usize) -> Vec<(i32, i32)> {
-    (0..n.div_ceil(BATCH))
+/// The `[lo, hi]` ranges of `batch` events that producer `k` of `producers` enqueues.
+fn batches(n: u32, batch: u32, k: usize, producers: usize) -> Vec<(i32, i32)> {
+    (0..n.div_ceil(batch))
         .skip(k)
         .step_by(producers)
         .map(|b| {
-            let lo = b * BATCH + 1;
-            let hi = (lo + BATCH - 1).min(n);
+            let lo = b * batch + 1;
+            let hi = (lo + batch - 1).min(n);
             (lo as i32, hi as i32)
         })
         .collect()

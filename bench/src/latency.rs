@@ -13,12 +13,33 @@ use crate::{cpu, Result};
 /// process, same clock).
 pub fn run(bench: &Bench, rate: f64, seconds: f64) -> Result<Rows> {
     let mut rows = Rows::new("latency");
+    let usage = measure_into(&mut rows, "", bench, rate, seconds)?.1;
+    rows.add_cpu(&usage);
+    Ok(rows)
+}
+
+/// The measurement behind [`run`], its figures added to `rows` with labels prefixed by
+/// `prefix` (so that one scenario can measure twice); returns the p99 commit -> receipt
+/// (ms; `None` when nothing arrived) and the CPU split.
+pub fn measure_into(
+    rows: &mut Rows,
+    prefix: &str,
+    bench: &Bench,
+    rate: f64,
+    seconds: f64,
+) -> Result<(Option<f64>, cpu::Usage)> {
     let count = (rate * seconds).round().max(1.0) as u64;
     bench.sink.reset(true);
     let mut client = bench.client();
     let statement = client
         .prepare("SELECT outbox.enqueue('bench.latency', '{}'::jsonb, event_id => $1::text)")?;
     let before = bench.cpu_snapshot();
+    // Event ids of their own per measurement: a second one in the same cluster must not
+    // find the first one's events (enqueueing a known event again sends nothing).
+    let run = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
 
     eprintln!("latency: {count} events at {rate}/s");
     let start = Instant::now();
@@ -26,7 +47,7 @@ pub fn run(bench: &Bench, rate: f64, seconds: f64) -> Result<Rows> {
     let mut statement_ms = Vec::with_capacity(count as usize);
     for i in 0..count {
         sleep_until(start + Duration::from_secs_f64(i as f64 / rate));
-        let id = format!("lat-{i}");
+        let id = format!("lat-{run}-{i}");
         let issued = Instant::now();
         client.execute(&statement, &[&id])?;
         statement_ms.push(1000.0 * issued.elapsed().as_secs_f64());
@@ -53,30 +74,50 @@ pub fn run(bench: &Bench, rate: f64, seconds: f64) -> Result<Rows> {
         .filter_map(|(id, at)| Some(1000.0 * seconds_between(*at, bench.sink.arrival_of(id)?)))
         .collect();
     ms.sort_by(f64::total_cmp);
-    rows.add("events sent", count as f64, "events");
-    rows.add("achieved rate", achieved, "events/s");
+    rows.add(format!("{prefix}events sent"), count as f64, "events");
+    rows.add(format!("{prefix}achieved rate"), achieved, "events/s");
     statement_ms.sort_by(f64::total_cmp);
     let mean_statement = statement_ms.iter().sum::<f64>() / statement_ms.len() as f64;
-    rows.add("enqueue + commit, mean", mean_statement, "ms");
     rows.add(
-        "enqueue + commit, p99",
+        format!("{prefix}enqueue + commit, mean"),
+        mean_statement,
+        "ms",
+    );
+    rows.add(
+        format!("{prefix}enqueue + commit, p99"),
         percentile(&statement_ms, 0.99),
         "ms",
     );
-    rows.add("received", ms.len() as f64, "events");
+    rows.add(format!("{prefix}received"), ms.len() as f64, "events");
     if !ms.is_empty() {
-        rows.add("p50 commit -> receipt", percentile(&ms, 0.50), "ms");
-        rows.add("p95 commit -> receipt", percentile(&ms, 0.95), "ms");
-        rows.add("p99 commit -> receipt", percentile(&ms, 0.99), "ms");
-        rows.add("max commit -> receipt", ms[ms.len() - 1], "ms");
         rows.add(
-            "mean commit -> receipt",
+            format!("{prefix}p50 commit -> receipt"),
+            percentile(&ms, 0.50),
+            "ms",
+        );
+        rows.add(
+            format!("{prefix}p95 commit -> receipt"),
+            percentile(&ms, 0.95),
+            "ms",
+        );
+        rows.add(
+            format!("{prefix}p99 commit -> receipt"),
+            percentile(&ms, 0.99),
+            "ms",
+        );
+        rows.add(
+            format!("{prefix}max commit -> receipt"),
+            ms[ms.len() - 1],
+            "ms",
+        );
+        rows.add(
+            format!("{prefix}mean commit -> receipt"),
             ms.iter().sum::<f64>() / ms.len() as f64,
             "ms",
         );
     }
-    rows.add_cpu(&usage);
-    Ok(rows)
+    let p99 = (!ms.is_empty()).then(|| percentile(&ms, 0.99));
+    Ok((p99, usage))
 }
 
 pub(crate) fn sleep_until(deadline: Instant) {

@@ -16,6 +16,7 @@ mod memory;
 mod options;
 mod report;
 mod sink;
+mod snapshot;
 mod soak;
 mod throughput;
 
@@ -118,11 +119,22 @@ fn run_scenario(
     let rows = match scenario {
         Scenario::Throughput => throughput::run(&bench, options.n),
         Scenario::Latency => latency::run(&bench, options.rate, options.seconds),
-        Scenario::Drain => drain::run(&bench, options.n),
+        Scenario::Drain => drain::run(&bench, options.n, drain::DRAIN),
+        Scenario::Backlog => drain::run(
+            &bench,
+            if options.n_given {
+                options.n
+            } else {
+                1_000_000
+            },
+            drain::BACKLOG,
+        ),
         Scenario::Fanout => fanout::run(&bench, options.n),
         Scenario::Memory => memory::run(&bench, if options.n_given { options.n } else { 10_000 }),
         Scenario::EnqueueCost => enqueue_cost::run(&bench, options.seconds),
-        Scenario::Soak => soak::run(&bench, options.rate, options.seconds),
+        Scenario::Soak => soak::run(&bench, options.rate, options.seconds, true),
+        Scenario::SoakNoVacuum => soak::run(&bench, options.rate, options.seconds, false),
+        Scenario::Snapshot => snapshot::run(&bench, options.rate, options.seconds),
     };
     rows.map_err(|e| format!("{e}\nserver log (tail):\n{}", bench.log_tail()).into())
 }

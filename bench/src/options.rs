@@ -15,22 +15,36 @@ Scenarios (each on a fresh cluster, in the order given):
   latency      one event per transaction at a steady rate; commit -> receipt percentiles
   drain        N deliveries queued for a disabled endpoint, then enabled; drain time and
                table sizes before, after the drain, and after retention (purge + VACUUM)
+  backlog      drain with a large backlog queued fast (one statement per 50,000 events):
+               N deliveries (default 1000000), drain time and rate, table and index sizes
+               before, after the drain, and after retention (purge + VACUUM)
   fanout       N deliveries over 10 endpoints, first all healthy, then with one always
                answering 500 and one stalling past its 5 s timeout; the healthy eight's
-               rate in both runs
+               rate in both runs, the slowest healthy endpoint's, and the ratio (target
+               >= 90 %)
   memory       N deliveries held by a receiver that answers after 20 s, with the limits
-               raised so that all are in flight at once; the worker's peak RSS
-  enqueue-cost pgbench inserting one row per transaction into a table, without and with an
-               outbox.trigger on it (--seconds per run); tps and microseconds per event
+               raised so that all are in flight at once; the worker's peak RSS (VmRSS
+               sampled, VmHWM) and how many were in flight at the peak (target <= 128 MiB)
+  enqueue-cost pgbench inserting one row per transaction into a table (--seconds per run,
+               1 client then 4): plain, with PgQ's pgq.logutriga, with a bare one-row
+               append trigger, and with outbox.trigger, side by side; tps, the share of
+               the plain insert's kept (target >= 80 %, not behind PgQ) and microseconds
+               added per event
   soak         one event per transaction at --rate for --seconds with retention at one
                minute; per minute: deliveries, commit -> receipt p50/p99, worker RSS and
                table sizes
+  soak-novacuum  soak with autovacuum off for the outbox tables (target: sizes flat
+               after minute 2)
+  snapshot     latency at --rate for --seconds, then the same with a REPEATABLE READ
+               snapshot held open throughout; both sets of percentiles and their ratio
+               (target: p99 at most 2x)
   all          every scenario above (soak for --seconds)
   (none)       throughput, then latency with --seconds 30
 
 Options:
-  --n N              events for throughput, drain and fanout; requests in flight for
-                     memory (default 200000; memory 10000)
+  --n N              events for throughput, drain, backlog and fanout (deliveries over all
+                     ten endpoints for fanout); requests in flight for memory
+                     (default 200000; backlog 1000000, memory 10000)
   --rate R           events per second for latency and soak (default 500)
   --seconds S        duration of latency and soak, and of each enqueue-cost run
                      (default 60, or 30 when no scenario is named)
@@ -46,10 +60,13 @@ pub enum Scenario {
     Throughput,
     Latency,
     Drain,
+    Backlog,
     Fanout,
     Memory,
     EnqueueCost,
     Soak,
+    SoakNoVacuum,
+    Snapshot,
 }
 
 /// Every scenario, in the order `all` runs them.
@@ -57,10 +74,13 @@ pub const ALL: &[Scenario] = &[
     Scenario::Throughput,
     Scenario::Latency,
     Scenario::Drain,
+    Scenario::Backlog,
     Scenario::Fanout,
     Scenario::Memory,
     Scenario::EnqueueCost,
     Scenario::Soak,
+    Scenario::SoakNoVacuum,
+    Scenario::Snapshot,
 ];
 
 impl Scenario {
@@ -69,10 +89,13 @@ impl Scenario {
             "throughput" => Some(Scenario::Throughput),
             "latency" => Some(Scenario::Latency),
             "drain" => Some(Scenario::Drain),
+            "backlog" => Some(Scenario::Backlog),
             "fanout" => Some(Scenario::Fanout),
             "memory" => Some(Scenario::Memory),
             "enqueue-cost" => Some(Scenario::EnqueueCost),
             "soak" => Some(Scenario::Soak),
+            "soak-novacuum" => Some(Scenario::SoakNoVacuum),
+            "snapshot" => Some(Scenario::Snapshot),
             _ => None,
         }
     }
@@ -82,10 +105,13 @@ impl Scenario {
             Scenario::Throughput => "throughput",
             Scenario::Latency => "latency",
             Scenario::Drain => "drain",
+            Scenario::Backlog => "backlog",
             Scenario::Fanout => "fanout",
             Scenario::Memory => "memory",
             Scenario::EnqueueCost => "enqueue-cost",
             Scenario::Soak => "soak",
+            Scenario::SoakNoVacuum => "soak-novacuum",
+            Scenario::Snapshot => "snapshot",
         }
     }
 
@@ -101,7 +127,7 @@ impl Scenario {
                 "outbox.lease = 120",
                 "outbox.request_timeout = '60s'",
             ],
-            Scenario::Soak => &[
+            Scenario::Soak | Scenario::SoakNoVacuum => &[
                 "outbox.retention_delivered = '1min'",
                 "outbox.retention_dead = '1min'",
             ],
@@ -120,9 +146,9 @@ impl fmt::Display for Scenario {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub scenarios: Vec<Scenario>,
-    /// Events for `throughput`, `drain` and `fanout`.
+    /// Events for `throughput`, `drain`, `backlog` and `fanout`.
     pub n: u32,
-    /// Whether `--n` was given (`memory` has its own default).
+    /// Whether `--n` was given (`backlog` and `memory` have their own defaults).
     pub n_given: bool,
     /// Events per second for `latency`.
     pub rate: f64,

@@ -2,8 +2,9 @@
 //!
 //! The bundled [`Receiver`] keeps every request by default; over hundreds of thousands of
 //! deliveries that costs memory and time in the very process being measured, so it is told
-//! to keep nothing and this sink records only a count, the first and last arrival, and,
-//! for the latency scenario, the arrival time per `webhook-id`.
+//! to keep nothing and this sink records only a count, the first and last arrival (in all
+//! and per path, so that endpoints on distinct paths can be told apart), and, for the
+//! latency scenario, the arrival time per `webhook-id`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,11 +14,11 @@ use outbox_receiver::Receiver;
 
 #[derive(Default)]
 struct Tally {
-    count: u64,
-    first: Option<SystemTime>,
-    last: Option<SystemTime>,
+    all: Arrivals,
     /// `webhook-id` → arrival, only while `by_id` is on.
     by_id: Option<HashMap<String, SystemTime>>,
+    /// Request path → arrivals there.
+    by_path: HashMap<String, Arrivals>,
 }
 
 /// A receiver on 127.0.0.1 answering 200 to everything, with its tally.
@@ -27,11 +28,26 @@ pub struct Sink {
 }
 
 /// Arrivals so far.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Arrivals {
     pub count: u64,
     pub first: Option<SystemTime>,
     pub last: Option<SystemTime>,
+    /// The longest time between two consecutive arrivals: a stall that a rate over the whole
+    /// run would average away.
+    pub longest_gap: Duration,
+}
+
+impl Arrivals {
+    fn record(&mut self, at: SystemTime) {
+        self.count += 1;
+        self.first.get_or_insert(at);
+        if let Some(gap) = self.last.and_then(|last| at.duration_since(last).ok()) {
+            self.longest_gap = self.longest_gap.max(gap);
+        }
+        // Concurrent requests may be stamped slightly out of order.
+        self.last = self.last.max(Some(at));
+    }
 }
 
 impl Sink {
@@ -42,12 +58,14 @@ impl Sink {
         let shared = tally.clone();
         receiver.on_request(move |r| {
             let mut t = shared.lock().unwrap_or_else(|e| e.into_inner());
-            t.count += 1;
-            t.first.get_or_insert(r.received_at);
-            t.last = Some(r.received_at);
+            t.all.record(r.received_at);
             if let Some(by_id) = t.by_id.as_mut() {
                 by_id.insert(r.webhook_id.clone(), r.received_at);
             }
+            t.by_path
+                .entry(r.path.clone())
+                .or_default()
+                .record(r.received_at);
         });
         Ok(Sink { receiver, tally })
     }
@@ -76,12 +94,12 @@ impl Sink {
     }
 
     pub fn arrivals(&self) -> Arrivals {
-        let t = self.tally();
-        Arrivals {
-            count: t.count,
-            first: t.first,
-            last: t.last,
-        }
+        self.tally().all
+    }
+
+    /// Arrivals at `path` (as in [`Sink::url_answering`]) since the last reset.
+    pub fn arrivals_at(&self, path: &str) -> Arrivals {
+        self.tally().by_path.get(path).copied().unwrap_or_default()
     }
 
     /// When the delivery with this `webhook-id` arrived (needs `reset(true)` first).
@@ -92,10 +110,40 @@ impl Sink {
     /// Waits until `n` requests have arrived. Gives up when none arrives for `stall`, so a
     /// slow run is waited for as long as it progresses but a stuck one does not hang.
     pub fn wait_for(&self, n: u64, stall: Duration) -> Result<Arrivals, String> {
+        self.wait_until(n, stall, || self.arrivals())
+    }
+
+    /// [`Sink::wait_for`] counting only the requests at `paths`, whatever arrives elsewhere;
+    /// returns the arrivals at those paths taken together.
+    pub fn wait_for_paths(
+        &self,
+        paths: &[String],
+        n: u64,
+        stall: Duration,
+    ) -> Result<Arrivals, String> {
+        self.wait_until(n, stall, || {
+            let t = self.tally();
+            let at: Vec<&Arrivals> = paths.iter().filter_map(|p| t.by_path.get(p)).collect();
+            Arrivals {
+                count: at.iter().map(|a| a.count).sum(),
+                first: at.iter().filter_map(|a| a.first).min(),
+                last: at.iter().filter_map(|a| a.last).max(),
+                longest_gap: at.iter().map(|a| a.longest_gap).max().unwrap_or_default(),
+            }
+        })
+    }
+
+    /// Polls `arrivals` until its count reaches `n`, or gives up after `stall` without any.
+    fn wait_until(
+        &self,
+        n: u64,
+        stall: Duration,
+        arrivals: impl Fn() -> Arrivals,
+    ) -> Result<Arrivals, String> {
         let mut seen = 0;
         let mut progress = Instant::now();
         loop {
-            let now = self.arrivals();
+            let now = arrivals();
             if now.count >= n {
                 return Ok(now);
             }

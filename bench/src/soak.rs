@@ -1,5 +1,7 @@
 //! Soak: a steady load for a long time with retention on, reported minute by minute, so
-//! that drift (throughput falling, latency or memory or tables growing) shows.
+//! that drift (throughput falling, latency or memory or tables growing) shows. Run with
+//! autovacuum off for the outbox tables (`soak-novacuum`), it shows whether their size
+//! depends on VACUUM keeping up.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,11 +18,23 @@ const MB: f64 = 1024.0 * 1024.0;
 struct Sample {
     rss_kib: u64,
     delivery_bytes: i64,
+    /// Every table of the extension, indexes and TOAST included.
+    outbox_bytes: i64,
     pending: i64,
 }
 
-pub fn run(bench: &Bench, rate: f64, seconds: f64) -> Result<Rows> {
-    let mut rows = Rows::new("soak");
+pub fn run(bench: &Bench, rate: f64, seconds: f64, autovacuum: bool) -> Result<Rows> {
+    let mut rows = Rows::new(if autovacuum { "soak" } else { "soak-novacuum" });
+    if !autovacuum {
+        bench.client().batch_execute(
+            "DO $$ DECLARE t regclass; BEGIN
+                 FOR t IN SELECT c.oid FROM pg_class c
+                           WHERE c.relnamespace = 'outbox'::regnamespace AND c.relkind = 'r' LOOP
+                     EXECUTE format('ALTER TABLE %s SET (autovacuum_enabled = off)', t);
+                 END LOOP;
+             END $$",
+        )?;
+    }
     let count = (rate * seconds).round().max(1.0) as u64;
     bench.sink.reset(true);
     let mut client = bench.client();
@@ -35,13 +49,16 @@ pub fn run(bench: &Bench, rate: f64, seconds: f64) -> Result<Rows> {
     let mut samples: Vec<Sample> = Vec::new();
     let sample = |probe: &mut postgres::Client| -> Result<Sample> {
         let row = probe.query_one(
-            "SELECT pg_total_relation_size('outbox.delivery'), (SELECT pending FROM outbox.stats())",
+            "SELECT pg_total_relation_size('outbox.delivery'), (SELECT pending FROM outbox.stats()),
+                    (SELECT sum(pg_total_relation_size(c.oid))::int8 FROM pg_class c
+                      WHERE c.relnamespace = 'outbox'::regnamespace AND c.relkind = 'r')",
             &[],
         )?;
         Ok(Sample {
             rss_kib: status_kib(pid, "VmRSS").unwrap_or(0),
             delivery_bytes: row.get(0),
             pending: row.get(1),
+            outbox_bytes: row.get(2),
         })
     };
     for i in 0..count {
@@ -82,6 +99,14 @@ pub fn run(bench: &Bench, rate: f64, seconds: f64) -> Result<Rows> {
             ms.len() as f64,
             "events",
         );
+        // The last window may be shorter than a minute.
+        let window_seconds =
+            (seconds - (w as f64) * WINDOW.as_secs_f64()).clamp(1.0, WINDOW.as_secs_f64());
+        rows.add(
+            format!("minute {minute}: deliveries/s"),
+            ms.len() as f64 / window_seconds,
+            "/s",
+        );
         if !ms.is_empty() {
             rows.add(
                 format!("minute {minute}: p50 commit -> receipt"),
@@ -106,11 +131,35 @@ pub fn run(bench: &Bench, rate: f64, seconds: f64) -> Result<Rows> {
                 "MB",
             );
             rows.add(
+                format!("minute {minute}: all outbox tables size"),
+                s.outbox_bytes as f64 / MB,
+                "MB",
+            );
+            rows.add(
                 format!("minute {minute}: pending at its end"),
                 s.pending as f64,
                 "deliveries",
             );
         }
+    }
+    // The run as a whole: nothing lost, and how much the worker's memory moved from the
+    // end of the first minute (warm-up) to the end.
+    let received = committed
+        .iter()
+        .filter(|(id, _, _)| bench.sink.arrival_of(id).is_some())
+        .count();
+    rows.add("total: committed", committed.len() as f64, "events");
+    rows.add(
+        "total: lost (committed, never received)",
+        (committed.len() - received) as f64,
+        "events",
+    );
+    if let [first, .., last] = samples.as_slice() {
+        rows.add(
+            "total: worker RSS change after minute 1",
+            (last.rss_kib as f64 - first.rss_kib as f64) / 1024.0,
+            "MiB",
+        );
     }
     Ok(rows)
 }
