@@ -1,6 +1,6 @@
 //! webhook_outbox: transactional webhook delivery from inside PostgreSQL.
 //!
-//! The schema and most of the SQL API are plain SQL in `sql/outbox.sql`; this crate adds
+//! The schema and most of the SQL API are plain SQL in `sql/outbox/`; this crate adds
 //! what SQL cannot do well: validation with clear messages, secrets from the server's strong
 //! random source, Standard Webhooks signing, the retry policy, and the GUCs that tune them.
 
@@ -14,8 +14,54 @@ mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
-// Emitted after every Rust function so that the SQL API can call them.
-::pgrx::extension_sql_file!("../sql/outbox.sql", name = "outbox_schema", finalize);
+// The schema and SQL API in data-path order, each file after the one before it; the last
+// after everything else (its REVOKE covers the Rust functions too).
+::pgrx::extension_sql_file!("../sql/outbox/01_tables.sql", name = "outbox_tables");
+::pgrx::extension_sql_file!(
+    "../sql/outbox/02_rules.sql",
+    name = "outbox_rules",
+    requires = ["outbox_tables"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/outbox/03_announcements.sql",
+    name = "outbox_announcements",
+    requires = ["outbox_rules"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/outbox/04_endpoints.sql",
+    name = "outbox_endpoints",
+    requires = ["outbox_announcements"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/outbox/05_enqueue.sql",
+    name = "outbox_enqueue",
+    requires = ["outbox_endpoints"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/outbox/06_claim_ack.sql",
+    name = "outbox_claim_ack",
+    requires = ["outbox_enqueue"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/outbox/07_views.sql",
+    name = "outbox_views",
+    requires = ["outbox_claim_ack"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/outbox/08_statistics.sql",
+    name = "outbox_statistics",
+    requires = ["outbox_views"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/outbox/09_repair.sql",
+    name = "outbox_repair",
+    requires = ["outbox_statistics"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/outbox/10_privileges.sql",
+    name = "outbox_privileges",
+    finalize
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

@@ -1,0 +1,211 @@
+-- webhook_outbox, in data-path order (sql/outbox/NN_*.sql, each emitted after the one
+-- before it): tables; the rules and helpers the API shares; announcements; endpoints;
+-- enqueue; claim and acknowledge; views; statistics; repair and retention; privileges.
+--
+-- Naming: tables are singular (outbox.endpoint, outbox.event, outbox.delivery,
+-- outbox.attempt); the views people query are plural (outbox.endpoints, outbox.deliveries,
+-- outbox.attempts, outbox.dead_letters). Secrets live only in outbox.endpoint.secret, which
+-- no view exposes. Functions named outbox._* are internal.
+
+-------------------------------------------------------------------------------------------
+-- Types
+-------------------------------------------------------------------------------------------
+
+-- The life of a delivery. Allowed transitions:
+--   pending   -> in_flight (claim)          | cancelled (cancel, endpoint deleted)
+--   in_flight -> delivered | dead (ack)     | pending (ack with retry)
+--   in_flight -> in_flight (lease expired, claimed again by another sender)
+-- delivered, dead and cancelled are final.
+CREATE TYPE outbox.delivery_status AS ENUM ('pending', 'in_flight', 'delivered', 'dead', 'cancelled');
+
+-- What one attempt ended with, as decided by the sender's retry policy; or, for the last
+-- three, an operator's repair recorded in the same history (no request was sent).
+CREATE TYPE outbox.attempt_outcome AS ENUM ('delivered', 'retry', 'dead', 'requeued', 'replayed', 'cancelled');
+
+-- An endpoint's circuit breaker. closed: deliveries flow. open: after too many consecutive
+-- failures nothing is claimed for it until next_probe_at. half_open: one probe delivery is
+-- in flight; its success closes the circuit, its failure opens it again for longer.
+CREATE TYPE outbox.circuit_state AS ENUM ('closed', 'open', 'half_open');
+
+-------------------------------------------------------------------------------------------
+-- Tables
+-------------------------------------------------------------------------------------------
+
+CREATE TABLE outbox.endpoint (
+    id              uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    url             text        NOT NULL,
+    -- NULL only once the endpoint is deleted: its secrets and headers go with it.
+    secret          text,
+    -- NULL = every event; otherwise exact names and 'prefix.*' patterns.
+    event_types     text[],
+    enabled         boolean     NOT NULL DEFAULT true,
+    disabled_reason text,
+    -- NULL = the outbox.request_timeout GUC.
+    timeout         interval,
+    headers         jsonb       NOT NULL DEFAULT '{}',
+    tenant_id       text,
+    description     text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- Deleted endpoints stay as rows so that history keeps pointing at something real.
+    deleted_at      timestamptz,
+    -- During a secret rotation the old secret keeps signing (beside the new one) until then.
+    previous_secret            text,
+    previous_secret_expires_at timestamptz,
+    -- Delivery policy. ordered: strictly one at a time in enqueue order. rate_limit: most
+    -- requests per second (NULL: unlimited). max_in_flight: most requests at once (NULL: the
+    -- outbox.endpoint_max_in_flight GUC).
+    ordered         boolean     NOT NULL DEFAULT false,
+    rate_limit      integer,
+    max_in_flight   integer,
+    CONSTRAINT endpoint_headers_object CHECK (jsonb_typeof(headers) = 'object'),
+    CONSTRAINT endpoint_timeout_range CHECK (timeout IS NULL OR (timeout >= interval '100 milliseconds' AND timeout <= interval '5 minutes')),
+    CONSTRAINT endpoint_rate_limit_range CHECK (rate_limit BETWEEN 1 AND 100000),
+    CONSTRAINT endpoint_max_in_flight_range CHECK (max_in_flight BETWEEN 1 AND 10000),
+    CONSTRAINT endpoint_secret_present CHECK (secret IS NOT NULL OR deleted_at IS NOT NULL)
+);
+
+CREATE INDEX endpoint_tenant_idx ON outbox.endpoint (tenant_id) WHERE deleted_at IS NULL;
+
+-- One row per enqueued event; its id is the `webhook-id` receivers deduplicate on. A
+-- caller's ids are its tenant's own: the same id in two tenants is two events.
+CREATE TABLE outbox.event (
+    id          text        NOT NULL,
+    event_type  text        NOT NULL,
+    payload     jsonb       NOT NULL,
+    tenant_id   text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- The tenant as a key column: '' for none (a tenant id is never empty).
+    tenant_key  text        NOT NULL GENERATED ALWAYS AS (coalesce(tenant_id, '')) STORED,
+    CONSTRAINT event_pkey PRIMARY KEY (id, tenant_key)
+);
+
+-- One row per (event, endpoint): the unit that is claimed, sent, retried and acknowledged.
+CREATE TABLE outbox.delivery (
+    id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    event_id         text        NOT NULL,
+    endpoint_id      uuid        NOT NULL REFERENCES outbox.endpoint (id),
+    tenant_id        text,
+    status           outbox.delivery_status NOT NULL DEFAULT 'pending',
+    -- Attempts started so far; a claim increments it, and an ack must name it (fencing).
+    attempts         integer     NOT NULL DEFAULT 0,
+    -- pending: when it becomes due; in_flight: when its lease expires (then it is due again).
+    -- One column for both lets a single partial index serve the claim.
+    due_at           timestamptz NOT NULL DEFAULT now(),
+    lease_owner      text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    finished_at      timestamptz,
+    last_attempt_at  timestamptz,
+    last_status_code integer,
+    last_error       text,
+    -- Set on deliveries made by outbox.replay: the delivery whose event is sent again.
+    replay_of        uuid,
+    -- Enqueue order, set only for deliveries to ordered endpoints (outbox.delivery_seq).
+    seq              bigint,
+    -- The event's tenant as a key column, as in outbox.event.
+    tenant_key       text        NOT NULL GENERATED ALWAYS AS (coalesce(tenant_id, '')) STORED,
+    -- Attempts made before the last outbox.retry_dead: the attempt number (the fencing
+    -- token) only ever grows, and the retry schedule counts from here.
+    retry_base       integer     NOT NULL DEFAULT 0,
+    CONSTRAINT delivery_event_fkey FOREIGN KEY (event_id, tenant_key) REFERENCES outbox.event (id, tenant_key)
+) WITH (fillfactor = 80);
+
+CREATE SEQUENCE outbox.delivery_seq;
+
+-- Idempotent enqueue: one delivery per (event, endpoint), NULL replay_of counting as one
+-- value; each replay is an extra delivery. Led by event_id, it also serves every lookup of
+-- an event's deliveries (the foreign key's checks when retention deletes events).
+CREATE UNIQUE INDEX delivery_event_endpoint_key ON outbox.delivery (event_id, endpoint_id, replay_of) NULLS NOT DISTINCT;
+-- The claim, endpoint by endpoint: each endpoint's pending rows in due order. Claiming per
+-- endpoint keeps one endpoint's backlog (behind an open circuit, a rate limit, a disabled
+-- endpoint) from ever sitting in front of another's due rows.
+CREATE INDEX delivery_pending_idx ON outbox.delivery (endpoint_id, due_at) WHERE status = 'pending';
+-- Each endpoint's requests in flight by lease expiry: expired leases are found here. Kept
+-- apart from the pending rows so that neither scan walks the other's entries.
+CREATE INDEX delivery_in_flight_idx ON outbox.delivery (endpoint_id, due_at) WHERE status = 'in_flight';
+-- The head of an ordered endpoint's queue.
+CREATE INDEX delivery_ordered_idx ON outbox.delivery (endpoint_id, seq) WHERE seq IS NOT NULL AND status IN ('pending', 'in_flight');
+-- Finished rows by age: recent-hour statistics and retention.
+CREATE INDEX delivery_finished_idx ON outbox.delivery (finished_at) WHERE finished_at IS NOT NULL;
+-- Dead letters are few and listed often.
+CREATE INDEX delivery_dead_idx ON outbox.delivery (finished_at) WHERE status = 'dead';
+
+-- Append-only history: one row per acknowledged attempt (and per operator action later).
+CREATE TABLE outbox.attempt (
+    id            bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery_id   uuid        NOT NULL REFERENCES outbox.delivery (id) ON DELETE CASCADE,
+    attempt       integer     NOT NULL,
+    outcome       outbox.attempt_outcome NOT NULL,
+    status_code   integer,
+    error         text,
+    duration_ms   double precision,
+    response_body text,
+    worker        text,
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX attempt_delivery_idx ON outbox.attempt (delivery_id, attempt);
+-- Failed attempts and operator actions by time (recent failures, the failure count of the
+-- last hour). Successes, the bulk of the history, stay out of it: one index fewer to write
+-- per delivery.
+CREATE INDEX attempt_failed_idx ON outbox.attempt (created_at) WHERE outcome <> 'delivered';
+
+-- What senders learned about each endpoint, kept apart from outbox.endpoint so that the
+-- worker's updates never wait on (or block) producers and operators using the endpoint row.
+CREATE TABLE outbox.endpoint_state (
+    endpoint_id          uuid        PRIMARY KEY REFERENCES outbox.endpoint (id) ON DELETE CASCADE,
+    consecutive_failures integer     NOT NULL DEFAULT 0,
+    last_success_at      timestamptz,
+    last_failure_at      timestamptz,
+    last_error           text,
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    -- Circuit breaker: see outbox.circuit_state and outbox._circuit_next.
+    circuit              outbox.circuit_state NOT NULL DEFAULT 'closed',
+    circuit_changed_at   timestamptz,
+    -- When the circuit last opened from closed (kept while it stays open or half-open).
+    circuit_opened_at    timestamptz,
+    next_probe_at        timestamptz,
+    cooldown             interval,
+    -- Start of the current run of failures without a success (auto-disable counts from it).
+    failing_since        timestamptz,
+    -- Rate limit (GCRA): the endpoint's "theoretical arrival time"; one more request may go
+    -- while it is less than a second ahead of now.
+    rate_tat             timestamptz,
+    -- Its deliveries in_flight: +1 per claim, -1 per accepted ack, cancel or expired lease,
+    -- in the same statements that change their status. The claim checks max_in_flight
+    -- against it (counting rows instead would walk every version the index still holds).
+    in_flight            integer     NOT NULL DEFAULT 0
+);
+
+-- Every endpoint has its state row from the start, however it was inserted: the claim
+-- serves an endpoint only together with its state row, and acks only update it.
+CREATE FUNCTION outbox._endpoint_created()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO outbox.endpoint_state (endpoint_id) VALUES (NEW.id) ON CONFLICT (endpoint_id) DO NOTHING;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER endpoint_created AFTER INSERT ON outbox.endpoint
+    FOR EACH ROW EXECUTE FUNCTION outbox._endpoint_created();
+
+-- Hourly rollup of finished deliveries, written with each acknowledged batch. Statistics
+-- over hours or weeks read these few rows instead of millions of deliveries, and survive
+-- retention. Latency (enqueue to final outcome) is kept as a histogram: latency_bucket i
+-- counts latencies in [outbox._bucket_lower(i), outbox._bucket_lower(i + 1)) ms.
+CREATE TABLE outbox.stats_hourly (
+    hour           timestamptz NOT NULL,
+    endpoint_id    uuid        NOT NULL,
+    event_type     text        NOT NULL,
+    tenant_id      text        NOT NULL DEFAULT '',
+    outcome        outbox.delivery_status NOT NULL,
+    latency_bucket smallint    NOT NULL,
+    deliveries     bigint      NOT NULL,
+    attempts       bigint      NOT NULL,
+    latency_ms_sum double precision NOT NULL,
+    PRIMARY KEY (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket)
+);

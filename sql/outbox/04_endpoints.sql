@@ -1,0 +1,215 @@
+-------------------------------------------------------------------------------------------
+-- Endpoints
+-------------------------------------------------------------------------------------------
+
+CREATE FUNCTION outbox.create_endpoint(
+    url         text,
+    event_types text[]   DEFAULT NULL,
+    secret      text     DEFAULT NULL,
+    headers     jsonb    DEFAULT '{}',
+    timeout     interval DEFAULT NULL,
+    tenant_id   text     DEFAULT NULL,
+    description text     DEFAULT NULL,
+    enabled     boolean  DEFAULT true,
+    ordered     boolean  DEFAULT false,
+    rate_limit  integer  DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL
+)
+RETURNS uuid
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    new_id uuid;
+BEGIN
+    INSERT INTO outbox.endpoint (url, secret, event_types, headers, timeout, tenant_id, description, enabled,
+                                 ordered, rate_limit, max_in_flight)
+    VALUES (
+        outbox._check_url(create_endpoint.url),
+        CASE WHEN create_endpoint.secret IS NULL THEN outbox.generate_secret()
+             ELSE outbox._check_secret(create_endpoint.secret) END,
+        outbox._check_event_types(create_endpoint.event_types),
+        outbox._check_headers(coalesce(create_endpoint.headers, '{}')),
+        outbox._check_timeout(create_endpoint.timeout),
+        outbox._check_tenant(create_endpoint.tenant_id),
+        create_endpoint.description,
+        coalesce(create_endpoint.enabled, true),
+        coalesce(create_endpoint.ordered, false),
+        outbox._check_limit('rate_limit', create_endpoint.rate_limit, 100000),
+        outbox._check_limit('max_in_flight', create_endpoint.max_in_flight, 10000)
+    )
+    RETURNING id INTO new_id;
+    RETURN new_id;
+END
+$$;
+
+-- NULL arguments leave a field unchanged. event_types => '{*}' makes the endpoint receive
+-- every event again; timeout => '0' returns it to the outbox.request_timeout default;
+-- rate_limit => 0 removes the limit; max_in_flight => 0 returns it to the
+-- outbox.endpoint_max_in_flight default. Making an endpoint ordered puts what it has queued
+-- in enqueue order first.
+CREATE FUNCTION outbox.update_endpoint(
+    endpoint_id uuid,
+    url         text     DEFAULT NULL,
+    event_types text[]   DEFAULT NULL,
+    secret      text     DEFAULT NULL,
+    headers     jsonb    DEFAULT NULL,
+    timeout     interval DEFAULT NULL,
+    description text     DEFAULT NULL,
+    ordered     boolean  DEFAULT NULL,
+    rate_limit  integer  DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL
+)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM outbox._endpoint_or_raise(update_endpoint.endpoint_id);
+    UPDATE outbox.endpoint e SET
+        url         = coalesce(outbox._check_url(update_endpoint.url), e.url),
+        event_types = CASE WHEN update_endpoint.event_types IS NULL THEN e.event_types
+                           ELSE outbox._check_event_types(update_endpoint.event_types) END,
+        secret      = coalesce(outbox._check_secret(update_endpoint.secret), e.secret),
+        headers     = coalesce(outbox._check_headers(update_endpoint.headers), e.headers),
+        timeout     = CASE WHEN update_endpoint.timeout IS NULL THEN e.timeout
+                           WHEN update_endpoint.timeout = interval '0' THEN NULL
+                           ELSE outbox._check_timeout(update_endpoint.timeout) END,
+        description = coalesce(update_endpoint.description, e.description),
+        ordered     = coalesce(update_endpoint.ordered, e.ordered),
+        rate_limit  = CASE WHEN update_endpoint.rate_limit IS NULL THEN e.rate_limit
+                           WHEN update_endpoint.rate_limit = 0 THEN NULL
+                           ELSE outbox._check_limit('rate_limit', update_endpoint.rate_limit, 100000) END,
+        max_in_flight = CASE WHEN update_endpoint.max_in_flight IS NULL THEN e.max_in_flight
+                             WHEN update_endpoint.max_in_flight = 0 THEN NULL
+                             ELSE outbox._check_limit('max_in_flight', update_endpoint.max_in_flight, 10000) END,
+        updated_at  = now()
+    WHERE e.id = update_endpoint.endpoint_id;
+    IF update_endpoint.ordered THEN
+        -- Its queue needs an order: wait for transactions enqueueing right now (they may have
+        -- seen the endpoint unordered), then number what is queued, oldest first (rows of one
+        -- transaction share created_at; their physical order is their insert order).
+        LOCK TABLE outbox.delivery IN SHARE ROW EXCLUSIVE MODE;
+        UPDATE outbox.delivery d SET seq = o.n
+          FROM (SELECT q.id, nextval('outbox.delivery_seq') AS n
+                  FROM (SELECT q.id FROM outbox.delivery q
+                         WHERE q.endpoint_id = update_endpoint.endpoint_id AND q.seq IS NULL
+                           AND q.status IN ('pending', 'in_flight')
+                         ORDER BY q.created_at, q.ctid) q) o
+         WHERE d.id = o.id;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION outbox.enable_endpoint(endpoint_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM outbox._endpoint_or_raise(enable_endpoint.endpoint_id);
+    UPDATE outbox.endpoint SET enabled = true, disabled_reason = NULL, updated_at = now()
+    WHERE id = enable_endpoint.endpoint_id;
+    -- A fresh start: the circuit closes and the failure streak (which auto-disable counts)
+    -- begins again.
+    UPDATE outbox.endpoint_state s
+       SET consecutive_failures = 0, failing_since = NULL, circuit = 'closed',
+           circuit_changed_at = CASE WHEN s.circuit <> 'closed' THEN now() ELSE s.circuit_changed_at END,
+           circuit_opened_at = NULL, next_probe_at = NULL, cooldown = NULL, updated_at = now()
+     WHERE s.endpoint_id = enable_endpoint.endpoint_id;
+    -- Its waiting deliveries are due now: wake the worker when this commits.
+    PERFORM outbox._wake_at_commit();
+END
+$$;
+
+-- A disabled endpoint keeps its pending deliveries; they are sent once it is enabled again.
+CREATE FUNCTION outbox.disable_endpoint(endpoint_id uuid, reason text DEFAULT 'disabled by operator')
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM outbox._endpoint_or_raise(disable_endpoint.endpoint_id);
+    UPDATE outbox.endpoint SET enabled = false, disabled_reason = coalesce(reason, 'disabled by operator'),
+                               updated_at = now()
+    WHERE id = disable_endpoint.endpoint_id;
+    PERFORM outbox._operator_event('outbox.endpoint.disabled',
+        jsonb_build_object('endpoint_id', disable_endpoint.endpoint_id,
+                           'reason', coalesce(reason, 'disabled by operator')),
+        disable_endpoint.endpoint_id);
+END
+$$;
+
+-- Deletes an endpoint and cancels its deliveries that were not finished; returns how many
+-- were cancelled. A delivery in flight at that moment is cancelled too: an ack from its
+-- sender is then refused, so the endpoint's history ends consistently. The row stays for
+-- the history to point at, but its secrets and headers (credentials, often) go.
+CREATE FUNCTION outbox.delete_endpoint(endpoint_id uuid)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM outbox._endpoint_or_raise(delete_endpoint.endpoint_id);
+    UPDATE outbox.endpoint
+       SET enabled = false, disabled_reason = 'deleted', deleted_at = now(), updated_at = now(),
+           secret = NULL, previous_secret = NULL, previous_secret_expires_at = NULL, headers = '{}'
+     WHERE id = delete_endpoint.endpoint_id;
+    UPDATE outbox.delivery d
+       SET status = 'cancelled', finished_at = now(), lease_owner = NULL,
+           last_error = 'cancelled: endpoint deleted'
+     WHERE d.endpoint_id = delete_endpoint.endpoint_id AND d.status IN ('pending', 'in_flight');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    UPDATE outbox.endpoint_state SET in_flight = 0 WHERE endpoint_id = delete_endpoint.endpoint_id;
+    RETURN n;
+END
+$$;
+
+-- The signing secret (whsec_…) to hand to the receiver. Never shown by any view.
+CREATE FUNCTION outbox.endpoint_secret(endpoint_id uuid)
+RETURNS text
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (outbox._endpoint_or_raise(endpoint_secret.endpoint_id, false)).secret
+$$;
+
+-- Replaces an endpoint's secret (with `new_secret`, or a generated one) and returns the new
+-- one. For `overlap` the old secret stays valid: every request carries both signatures, so
+-- receivers can switch at their own pace; afterwards only the new one is sent.
+CREATE FUNCTION outbox.rotate_secret(endpoint_id uuid, new_secret text DEFAULT NULL, overlap interval DEFAULT '24 hours')
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    ep outbox.endpoint;
+    fresh text;
+BEGIN
+    IF overlap IS NULL OR overlap < interval '0' OR overlap > interval '30 days' THEN
+        RAISE EXCEPTION 'overlap % is out of range', coalesce(overlap::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Keep the old secret valid between 0 and 30 days (default 24 hours).';
+    END IF;
+    ep := outbox._endpoint_or_raise(rotate_secret.endpoint_id);
+    fresh := CASE WHEN new_secret IS NULL THEN outbox.generate_secret() ELSE outbox._check_secret(new_secret) END;
+    IF fresh = ep.secret THEN
+        RAISE EXCEPTION 'the new secret is the current one' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE outbox.endpoint e
+       SET previous_secret = CASE WHEN overlap > interval '0' THEN e.secret END,
+           previous_secret_expires_at = CASE WHEN overlap > interval '0' THEN now() + overlap END,
+           secret = fresh,
+           updated_at = now()
+     WHERE e.id = rotate_secret.endpoint_id;
+    RETURN fresh;
+END
+$$;

@@ -1,0 +1,457 @@
+-------------------------------------------------------------------------------------------
+-- Claim and acknowledge (the worker uses these same statements)
+-------------------------------------------------------------------------------------------
+
+-- Claims up to p_batch_size due deliveries: each is set in_flight with its lease running
+-- until now() + lease and its attempt number incremented; the attempt number is the fencing
+-- token the ack must present. Leases that expired are first made pending again
+-- (outbox._requeue_expired), so their deliveries are claimed like any other.
+--
+-- It goes endpoint by endpoint, the endpoint with the oldest due delivery first, and takes
+-- from each what its policy allows right now:
+--   circuit open (before its probe time): nothing; open after it, or half-open: one probe,
+--     when nothing else is in flight there;
+--   ordered: its oldest unfinished delivery, when that is due (so never while one is in
+--     flight);
+--   max_in_flight (or outbox.endpoint_max_in_flight): up to the free slots;
+--   rate_limit: what the token bucket holds (one second's worth at most).
+-- The endpoint's state row is locked (SKIP LOCKED) while it is served: its in-flight
+-- counter, token bucket and circuit change with the claim, and another claimer serving the
+-- same endpoint at that moment makes this one pass it by. Each endpoint's rows come from
+-- its own range of delivery_pending_idx in due order, so a blocked endpoint's backlog is
+-- never read by the claims of the others. Sequential scans, sorts and bitmap scans are
+-- priced out: the plans, prepared once per session, stay index scans in due order whatever
+-- the statistics said when they were made (a plan made while the tables were small would
+-- otherwise hash-join whole tables once they are large). (JIT is off: the priced-out sort
+-- of the few endpoints would otherwise look expensive enough to compile, which costs far
+-- more than the claim.)
+CREATE FUNCTION outbox._claim(
+    p_batch_size integer, p_worker text, p_lease interval, p_endpoint_id uuid, p_tenant_id text
+)
+RETURNS TABLE (o_delivery_id uuid, o_event_id text, o_attempt integer, o_endpoint_id uuid, o_url text,
+               o_secret text, o_headers jsonb, o_timeout interval, o_event_type text, o_body text,
+               o_tenant_id text, o_previous_secret text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET enable_sort = off SET enable_bitmapscan = off SET jit = off
+AS $$
+DECLARE
+    v_left    integer := outbox._check_claim(p_batch_size, p_lease);
+    v_cap     integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
+    v_ep      record;
+    v_st      outbox.endpoint_state;
+    v_quota   integer;
+    v_ids     uuid[];
+    v_got     integer;
+BEGIN
+    PERFORM outbox._requeue_expired(p_endpoint_id);
+    FOR v_ep IN
+        SELECT e.id, e.ordered, e.rate_limit, coalesce(e.max_in_flight, v_cap) AS cap
+          FROM outbox.endpoint e
+          JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
+         CROSS JOIN LATERAL (
+               SELECT d.due_at FROM outbox.delivery d
+                WHERE d.endpoint_id = e.id AND d.status = 'pending'
+                ORDER BY d.due_at LIMIT 1) f
+         WHERE e.enabled AND e.deleted_at IS NULL
+           AND (p_endpoint_id IS NULL OR e.id = p_endpoint_id)
+           AND f.due_at <= now()
+           AND (s.circuit <> 'open' OR s.next_probe_at <= now())
+           AND (e.rate_limit IS NULL OR s.rate_tat IS NULL
+                OR s.rate_tat <= now() + interval '1 second' - interval '1 second' / e.rate_limit)
+         ORDER BY f.due_at
+    LOOP
+        EXIT WHEN v_left <= 0;
+        SELECT * INTO v_st FROM outbox.endpoint_state s WHERE s.endpoint_id = v_ep.id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND OR (v_st.circuit = 'open' AND v_st.next_probe_at > now());
+
+        v_quota := v_left;
+        IF v_st.circuit <> 'closed' THEN
+            v_quota := least(v_quota, 1 - v_st.in_flight);
+        ELSIF v_ep.cap IS NOT NULL AND NOT v_ep.ordered THEN
+            v_quota := least(v_quota, v_ep.cap - v_st.in_flight);
+            IF v_quota <= 0 THEN
+                v_quota := least(v_left, v_ep.cap - outbox._recount_in_flight(v_ep.id));
+            END IF;
+        END IF;
+        IF v_ep.rate_limit IS NOT NULL THEN
+            v_quota := least(v_quota, floor(extract(epoch FROM now() + interval '1 second'
+                             - greatest(coalesce(v_st.rate_tat, now()), now())) * v_ep.rate_limit)::integer);
+        END IF;
+        CONTINUE WHEN v_quota <= 0;
+
+        IF v_ep.ordered THEN
+            -- Only the head of its queue may go, and only once it is due: a retrying head
+            -- holds back everything behind it, and so does one in flight.
+            SELECT array_agg(h.id) INTO v_ids
+              FROM (SELECT d.id FROM outbox.delivery d
+                     WHERE d.id = (SELECT q.id FROM outbox.delivery q
+                                    WHERE q.endpoint_id = v_ep.id AND q.seq IS NOT NULL
+                                      AND q.status IN ('pending', 'in_flight')
+                                    ORDER BY q.seq LIMIT 1)
+                       AND d.status = 'pending' AND d.due_at <= now()
+                       AND (p_tenant_id IS NULL OR d.tenant_id = p_tenant_id)
+                       FOR UPDATE SKIP LOCKED) h;
+        ELSE
+            SELECT array_agg(x.id) INTO v_ids
+              FROM (SELECT d.id FROM outbox.delivery d
+                     WHERE d.endpoint_id = v_ep.id AND d.status = 'pending' AND d.due_at <= now()
+                       AND (p_tenant_id IS NULL OR d.tenant_id = p_tenant_id)
+                     ORDER BY d.due_at
+                     LIMIT v_quota
+                       FOR UPDATE SKIP LOCKED) x;
+        END IF;
+        CONTINUE WHEN v_ids IS NULL;
+
+        RETURN QUERY
+        UPDATE outbox.delivery d
+           SET status = 'in_flight',
+               attempts = d.attempts + 1,
+               due_at = now() + p_lease,
+               lease_owner = p_worker
+          FROM outbox.endpoint e, outbox.event ev
+         WHERE d.id = ANY (v_ids) AND e.id = d.endpoint_id
+           AND ev.id = d.event_id AND ev.tenant_key = d.tenant_key
+        RETURNING d.id, d.event_id, d.attempts, d.endpoint_id, e.url, e.secret, e.headers, e.timeout,
+                  ev.event_type,
+                  json_build_object('type', ev.event_type,
+                                    'timestamp', to_char(ev.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                                    'data', ev.payload)::text,
+                  d.tenant_id,
+                  CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END;
+        GET DIAGNOSTICS v_got = ROW_COUNT;
+        v_left := v_left - v_got;
+
+        UPDATE outbox.endpoint_state s
+           SET in_flight = s.in_flight + v_got,
+               rate_tat = CASE WHEN v_ep.rate_limit IS NULL THEN s.rate_tat
+                               ELSE greatest(coalesce(s.rate_tat, now()), now())
+                                    + v_got * interval '1 second' / v_ep.rate_limit END,
+               circuit = CASE WHEN s.circuit = 'open' THEN 'half_open' ELSE s.circuit END,
+               circuit_changed_at = CASE WHEN s.circuit = 'open' THEN now() ELSE s.circuit_changed_at END
+         WHERE s.endpoint_id = v_ep.id;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION outbox.claim(
+    batch_size  integer  DEFAULT 100,
+    worker      text     DEFAULT 'sql',
+    lease       interval DEFAULT '60 seconds',
+    endpoint_id uuid     DEFAULT NULL,
+    tenant_id   text     DEFAULT NULL
+)
+RETURNS TABLE (
+    delivery_id uuid,
+    event_id    text,
+    attempt     integer,
+    endpoint_id uuid,
+    url         text,
+    secret      text,
+    headers     jsonb,
+    timeout     interval,
+    event_type  text,
+    body        text,
+    tenant_id   text,
+    -- The secret being rotated out, while it is still valid: sign with both.
+    previous_secret text
+)
+LANGUAGE sql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM outbox._claim(claim.batch_size, claim.worker, claim.lease, claim.endpoint_id, claim.tenant_id)
+$$;
+
+-- Records the outcomes of many attempts at once and returns the deliveries whose outcome was
+-- accepted. An outcome is accepted only from the holder of the current attempt: the delivery
+-- must be in_flight with exactly that attempt number; anything else (a lease that expired and
+-- was claimed again, a cancelled delivery, a repeated ack) changes nothing.
+-- A 'retry' without retry_at is scheduled by outbox.retry_delay(attempt) (the
+-- outbox.retry_schedule GUC); when the schedule is exhausted the delivery is dead.
+CREATE FUNCTION outbox.ack_batch(
+    delivery_ids  uuid[],
+    attempts      integer[],
+    outcomes      outbox.attempt_outcome[],
+    status_codes  integer[]          DEFAULT NULL,
+    errors        text[]             DEFAULT NULL,
+    durations_ms  double precision[] DEFAULT NULL,
+    retry_at      timestamptz[]      DEFAULT NULL,
+    response_bodies text[]           DEFAULT NULL,
+    worker        text               DEFAULT NULL
+)
+RETURNS SETOF uuid
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+BEGIN
+    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
+    RETURN QUERY
+    WITH input AS (
+        -- Texts from receivers and senders are bounded before anything stores or
+        -- announces them: errors to outbox._max_error_bytes(), bodies to
+        -- outbox.max_response_body.
+        SELECT i.id, i.attempt, i.outcome, i.status_code,
+               CASE WHEN octet_length(i.error) > outbox._max_error_bytes()
+                    THEN outbox._truncate(i.error, outbox._max_error_bytes()) ELSE i.error END AS error,
+               i.duration_ms, i.retry_at,
+               CASE WHEN octet_length(i.response_body) > lim.body_bytes
+                    THEN outbox._truncate(i.response_body, lim.body_bytes) ELSE i.response_body END AS response_body
+          FROM unnest(ack_batch.delivery_ids, ack_batch.attempts, ack_batch.outcomes,
+                      ack_batch.status_codes, ack_batch.errors, ack_batch.durations_ms,
+                      ack_batch.retry_at, ack_batch.response_bodies)
+               AS i(id, attempt, outcome, status_code, error, duration_ms, retry_at, response_body),
+               (SELECT outbox._max_response_body() AS body_bytes) lim
+         WHERE outbox._check_ack_lengths(ARRAY[
+                   cardinality(ack_batch.delivery_ids), cardinality(ack_batch.attempts),
+                   cardinality(ack_batch.outcomes), cardinality(ack_batch.status_codes),
+                   cardinality(ack_batch.errors), cardinality(ack_batch.durations_ms),
+                   cardinality(ack_batch.retry_at), cardinality(ack_batch.response_bodies)])
+    ),
+    scheduled AS (
+        -- The retry schedule counts the attempts since the last retry_dead; a retry time a
+        -- sender asks for stays within the range enqueue allows.
+        SELECT input.*,
+               CASE WHEN input.outcome <> 'retry' THEN NULL
+                    WHEN input.retry_at IS NOT NULL
+                         THEN least(greatest(input.retry_at, now()), now() + outbox._max_schedule_ahead())
+                    ELSE now() + outbox.retry_delay(input.attempt - coalesce(d.retry_base, 0)) END AS next_at
+          FROM input LEFT JOIN outbox.delivery d ON d.id = input.id
+    ),
+    decided AS (
+        SELECT scheduled.*,
+               CASE WHEN outcome = 'retry' AND next_at IS NULL THEN 'dead'::outbox.attempt_outcome
+                    ELSE outcome END AS final_outcome
+          FROM scheduled
+    ),
+    upd AS (
+        -- Everything later steps need comes out of RETURNING, so they never join back to
+        -- the input (which the planner can only guess the size of).
+        UPDATE outbox.delivery d
+           SET status = CASE x.final_outcome WHEN 'delivered' THEN 'delivered'::outbox.delivery_status
+                                             WHEN 'dead' THEN 'dead'::outbox.delivery_status
+                                             ELSE 'pending'::outbox.delivery_status END,
+               due_at = coalesce(x.next_at, d.due_at),
+               finished_at = CASE WHEN x.final_outcome = 'retry' THEN NULL ELSE now() END,
+               lease_owner = NULL,
+               last_attempt_at = now(),
+               last_status_code = x.status_code,
+               last_error = CASE WHEN x.final_outcome = 'dead' AND x.outcome = 'retry'
+                                 THEN concat_ws(': ', x.error, 'retry schedule exhausted')
+                                 ELSE x.error END
+          FROM decided x, outbox.event ev
+         -- status is compared as text so that no plan can read delivery_in_flight_idx whole
+         -- (a plan cached while few rows were in flight would): each row is found by its id.
+         WHERE d.id = x.id AND d.status::text = 'in_flight' AND d.attempts = x.attempt
+           AND ev.id = d.event_id AND ev.tenant_key = d.tenant_key
+        RETURNING d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at, x.attempt, x.final_outcome,
+                  x.status_code, x.error, x.duration_ms, x.response_body, ev.event_type
+    ),
+    hist AS (
+        INSERT INTO outbox.attempt (delivery_id, attempt, outcome, status_code, error, duration_ms, response_body, worker)
+        SELECT upd.id, upd.attempt, upd.final_outcome, upd.status_code, upd.error, upd.duration_ms,
+               upd.response_body, ack_batch.worker
+          FROM upd
+    ),
+    batch AS (
+        -- Per endpoint: what this batch finished, and whether any of it succeeded.
+        SELECT upd.endpoint_id,
+               count(*)::integer AS finished,
+               (count(*) FILTER (WHERE upd.final_outcome <> 'delivered'))::integer AS failures,
+               bool_or(upd.final_outcome = 'delivered') AS succeeded,
+               max(upd.error) FILTER (WHERE upd.final_outcome <> 'delivered') AS error
+          FROM upd
+         GROUP BY upd.endpoint_id
+    ),
+    locked AS (
+        -- The state rows, locked in endpoint order, so concurrent acks never deadlock.
+        SELECT s.endpoint_id FROM outbox.endpoint_state s
+         WHERE s.endpoint_id IN (SELECT endpoint_id FROM batch)
+         ORDER BY s.endpoint_id
+           FOR UPDATE
+    ),
+    health AS (
+        -- A success in the batch resets the failure streak, otherwise the batch's failures
+        -- extend it; the circuit breaker takes its step (outbox._circuit_next) and announces
+        -- when the circuit opens or closes again; the finished attempts leave the in-flight
+        -- count.
+        UPDATE outbox.endpoint_state s
+           SET in_flight = greatest(s.in_flight - b.finished, 0),
+               consecutive_failures = CASE WHEN b.succeeded THEN b.failures
+                                           ELSE s.consecutive_failures + b.failures END,
+               last_success_at = CASE WHEN b.succeeded THEN now() ELSE s.last_success_at END,
+               last_failure_at = CASE WHEN b.failures > 0 THEN now() ELSE s.last_failure_at END,
+               last_error = coalesce(b.error, s.last_error),
+               updated_at = now(),
+               failing_since = CASE WHEN b.succeeded THEN NULL ELSE coalesce(s.failing_since, now()) END,
+               (circuit, cooldown, next_probe_at, circuit_opened_at, circuit_changed_at) =
+                   (SELECT n.circuit, n.cooldown, n.next_probe_at, n.opened_at, n.changed_at
+                      FROM outbox._circuit_next(s.circuit, s.cooldown, s.next_probe_at, s.circuit_opened_at,
+                                                s.circuit_changed_at, s.consecutive_failures + b.failures,
+                                                b.succeeded) n)
+          FROM batch b JOIN locked l ON l.endpoint_id = b.endpoint_id
+         WHERE s.endpoint_id = b.endpoint_id
+        RETURNING s.endpoint_id, s.failing_since,
+                  CASE WHEN s.circuit_changed_at = now()
+                            AND (s.circuit = 'closed' OR s.circuit_opened_at = now()) THEN
+                      outbox._operator_event(
+                          CASE s.circuit WHEN 'closed' THEN 'outbox.endpoint.circuit_closed'
+                                         ELSE 'outbox.endpoint.circuit_opened' END,
+                          jsonb_build_object('endpoint_id', s.endpoint_id,
+                                             'consecutive_failures', s.consecutive_failures,
+                                             'next_probe_at', s.next_probe_at, 'last_error', s.last_error),
+                          s.endpoint_id)
+                  END AS announced
+    ),
+    disabled AS (
+        -- Stop sending where the receiver answered 410 Gone, or where every attempt has
+        -- failed for outbox.auto_disable_after. Its queue stays; enabling resumes it. An
+        -- endpoint row someone holds (an operator's open transaction) is not waited for:
+        -- the next failing batch disables it.
+        UPDATE outbox.endpoint e
+           SET enabled = false, disabled_reason = x.reason, updated_at = now()
+          FROM (SELECT DISTINCT ON (c.endpoint_id) c.endpoint_id, c.reason
+                  FROM (SELECT upd.endpoint_id, 'receiver answered 410 Gone' AS reason
+                          FROM upd
+                         WHERE upd.status_code = 410 AND upd.final_outcome = 'dead'
+                        UNION ALL
+                        SELECT h.endpoint_id,
+                               format('every attempt failed since %s: disabled after %s of failures',
+                                      date_trunc('second', h.failing_since), p.auto_disable_after)
+                          FROM health h, outbox._policy() p
+                         WHERE p.auto_disable_after > interval '0'
+                           AND h.failing_since <= now() - p.auto_disable_after) c
+                 ORDER BY c.endpoint_id) x
+         WHERE e.id = x.endpoint_id AND e.enabled
+           AND e.id IN (SELECT l.id FROM outbox.endpoint l WHERE l.id = x.endpoint_id
+                          FOR NO KEY UPDATE SKIP LOCKED)
+        RETURNING e.id,
+                  outbox._operator_event('outbox.endpoint.disabled',
+                      jsonb_build_object('endpoint_id', e.id, 'url', e.url, 'reason', x.reason), e.id)
+    ),
+    rollup AS (
+        INSERT INTO outbox.stats_hourly AS r
+               (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket, deliveries, attempts, latency_ms_sum)
+        SELECT date_trunc('hour', now()), upd.endpoint_id, upd.event_type, coalesce(upd.tenant_id, ''),
+               CASE WHEN upd.final_outcome = 'delivered' THEN 'delivered'::outbox.delivery_status
+                    ELSE 'dead'::outbox.delivery_status END,
+               width_bucket(l.ms, outbox._bucket_bounds()), count(*), sum(upd.attempt), sum(l.ms)
+          FROM upd
+          CROSS JOIN LATERAL (SELECT extract(epoch FROM now() - upd.created_at) * 1000 AS ms) l
+         WHERE upd.final_outcome IN ('delivered', 'dead')
+         GROUP BY 1, 2, 3, 4, 5, 6
+        ON CONFLICT (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket) DO UPDATE SET
+               deliveries = r.deliveries + excluded.deliveries,
+               attempts = r.attempts + excluded.attempts,
+               latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum
+    )
+    -- Announcements: the live feed for every change (when outbox.live_feed is on), and an
+    -- operator event for every delivery that died (disabled endpoints and circuits are
+    -- announced by `disabled` and `health` above).
+    SELECT upd.id
+      FROM upd
+      LEFT JOIN LATERAL (
+          SELECT outbox._feed(upd.id, upd.endpoint_id, upd.tenant_id, upd.event_type,
+                              CASE upd.final_outcome WHEN 'retry' THEN 'retrying' ELSE upd.final_outcome::text END,
+                              upd.attempt)
+           WHERE outbox._feed_on()) feed ON true
+      LEFT JOIN LATERAL (
+          SELECT outbox._operator_event('outbox.delivery.dead',
+                     jsonb_build_object('delivery_id', upd.id, 'endpoint_id', upd.endpoint_id, 'event_id', upd.event_id,
+                                        'event_type', upd.event_type, 'attempts', upd.attempt,
+                                        'status_code', upd.status_code, 'error', upd.error),
+                     upd.endpoint_id)
+           WHERE upd.final_outcome = 'dead') dead ON true;
+END
+$$;
+
+-- Records one attempt's outcome ('delivered', 'retry' or 'dead') and returns the delivery's
+-- new status. Refused with an ERROR when the caller no longer holds the attempt.
+CREATE FUNCTION outbox.ack(
+    delivery_id   uuid,
+    attempt       integer,
+    outcome       outbox.attempt_outcome,
+    status_code   integer          DEFAULT NULL,
+    error         text             DEFAULT NULL,
+    duration_ms   double precision DEFAULT NULL,
+    retry_at      timestamptz      DEFAULT NULL,
+    response_body text             DEFAULT NULL,
+    worker        text             DEFAULT NULL
+)
+RETURNS outbox.delivery_status
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    d outbox.delivery;
+BEGIN
+    IF ack.delivery_id IS NULL OR ack.attempt IS NULL OR ack.outcome IS NULL THEN
+        RAISE EXCEPTION 'outbox.ack needs delivery_id, attempt and outcome'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM 1 FROM outbox.ack_batch(ARRAY[ack.delivery_id], ARRAY[ack.attempt], ARRAY[ack.outcome],
+                                    ARRAY[ack.status_code], ARRAY[ack.error], ARRAY[ack.duration_ms],
+                                    ARRAY[ack.retry_at], ARRAY[ack.response_body], ack.worker);
+    IF NOT FOUND THEN
+        SELECT * INTO d FROM outbox.delivery WHERE id = ack.delivery_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'delivery % does not exist', ack.delivery_id USING ERRCODE = 'no_data_found';
+        END IF;
+        RAISE EXCEPTION 'delivery % is not held by attempt % (it is % at attempt %)',
+                        ack.delivery_id, ack.attempt, d.status, d.attempts
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Only the sender that claimed the current attempt may acknowledge it; claim it again with outbox.claim().';
+    END IF;
+    SELECT * INTO d FROM outbox.delivery WHERE id = ack.delivery_id;
+    RETURN d.status;
+END
+$$;
+
+-- Seconds until the claim can next take something (negative if it could now), NULL if
+-- nothing waits. Per endpoint that is the latest of: its first pending delivery coming due
+-- (for an ordered endpoint, its head), its circuit's probe time and its rate limit's next
+-- token. An endpoint at its limit of requests in flight does not count: their outcomes
+-- wake the worker. Nor do leases about to expire: a sender that vanished is rare, and the
+-- poll interval picks its deliveries up (reading lease times here would walk the index
+-- entries of every recently finished attempt on each call). The worker sleeps that long
+-- (NULL: until the poll interval or a commit wakes it), so blocked endpoints never make it
+-- spin.
+CREATE FUNCTION outbox._next_due()
+RETURNS double precision
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    v_cap integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
+BEGIN
+    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
+    RETURN (
+    -- Epochs, not an interval: a due time that is not finite (none can be stored any
+    -- more, but one row must never fail the worker's cycle) is simply not waited for.
+    SELECT extract(epoch FROM min(r.ready_at) FILTER (WHERE isfinite(r.ready_at)))::double precision
+           - extract(epoch FROM clock_timestamp())::double precision
+      FROM outbox.endpoint e
+      JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
+      LEFT JOIN LATERAL (
+           SELECT d.due_at FROM outbox.delivery d
+            WHERE d.endpoint_id = e.id AND d.status = 'pending'
+            ORDER BY d.due_at LIMIT 1) f ON NOT e.ordered
+      LEFT JOIN LATERAL (
+           SELECT d.status, d.due_at FROM outbox.delivery d
+            WHERE d.endpoint_id = e.id AND d.seq IS NOT NULL AND d.status IN ('pending', 'in_flight')
+            ORDER BY d.seq LIMIT 1) h ON e.ordered
+     CROSS JOIN LATERAL (
+           SELECT CASE
+                  WHEN e.ordered AND h.status IS DISTINCT FROM 'pending' THEN NULL
+                  WHEN NOT e.ordered AND f.due_at IS NULL THEN NULL
+                  WHEN s.circuit <> 'closed' AND s.in_flight > 0 THEN NULL
+                  WHEN NOT e.ordered AND s.in_flight >= coalesce(e.max_in_flight, v_cap) THEN NULL
+                  ELSE greatest(CASE WHEN e.ordered THEN h.due_at ELSE f.due_at END,
+                                CASE WHEN s.circuit = 'open' THEN s.next_probe_at END,
+                                CASE WHEN e.rate_limit IS NOT NULL
+                                     THEN s.rate_tat - interval '1 second' + interval '1 second' / e.rate_limit END)
+                  END AS ready_at) r
+     WHERE e.enabled AND e.deleted_at IS NULL);
+END
+$$;

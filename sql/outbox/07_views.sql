@@ -1,0 +1,139 @@
+-------------------------------------------------------------------------------------------
+-- Views
+-------------------------------------------------------------------------------------------
+
+-- Header values are often credentials: only roles that may read the endpoints' secrets
+-- (administrators) see them; others see which headers are set, with masked values.
+CREATE VIEW outbox.endpoints AS
+SELECT e.id, e.url, e.event_types, e.enabled, e.disabled_reason, e.timeout,
+       CASE WHEN pg_catalog.has_function_privilege('outbox.endpoint_secret(uuid)', 'EXECUTE') THEN e.headers
+            ELSE (SELECT coalesce(jsonb_object_agg(h.key, '********'), '{}') FROM jsonb_each(e.headers) h)
+       END AS headers,
+       e.tenant_id, e.description, e.created_at, e.updated_at,
+       e.ordered, e.rate_limit, e.max_in_flight
+  FROM outbox.endpoint e
+ WHERE e.deleted_at IS NULL;
+
+CREATE VIEW outbox.deliveries AS
+SELECT d.id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url, d.tenant_id,
+       d.status,
+       (d.status = 'pending' AND d.attempts > d.retry_base) AS retrying,
+       d.attempts,
+       CASE WHEN d.status = 'pending' THEN d.due_at END AS next_attempt_at,
+       CASE WHEN d.status = 'in_flight' THEN d.due_at END AS lease_expires_at,
+       d.lease_owner, d.created_at, d.last_attempt_at, d.finished_at,
+       d.last_status_code, d.last_error, ev.payload
+  FROM outbox.delivery d
+  JOIN outbox.event ev ON ev.id = d.event_id AND ev.tenant_key = d.tenant_key
+  JOIN outbox.endpoint e ON e.id = d.endpoint_id;
+
+CREATE VIEW outbox.attempts AS
+SELECT a.id, a.delivery_id, d.event_id, d.endpoint_id, a.attempt, a.outcome, a.status_code,
+       a.error, a.duration_ms, a.response_body, a.worker, a.created_at
+  FROM outbox.attempt a
+  JOIN outbox.delivery d ON d.id = a.delivery_id;
+
+CREATE VIEW outbox.dead_letters AS
+SELECT d.id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url, d.tenant_id,
+       d.attempts, d.last_status_code, d.last_error, d.created_at, d.finished_at AS died_at,
+       ev.payload
+  FROM outbox.delivery d
+  JOIN outbox.event ev ON ev.id = d.event_id AND ev.tenant_key = d.tenant_key
+  JOIN outbox.endpoint e ON e.id = d.endpoint_id
+ WHERE d.status = 'dead';
+
+-------------------------------------------------------------------------------------------
+-- Operations views
+-------------------------------------------------------------------------------------------
+
+-- One row per live endpoint: its backlog, what the last attempts said, its circuit breaker
+-- (state, when it opened, when the next probe goes, the current cool-down), and what holds
+-- its queue back, if anything, until when (NULL: until an operator or an outcome acts):
+-- disabled, circuit open (until its probe), a probe in flight, an ordered endpoint's head in
+-- flight or not due yet (a retry, or a deliver_at ahead: everything behind it waits), or
+-- max_in_flight reached.
+CREATE VIEW outbox.endpoint_health AS
+SELECT e.id AS endpoint_id, e.url, e.enabled, e.disabled_reason, e.tenant_id,
+       coalesce(q.pending, 0) AS pending, coalesce(q.in_flight, 0) AS in_flight,
+       coalesce(q.retrying, 0) AS retrying, q.oldest_pending_age,
+       coalesce(st.consecutive_failures, 0) AS consecutive_failures,
+       st.last_success_at, st.last_failure_at, st.last_error,
+       coalesce(st.circuit, 'closed') AS circuit, st.circuit_opened_at, st.next_probe_at,
+       st.cooldown AS circuit_cooldown, st.failing_since,
+       held.reason AS held_reason, held.until AS held_until
+  FROM outbox.endpoint e
+  LEFT JOIN outbox.endpoint_state st ON st.endpoint_id = e.id
+  LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE d.status = 'pending') AS pending,
+               count(*) FILTER (WHERE d.status = 'in_flight') AS in_flight,
+               count(*) FILTER (WHERE d.status = 'pending' AND d.attempts > d.retry_base) AS retrying,
+               now() - min(d.created_at) FILTER (WHERE d.status = 'pending') AS oldest_pending_age
+          FROM (SELECT d.status, d.attempts, d.retry_base, d.created_at FROM outbox.delivery d
+                 WHERE d.endpoint_id = e.id AND d.status = 'pending'
+                UNION ALL
+                SELECT d.status, d.attempts, d.retry_base, d.created_at FROM outbox.delivery d
+                 WHERE d.endpoint_id = e.id AND d.status = 'in_flight') d
+       ) q ON true
+  LEFT JOIN LATERAL (
+        SELECT h.status, h.due_at FROM outbox.delivery h
+         WHERE e.ordered AND h.endpoint_id = e.id AND h.seq IS NOT NULL AND h.status IN ('pending', 'in_flight')
+         ORDER BY h.seq LIMIT 1
+       ) head ON true
+ CROSS JOIN LATERAL (
+        SELECT CASE WHEN NOT e.enabled THEN 'disabled'
+                    WHEN st.circuit = 'open' THEN 'circuit open'
+                    WHEN st.circuit = 'half_open' THEN 'circuit half-open: a probe is in flight'
+                    WHEN head.status = 'in_flight' THEN 'ordered: its head is in flight'
+                    WHEN head.due_at > now() THEN 'ordered: its head is not due yet'
+                    WHEN q.pending > 0 AND q.in_flight >= coalesce(e.max_in_flight,
+                             nullif((outbox._policy()).endpoint_max_in_flight, 0)) THEN 'max_in_flight reached'
+               END AS reason,
+               CASE WHEN NOT e.enabled THEN NULL
+                    WHEN st.circuit = 'open' THEN st.next_probe_at
+                    WHEN st.circuit = 'half_open' OR head.status = 'in_flight' THEN NULL
+                    WHEN head.due_at > now() THEN head.due_at
+               END AS until
+       ) held
+ WHERE e.deleted_at IS NULL;
+
+-- Failed attempts, newest first (attempt_failed_idx serves ORDER BY ... LIMIT).
+CREATE VIEW outbox.recent_failures AS
+SELECT a.created_at, a.delivery_id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url,
+       a.attempt, a.outcome, a.status_code, a.error, a.response_body
+  FROM outbox.attempt a
+  JOIN outbox.delivery d ON d.id = a.delivery_id
+  JOIN outbox.event ev ON ev.id = d.event_id AND ev.tenant_key = d.tenant_key
+  JOIN outbox.endpoint e ON e.id = d.endpoint_id
+ WHERE a.outcome IN ('retry', 'dead')
+ ORDER BY a.created_at DESC;
+
+-- Counters and gauges in the shape Prometheus exporters want: one row per metric and label
+-- set. See contrib/postgres_exporter.yml.
+CREATE VIEW outbox.metrics AS
+SELECT 'outbox_deliveries'::text AS metric, 'pending'::text AS status, NULL::text AS endpoint_id,
+       count(*)::double precision AS value
+  FROM outbox.delivery WHERE status = 'pending'
+UNION ALL
+SELECT 'outbox_deliveries', 'in_flight', NULL, count(*) FROM outbox.delivery WHERE status = 'in_flight'
+UNION ALL
+SELECT 'outbox_deliveries', 'dead', NULL, count(*) FROM outbox.delivery WHERE status = 'dead'
+UNION ALL
+SELECT 'outbox_oldest_pending_seconds', NULL, NULL,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)
+  FROM outbox.delivery WHERE status = 'pending'
+UNION ALL
+SELECT 'outbox_finished_total', h.outcome::text, h.endpoint_id::text, sum(h.deliveries)
+  FROM outbox.stats_hourly h GROUP BY h.outcome, h.endpoint_id
+UNION ALL
+SELECT 'outbox_attempts_total', NULL, h.endpoint_id::text, sum(h.attempts)
+  FROM outbox.stats_hourly h GROUP BY h.endpoint_id
+UNION ALL
+SELECT 'outbox_endpoint_consecutive_failures', NULL, st.endpoint_id::text, st.consecutive_failures
+  FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL
+UNION ALL
+SELECT 'outbox_endpoint_enabled', NULL, e.id::text, CASE WHEN e.enabled THEN 1 ELSE 0 END
+  FROM outbox.endpoint e WHERE e.deleted_at IS NULL
+UNION ALL
+SELECT 'outbox_endpoint_circuit_open', st.circuit::text, st.endpoint_id::text,
+       CASE WHEN st.circuit = 'closed' THEN 0 ELSE 1 END
+  FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL;

@@ -1,0 +1,123 @@
+-- Emitted after everything else, Rust functions included: the REVOKE below covers them.
+
+-------------------------------------------------------------------------------------------
+-- pg_dump
+--
+-- Endpoints (with their secrets), events, deliveries in every state, the attempt history
+-- and the hourly statistics are user data: pg_dump saves them and a restore brings them
+-- back, with the sequences behind them. outbox.endpoint_state is not: it is what senders
+-- learned (circuit, failure streak, requests in flight), and a restore starts it afresh
+-- (every restored endpoint gets a new state row from its trigger).
+-------------------------------------------------------------------------------------------
+
+SELECT pg_catalog.pg_extension_config_dump('outbox.endpoint', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.delivery', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.delivery_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.attempt', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.attempt_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.stats_hourly', '');
+
+-------------------------------------------------------------------------------------------
+-- Privileges
+--
+-- Nothing is granted to PUBLIC. The API functions run as the extension's owner (SECURITY
+-- DEFINER, with a pinned search_path), so a role needs only EXECUTE on the functions of its
+-- job and never any privilege on the tables: in particular no role but the owner can read
+-- outbox.endpoint.secret. The grant_* functions below hand out the three usual jobs.
+-------------------------------------------------------------------------------------------
+
+REVOKE ALL ON SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA outbox FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA outbox FROM PUBLIC;
+
+-- Producers enqueue events (directly or through outbox.trigger) and nothing else.
+CREATE FUNCTION outbox.grant_producer(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA outbox TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.enqueue(text, jsonb, uuid, text, text, timestamptz), outbox.trigger() TO %s', role);
+END
+$$;
+
+-- Operators watch and steer delivery: the views, statistics, enabling and disabling
+-- endpoints. They cannot read secrets, create endpoints, enqueue, or claim.
+CREATE FUNCTION outbox.grant_operator(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA outbox TO %s', role);
+    EXECUTE format('GRANT SELECT ON outbox.endpoints, outbox.deliveries, outbox.attempts, outbox.dead_letters,
+        outbox.endpoint_health, outbox.recent_failures, outbox.metrics TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.stats(), outbox.enable_endpoint(uuid), outbox.disable_endpoint(uuid, text),
+        outbox.delivery_stats(interval, uuid, text, text), outbox.endpoint_stats(interval), outbox.event_type_stats(interval),
+        outbox.retry_dead(uuid, uuid, timestamptz, timestamptz), outbox.replay(uuid, timestamptz, timestamptz),
+        outbox.cancel(uuid, uuid), outbox._policy() TO %s', role);
+END
+$$;
+
+-- Administrators manage endpoints (and their secrets), and may act as a sender with
+-- outbox.claim / outbox.ack; they get everything an operator and a producer get.
+CREATE FUNCTION outbox.grant_admin(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM outbox.grant_producer(role);
+    PERFORM outbox.grant_operator(role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION
+        outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer),
+        outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text, boolean, integer, integer),
+        outbox.delete_endpoint(uuid), outbox.endpoint_secret(uuid), outbox.generate_secret(),
+        outbox.rotate_secret(uuid, text, interval),
+        outbox.purge(interval, interval),
+        outbox.sign(text, text, bigint, text), outbox.retry_delay(integer),
+        outbox.claim(integer, text, interval, uuid, text),
+        outbox.ack(uuid, integer, outbox.attempt_outcome, integer, text, double precision, timestamptz, text, text),
+        outbox.ack_batch(uuid[], integer[], outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[], text)
+        TO %s', role);
+END
+$$;
+
+-- The role the background worker connects as (outbox.worker_role): exactly what a sender
+-- needs, through the same SECURITY DEFINER functions, and no table privilege at all.
+CREATE FUNCTION outbox.grant_worker(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA outbox TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION
+        outbox.claim(integer, text, interval, uuid, text),
+        outbox.ack_batch(uuid[], integer[], outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[], text),
+        outbox._next_due(), outbox._purge_batch(interval, interval, integer),
+        outbox._requeue_orphaned(), outbox._lock_for_ack(uuid[])
+        TO %s', role);
+END
+$$;
+
+REVOKE ALL ON FUNCTION outbox.grant_producer(regrole), outbox.grant_operator(regrole), outbox.grant_admin(regrole),
+                       outbox.grant_worker(regrole) FROM PUBLIC;
+
+-------------------------------------------------------------------------------------------
+-- A word at CREATE EXTENSION time if nothing will send what gets queued here
+-------------------------------------------------------------------------------------------
+
+DO $$
+BEGIN
+    IF current_setting('shared_preload_libraries') !~ '(^|[\s,"])webhook_outbox([\s,"]|$)' THEN
+        RAISE NOTICE 'webhook_outbox: deliveries will queue up but not be sent: the delivery worker needs shared_preload_libraries = ''webhook_outbox'' and a server restart';
+    ELSIF coalesce(current_setting('outbox.database', true), 'postgres') <> current_database() THEN
+        RAISE NOTICE 'webhook_outbox: the delivery worker serves database "%", not "%"; set outbox.database = ''%'' and reload to deliver from here',
+            coalesce(current_setting('outbox.database', true), 'postgres'), current_database(), current_database();
+    END IF;
+END
+$$;
