@@ -103,6 +103,22 @@ pub fn register_postmaster() {
     );
 }
 
+/// Makes the `outbox.` prefix the extension's: a name under it that is not one of its
+/// settings (a typo such as `outbox.retry_schedul`) is an error when set, and is dropped
+/// with a warning from the configuration file, instead of being silently ignored.
+pub fn reserve_prefix() {
+    // SAFETY: a NUL-terminated literal; called from _PG_init on the main thread.
+    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+    unsafe {
+        pgrx::pg_sys::MarkGUCPrefixReserved(c"outbox".as_ptr())
+    };
+    // Before PostgreSQL 15 the most there is: a warning for each unknown name.
+    #[cfg(any(feature = "pg13", feature = "pg14"))]
+    unsafe {
+        pgrx::pg_sys::EmitWarningsOnPlaceholders(c"outbox".as_ptr())
+    };
+}
+
 pub fn register() {
     GucRegistry::define_string_guc(
         c"outbox.database",

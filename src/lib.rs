@@ -78,6 +78,7 @@ pub extern "C-unwind" fn _PG_init() {
              set and the server restarted"
         );
     }
+    guc::reserve_prefix();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -172,6 +172,7 @@ impl Worker {
             }),
             dns_servers: settings.dns_servers.clone(),
             dns_timeout: settings.dns_timeout,
+            user_agent: concat!("webhook_outbox/", env!("CARGO_PKG_VERSION")).to_string(),
             ..Config::default()
         };
         let sender = Sender::start(config.clone()).or_else(|e| {
