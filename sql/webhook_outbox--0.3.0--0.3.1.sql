@@ -600,6 +600,14 @@ SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off 
 AS $$
 #variable_conflict use_column
 BEGIN
+    -- The endpoints' state rows first, in endpoint order, before anything else is written:
+    -- the statement below writes them together with other rows (the hourly statistics,
+    -- the deliveries), in an order no one controls, and two ackers of one endpoint (the
+    -- worker and an external sender) that took those in opposite orders would deadlock.
+    PERFORM 1 FROM outbox.endpoint_state s
+     WHERE s.endpoint_id IN (SELECT d.endpoint_id FROM outbox.delivery d WHERE d.id = ANY (ack_batch.delivery_ids))
+     ORDER BY s.endpoint_id
+       FOR UPDATE;
     -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
     RETURN QUERY
     WITH input AS (
@@ -678,13 +686,6 @@ BEGIN
           FROM upd
          GROUP BY upd.endpoint_id
     ),
-    locked AS (
-        -- The state rows, locked in endpoint order, so concurrent acks never deadlock.
-        SELECT s.endpoint_id FROM outbox.endpoint_state s
-         WHERE s.endpoint_id IN (SELECT endpoint_id FROM batch)
-         ORDER BY s.endpoint_id
-           FOR UPDATE
-    ),
     health AS (
         -- A success in the batch resets the failure streak, otherwise the batch's failures
         -- extend it; the circuit breaker takes its step (outbox._circuit_next) and announces
@@ -704,7 +705,7 @@ BEGIN
                       FROM outbox._circuit_next(s.circuit, s.cooldown, s.next_probe_at, s.circuit_opened_at,
                                                 s.circuit_changed_at, s.consecutive_failures + b.failures,
                                                 b.succeeded) n)
-          FROM batch b JOIN locked l ON l.endpoint_id = b.endpoint_id
+          FROM batch b
          WHERE s.endpoint_id = b.endpoint_id
         RETURNING s.endpoint_id, s.failing_since,
                   CASE WHEN s.circuit_changed_at = now()
