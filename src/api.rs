@@ -56,6 +56,20 @@ fn retry_delay(attempt: i32) -> Option<Interval> {
     }))
 }
 
+/// Enqueue's fan-out asks this for every endpoint: does its filter accept the event type?
+/// NULL filter: every type. (The rule is `validate::filter_matches`.)
+#[pg_extern(name = "_filter_matches", immutable, parallel_safe)]
+fn filter_matches(filter: Option<Vec<Option<String>>>, event_type: Option<&str>) -> Option<bool> {
+    let event_type = event_type?;
+    Some(match filter {
+        None => true,
+        Some(entries) => {
+            let entries: Vec<String> = entries.into_iter().flatten().collect();
+            validate::filter_matches(Some(entries.as_slice()), event_type)
+        }
+    })
+}
+
 /// Bytes of a response body the history keeps (`outbox.max_response_body`): `ack_batch`
 /// bounds what every sender reports by it.
 #[pg_extern(name = "_max_response_body", stable, parallel_safe)]

@@ -160,6 +160,22 @@ pub fn event_id(text: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Whether an endpoint's event filter (as [`event_filter`] stored it) accepts an event
+/// type: no filter accepts everything, as does `*`; `prefix.*` accepts every type that
+/// starts with `prefix.`; any other entry must equal the type. The one place this rule
+/// lives: enqueue's fan-out calls it through SQL.
+pub fn filter_matches<S: AsRef<str>>(filter: Option<&[S]>, event_type: &str) -> bool {
+    let Some(filter) = filter else {
+        return true;
+    };
+    filter.iter().map(AsRef::as_ref).any(|p| {
+        p == "*"
+            || p == event_type
+            || p.strip_suffix('*')
+                .is_some_and(|prefix| prefix.ends_with('.') && event_type.starts_with(prefix))
+    })
+}
+
 /// `outbox.dns_servers`: name servers as `ip` or `ip:port` (port 53 by default), separated
 /// by commas; empty means the system's (/etc/resolv.conf). IPv6 addresses with a port are
 /// written `[ip]:port`.
@@ -276,6 +292,21 @@ pub fn payload_size(bytes: usize, limit: usize) -> Result<(), Refusal> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn filters_match_exact_types_prefixes_and_everything() {
+        let f = |v: &[&str], t: &str| filter_matches(Some(v), t);
+        assert!(filter_matches::<&str>(None, "anything"));
+        assert!(f(&["*"], "a.b"));
+        assert!(f(&["order.created"], "order.created"));
+        assert!(!f(&["order.created"], "order.deleted"));
+        assert!(f(&["order.*"], "order.created"));
+        assert!(f(&["order.*"], "order.line.added"));
+        assert!(!f(&["order.*"], "order"));
+        assert!(!f(&["order.*"], "orders.created"));
+        assert!(f(&["invoice.paid", "order.*"], "order.x"));
+        assert!(!f(&[], "a"));
+    }
+
     #[test]
     fn name_servers_are_addresses_with_an_optional_port() {
         assert_eq!(name_servers(" ").unwrap(), vec![]);

@@ -6,20 +6,6 @@
 -- Internal helpers
 -------------------------------------------------------------------------------------------
 
--- Does an endpoint's filter accept an event type? NULL filter = everything; '*' = everything;
--- 'order.*' = every type starting with 'order.'.
-CREATE FUNCTION outbox._filter_matches(filter text[], event_type text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT filter IS NULL
-        OR event_type = ANY (filter)
-        OR EXISTS (
-            SELECT 1 FROM unnest(filter) AS p
-            WHERE p = '*' OR (right(p, 2) = '.*' AND starts_with(event_type, left(p, -1)))
-        )
-$$;
-
 -- Upper bounds (ms) of the latency histogram's buckets; the last bucket is open.
 CREATE FUNCTION outbox._bucket_bounds()
 RETURNS double precision[]
