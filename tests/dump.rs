@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::worker::{endpoint, scalar_i64, scalar_text, wait_until, FAST, SECRET};
-use common::{pg_command, Cluster};
+use common::{lines, pg_command, Cluster};
 use outbox_receiver::{Receiver, Reply};
 
 fn settings() -> Vec<&'static str> {
@@ -38,7 +38,8 @@ fn run(mut cmd: std::process::Command) {
 
 /// What must come back, one line per row, in a stable order.
 fn snapshot(c: &mut postgres::Client) -> Vec<String> {
-    c.query(
+    lines(
+        c,
         "SELECT 'endpoint ' || concat_ws('|', id, url, enabled, event_types, outbox.endpoint_secret(id))
            FROM outbox.endpoints
          UNION ALL
@@ -51,12 +52,7 @@ fn snapshot(c: &mut postgres::Client) -> Vec<String> {
          UNION ALL
          SELECT 'stats ' || concat_ws('|', hour, endpoint_id, outcome, deliveries, attempts) FROM outbox.stats_hourly
          ORDER BY 1",
-        &[],
     )
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 #[test]

@@ -18,13 +18,6 @@ fn settings(extra: &[&'static str]) -> Vec<&'static str> {
     FAST.iter().copied().chain(extra.iter().copied()).collect()
 }
 
-fn connect_as(cluster: &Cluster, role: &str) -> postgres::Client {
-    let info = cluster
-        .conninfo()
-        .replace("user=postgres", &format!("user={role}"));
-    postgres::Client::connect(&info, postgres::NoTls).unwrap()
-}
-
 fn error_of(c: &mut postgres::Client, sql: &str) -> (String, String) {
     let e = c
         .batch_execute(sql)
@@ -47,7 +40,7 @@ fn functions_planted_in_public_never_run_in_the_worker() {
     let mut c = cluster.client();
     c.batch_execute("CREATE ROLE mallory LOGIN; GRANT CREATE ON SCHEMA public TO mallory;")
         .unwrap();
-    let mut m = connect_as(&cluster, "mallory");
+    let mut m = cluster.client_as("mallory");
     m.batch_execute(
         "CREATE TABLE public.ran (who text, what text);
          GRANT INSERT ON public.ran TO PUBLIC;
@@ -372,7 +365,7 @@ fn channels_views_and_deleted_endpoints_give_away_no_secret() {
         &rx.url("/reject"),
         ", headers => '{\"Authorization\": \"Bearer s3cret-token\"}'",
     );
-    let mut nobody = connect_as(&cluster, "nobody");
+    let mut nobody = cluster.client_as("nobody");
     nobody
         .batch_execute(&format!(
             "LISTEN outbox_operator; LISTEN outbox_feed; LISTEN \"outbox_feed_{ep}\""
@@ -405,7 +398,7 @@ fn channels_views_and_deleted_endpoints_give_away_no_secret() {
     }
 
     // Operators see which headers are set, not their values; administrators see both.
-    let mut oncall = connect_as(&cluster, "oncall");
+    let mut oncall = cluster.client_as("oncall");
     let seen: serde_json::Value = serde_json::from_str(&scalar_text(
         &mut oncall,
         &format!("SELECT headers::text FROM outbox.endpoints WHERE id = '{ep}'"),
@@ -413,7 +406,7 @@ fn channels_views_and_deleted_endpoints_give_away_no_secret() {
     .unwrap();
     assert!(seen.get("Authorization").is_some(), "{seen}");
     assert!(!seen.to_string().contains("s3cret"), "{seen}");
-    let mut platform = connect_as(&cluster, "platform");
+    let mut platform = cluster.client_as("platform");
     let full: serde_json::Value = serde_json::from_str(&scalar_text(
         &mut platform,
         &format!("SELECT headers::text FROM outbox.endpoints WHERE id = '{ep}'"),

@@ -5,13 +5,6 @@ mod common;
 
 use common::{sqlstate, Cluster};
 
-fn connect_as(cluster: &Cluster, role: &str) -> postgres::Client {
-    let info = cluster
-        .conninfo()
-        .replace("user=postgres", &format!("user={role}"));
-    postgres::Client::connect(&info, postgres::NoTls).unwrap()
-}
-
 /// Runs `sql` and returns its SQLSTATE, or "ok".
 fn attempt(c: &mut postgres::Client, sql: &str) -> String {
     match c.batch_execute(sql) {
@@ -62,7 +55,7 @@ fn assert_no_secrets_or_tables(c: &mut postgres::Client, ep: &str) {
 #[test]
 fn a_producer_can_enqueue_and_nothing_else() {
     let (cluster, ep) = setup();
-    let mut p = connect_as(&cluster, "app_producer");
+    let mut p = cluster.client_as("app_producer");
     assert_eq!(attempt(&mut p, "SELECT outbox.enqueue('a.b', '{}')"), "ok");
     assert_eq!(
         attempt(&mut p, "INSERT INTO public.orders VALUES (1, 9.5)"),
@@ -91,7 +84,7 @@ fn an_operator_can_watch_and_steer_but_not_read_secrets() {
     admin
         .batch_execute("SELECT outbox.enqueue('a.b', '{}')")
         .unwrap();
-    let mut o = connect_as(&cluster, "app_operator");
+    let mut o = cluster.client_as("app_operator");
     for sql in [
         "SELECT * FROM outbox.deliveries",
         "SELECT * FROM outbox.attempts",
@@ -156,7 +149,7 @@ fn an_operator_can_watch_and_steer_but_not_read_secrets() {
 #[test]
 fn an_admin_manages_endpoints_and_secrets() {
     let (cluster, ep) = setup();
-    let mut a = connect_as(&cluster, "app_admin");
+    let mut a = cluster.client_as("app_admin");
     let secret: String = a
         .query_one(
             &format!("SELECT outbox.endpoint_secret('{ep}')") as &str,
@@ -186,7 +179,7 @@ fn an_admin_manages_endpoints_and_secrets() {
 #[test]
 fn nothing_is_granted_to_public() {
     let (cluster, ep) = setup();
-    let mut n = connect_as(&cluster, "nobody");
+    let mut n = cluster.client_as("nobody");
     assert_no_secrets_or_tables(&mut n, &ep);
     for sql in [
         "SELECT outbox.enqueue('a.b', '{}')",

@@ -32,11 +32,7 @@ const SCHEMA: &str = "
     ORDER BY 1";
 
 fn schema(c: &mut postgres::Client) -> Vec<String> {
-    c.query(SCHEMA, &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    common::lines(c, SCHEMA)
 }
 
 /// A cluster with the extension at `version`, `setup` run (roles, grants), and one
@@ -60,14 +56,10 @@ fn install(version: &str, setup: &str) -> (Cluster, postgres::Client, String) {
 
 /// Each delivery as one line of the given columns, in id order.
 fn deliveries(c: &mut postgres::Client, columns: &str) -> Vec<String> {
-    c.query(
+    common::lines(
+        c,
         &format!("SELECT concat_ws('|', {columns}) FROM outbox.delivery ORDER BY id"),
-        &[],
     )
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 #[test]
@@ -148,8 +140,7 @@ fn upgrading_from_0_1_0_keeps_the_queue_and_matches_a_fresh_install() {
     );
 
     // A role granted a 0.1.0 function keeps it through the upgrade.
-    let info = cluster.conninfo().replace("user=postgres", "user=oncall");
-    let mut oncall = postgres::Client::connect(&info, postgres::NoTls).unwrap();
+    let mut oncall = cluster.client_as("oncall");
     let per_minute: i64 = oncall
         .query_one("SELECT delivered_last_minute FROM outbox.stats()", &[])
         .unwrap()
@@ -223,8 +214,7 @@ fn upgrading_from_0_2_0_gives_every_endpoint_a_circuit_and_keeps_grants() {
     assert_eq!(claimed.len(), 7);
 
     // The admin granted before the upgrade can use the new arguments.
-    let info = cluster.conninfo().replace("user=postgres", "user=platform");
-    let mut admin = postgres::Client::connect(&info, postgres::NoTls).unwrap();
+    let mut admin = cluster.client_as("platform");
     admin
         .batch_execute(
             "SELECT outbox.create_endpoint('https://example.com/ordered', ordered => true, rate_limit => 10);
@@ -371,8 +361,7 @@ fn upgrading_from_0_3_0_keeps_a_queue_in_every_state() {
     );
     assert!(!taken.contains(&ordered), "{taken:?}");
     // A role granted the worker's functions before can run the new ones.
-    let info = cluster.conninfo().replace("user=postgres", "user=sender");
-    let mut sender = postgres::Client::connect(&info, postgres::NoTls).unwrap();
+    let mut sender = cluster.client_as("sender");
     sender
         .batch_execute(
             "SELECT outbox._requeue_orphaned(); SELECT outbox._lock_for_ack('{}'::uuid[]);",

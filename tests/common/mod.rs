@@ -233,6 +233,14 @@ impl Cluster {
         self.client_to("postgres")
     }
 
+    /// A connection to `postgres` as `role` (which must be able to log in).
+    pub fn client_as(&self, role: &str) -> postgres::Client {
+        let info = self
+            .conninfo()
+            .replace("user=postgres", &format!("user={role}"));
+        postgres::Client::connect(&info, postgres::NoTls).unwrap()
+    }
+
     pub fn client_to(&self, database: &str) -> postgres::Client {
         let info = self
             .conninfo()
@@ -267,6 +275,15 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The single text column of every row `sql` returns, in order.
+pub fn lines(c: &mut postgres::Client, sql: &str) -> Vec<String> {
+    c.query(sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 /// The SQLSTATE of a failed statement, e.g. "55000".
