@@ -4,10 +4,11 @@
 //! and per session by a superuser where that is useful) so that the library can be loaded late (on first use)
 //! without "cannot create PGC_POSTMASTER variables after startup".
 
-use std::ffi::CString;
+use std::ffi::{c_char, c_void, CStr, CString};
 
 use outbox_core::retry::{RetrySchedule, DEFAULT_SCHEDULE};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{pg_guard, pg_sys};
 
 /// Largest payload `outbox.enqueue` accepts, in bytes of its JSON text. Receivers and the
 /// specification prefer small payloads; a limit keeps one runaway producer from filling the
@@ -119,6 +120,62 @@ pub fn reserve_prefix() {
     };
 }
 
+/// Checks a text setting with `parse` when it is set (`SET`, `ALTER SYSTEM`, a reload of
+/// postgresql.conf): a value that does not parse is refused then, with the parser's reason,
+/// instead of being found wrong (and replaced by a default) when it is first used.
+///
+/// # Safety
+/// `newval` is what PostgreSQL passes a string check hook.
+unsafe fn check_text(newval: *mut *mut c_char, parse: fn(&str) -> Result<(), String>) -> bool {
+    // SAFETY: PostgreSQL passes a valid pointer to a NUL-terminated string (or NULL).
+    let text = unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(*newval).to_string_lossy().into_owned()
+        }
+    };
+    match parse(&text) {
+        Ok(()) => true,
+        Err(reason) => {
+            let detail = CString::new(reason.replace('\0', "")).unwrap_or_default();
+            // SAFETY: PostgreSQL reports this palloc'd copy with the refusal.
+            unsafe { pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr()) };
+            false
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_retry_schedule(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: called by PostgreSQL as a string check hook.
+    unsafe { check_text(newval, |t| RetrySchedule::parse(t).map(drop)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_allowed_targets(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: called by PostgreSQL as a string check hook.
+    unsafe { check_text(newval, |t| outbox_core::ssrf::AllowList::parse(t).map(drop)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_dns_servers(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: called by PostgreSQL as a string check hook.
+    unsafe { check_text(newval, |t| outbox_core::validate::name_servers(t).map(drop)) }
+}
+
 pub fn register() {
     GucRegistry::define_string_guc(
         c"outbox.database",
@@ -144,14 +201,20 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
     );
-    GucRegistry::define_string_guc(
-        c"outbox.dns_servers",
-        c"Name servers the worker asks (ip or ip:port, comma-separated); empty = /etc/resolv.conf.",
-        c"Changing it restarts the worker.",
-        &DNS_SERVERS,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
+    // SAFETY: the hook is #[pg_guard]ed and only reads the value it is given.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.dns_servers",
+            c"Name servers the worker asks (ip or ip:port, comma-separated); empty = /etc/resolv.conf.",
+            c"Changing it restarts the worker.",
+            &DNS_SERVERS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_dns_servers),
+            None,
+            None,
+        )
+    };
     GucRegistry::define_int_guc(
         c"outbox.dns_timeout",
         c"How long resolving one endpoint's host name may take.",
@@ -268,14 +331,20 @@ pub fn register() {
         GucContext::Suset,
         GucFlags::UNIT_BYTE,
     );
-    GucRegistry::define_string_guc(
-        c"outbox.allowed_targets",
-        c"Private or special-purpose targets the worker may send to, e.g. '10.0.0.0/8, hooks.internal'.",
-        c"Loopback, private, link-local, CGNAT, multicast and other non-public addresses are refused unless listed here (CIDR blocks or exact host names).",
-        &ALLOWED_TARGETS,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
+    // SAFETY: the hook is #[pg_guard]ed and only reads the value it is given.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.allowed_targets",
+            c"Private or special-purpose targets the worker may send to, e.g. '10.0.0.0/8, hooks.internal'.",
+            c"Loopback, private, link-local, CGNAT, multicast and other non-public addresses are refused unless listed here (CIDR blocks or exact host names).",
+            &ALLOWED_TARGETS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_allowed_targets),
+            None,
+            None,
+        )
+    };
     GucRegistry::define_int_guc(
         c"outbox.circuit_threshold",
         c"Consecutive failed attempts after which an endpoint's circuit opens (0: never).",
@@ -326,14 +395,20 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"outbox.retry_schedule",
-        c"Delays between delivery attempts, e.g. '5s, 5m, 30m, 2h'.",
-        c"One delay per failed attempt (units ms, s, m, h, d), each with +/-20% jitter; when the list is used up the delivery is dead.",
-        &RETRY_SCHEDULE,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
+    // SAFETY: the hook is #[pg_guard]ed and only reads the value it is given.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.retry_schedule",
+            c"Delays between delivery attempts, e.g. '5s, 5m, 30m, 2h'.",
+            c"One delay per failed attempt (units ms, s, m, h, d), each with +/-20% jitter; when the list is used up the delivery is dead.",
+            &RETRY_SCHEDULE,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(check_retry_schedule),
+            None,
+            None,
+        )
+    };
 }
 
 /// The payload limit in bytes.
