@@ -109,10 +109,18 @@ END
 $$;
 
 -- Trigger function: AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW EXECUTE FUNCTION
--- outbox.trigger('order') enqueues order.created / order.updated / order.deleted. The data is
--- {"schema", "table", "op", "record", "old_record"} (old_record only for updates and deletes
--- carry the deleted row in "record"). An optional second argument names a column holding
--- the tenant id.
+-- outbox.trigger('order') enqueues order.created / order.updated / order.deleted.
+-- Arguments: the event type prefix (default: the table's name); then, optionally, the
+-- column holding the tenant id; then options written name=value:
+--   tenant=<column>            the tenant column, as an option
+--   exclude=<column>[,...]     columns left out of record and old_record (password hashes,
+--                              tokens); each must exist, so a typo cannot leak a column
+--   shape=supabase             the payload Supabase Database Webhooks send: {"type":
+--                              "INSERT" | "UPDATE" | "DELETE", "table", "schema", "record",
+--                              "old_record"} (record NULL for deletes, old_record for inserts)
+-- The default shape (shape=outbox) is {"schema", "table", "op", "record", "old_record"}:
+-- record is the new row (the deleted row for deletes), old_record the row before an update.
+-- Without options, nothing is parsed per row.
 CREATE FUNCTION outbox.trigger()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -120,39 +128,76 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_prefix text := coalesce(TG_ARGV[0], TG_TABLE_NAME);
-    v_type   text;
-    v_data   jsonb;
-    v_row    jsonb;
-    v_tenant text;
+    v_prefix   text := coalesce(TG_ARGV[0], TG_TABLE_NAME);
+    v_type     text;
+    v_data     jsonb;
+    v_new      jsonb;
+    v_old      jsonb;
+    v_tenant   text;
+    v_column   text;
+    v_exclude  text[];
+    v_supabase boolean := false;
+    v_opt      text;
 BEGIN
     IF TG_LEVEL <> 'ROW' OR TG_WHEN <> 'AFTER' THEN
         RAISE EXCEPTION 'outbox.trigger() must be used as an AFTER ... FOR EACH ROW trigger'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    FOR i IN 1 .. TG_NARGS - 1 LOOP
+        v_opt := TG_ARGV[i];
+        IF strpos(v_opt, '=') = 0 AND i = 1 THEN
+            v_column := v_opt;
+        ELSIF starts_with(v_opt, 'tenant=') THEN
+            v_column := substr(v_opt, 8);
+        ELSIF starts_with(v_opt, 'exclude=') THEN
+            v_exclude := regexp_split_to_array(btrim(substr(v_opt, 9)), '\s*,\s*');
+        ELSIF v_opt IN ('shape=supabase', 'shape=outbox') THEN
+            v_supabase := v_opt = 'shape=supabase';
+        ELSE
+            RAISE EXCEPTION 'outbox.trigger(): unknown argument "%" on table %.%', v_opt, TG_TABLE_SCHEMA, TG_TABLE_NAME
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Arguments: the event type prefix, then tenant=<column> (or the column alone), exclude=<column>[,<column>...], shape=outbox or shape=supabase.';
+        END IF;
+    END LOOP;
     IF TG_OP = 'INSERT' THEN
         v_type := v_prefix || '.created';
-        v_row := to_jsonb(NEW);
-        v_data := jsonb_build_object('schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP, 'record', v_row);
+        v_new := to_jsonb(NEW);
     ELSIF TG_OP = 'UPDATE' THEN
         v_type := v_prefix || '.updated';
-        v_row := to_jsonb(NEW);
-        v_data := jsonb_build_object('schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP,
-                                     'record', v_row, 'old_record', to_jsonb(OLD));
+        v_new := to_jsonb(NEW);
+        v_old := to_jsonb(OLD);
     ELSIF TG_OP = 'DELETE' THEN
         v_type := v_prefix || '.deleted';
-        v_row := to_jsonb(OLD);
-        v_data := jsonb_build_object('schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP, 'record', v_row);
+        v_old := to_jsonb(OLD);
     ELSE
         RAISE EXCEPTION 'outbox.trigger() handles INSERT, UPDATE and DELETE, not %', TG_OP
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF TG_NARGS > 1 THEN
-        IF NOT v_row ? TG_ARGV[1] THEN
-            RAISE EXCEPTION 'outbox.trigger(): table %.% has no column "%" for the tenant id', TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[1]
+    IF v_column IS NOT NULL THEN
+        IF NOT coalesce(v_new, v_old) ? v_column THEN
+            RAISE EXCEPTION 'outbox.trigger(): table %.% has no column "%" for the tenant id', TG_TABLE_SCHEMA, TG_TABLE_NAME, v_column
                 USING ERRCODE = 'undefined_column';
         END IF;
-        v_tenant := v_row ->> TG_ARGV[1];
+        v_tenant := coalesce(v_new, v_old) ->> v_column;
+    END IF;
+    IF v_exclude IS NOT NULL THEN
+        IF NOT coalesce(v_new, v_old) ?& v_exclude THEN
+            RAISE EXCEPTION 'outbox.trigger(): table %.% lacks a column of exclude=%', TG_TABLE_SCHEMA, TG_TABLE_NAME, array_to_string(v_exclude, ',')
+                USING ERRCODE = 'undefined_column',
+                      HINT = 'Name existing columns only: a misspelled one would be sent.';
+        END IF;
+        v_new := v_new - v_exclude;
+        v_old := v_old - v_exclude;
+    END IF;
+    IF v_supabase THEN
+        v_data := jsonb_build_object('type', TG_OP, 'table', TG_TABLE_NAME, 'schema', TG_TABLE_SCHEMA,
+                                     'record', v_new, 'old_record', v_old);
+    ELSIF TG_OP = 'UPDATE' THEN
+        v_data := jsonb_build_object('schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP,
+                                     'record', v_new, 'old_record', v_old);
+    ELSE
+        v_data := jsonb_build_object('schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP,
+                                     'record', coalesce(v_new, v_old));
     END IF;
     PERFORM outbox.enqueue(v_type, v_data, tenant_id => v_tenant);
     RETURN NULL;

@@ -137,3 +137,21 @@ UNION ALL
 SELECT 'outbox_endpoint_circuit_open', st.circuit::text, st.endpoint_id::text,
        CASE WHEN st.circuit = 'closed' THEN 0 ELSE 1 END
   FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL;
+
+-- The tables that carry an outbox.trigger, and how: which changes make events, the event
+-- type prefix, the arguments after it (tenant column, exclude=…, shape=…), whether it is
+-- enabled, and its full definition.
+CREATE VIEW outbox.triggers AS
+SELECT t.tgrelid::regclass AS table_name, t.tgname::text AS trigger_name,
+       t.tgenabled <> 'D' AS enabled,
+       array_remove(ARRAY[CASE WHEN t.tgtype & 4 <> 0 THEN 'INSERT' END,
+                          CASE WHEN t.tgtype & 16 <> 0 THEN 'UPDATE' END,
+                          CASE WHEN t.tgtype & 8 <> 0 THEN 'DELETE' END], NULL) AS events,
+       coalesce(a.args[1], c.relname::text) AS event_prefix,
+       coalesce(a.args[2:], '{}') AS arguments,
+       pg_get_triggerdef(t.oid) AS definition
+  FROM pg_trigger t
+  JOIN pg_class c ON c.oid = t.tgrelid
+ CROSS JOIN LATERAL (
+       SELECT (string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs] AS args) a
+ WHERE t.tgfoid = 'outbox.trigger()'::regprocedure AND NOT t.tgisinternal;

@@ -54,7 +54,7 @@ AS $$
 BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA outbox TO %s', role);
     EXECUTE format('GRANT SELECT ON outbox.endpoints, outbox.deliveries, outbox.attempts, outbox.dead_letters,
-        outbox.endpoint_health, outbox.recent_failures, outbox.metrics TO %s', role);
+        outbox.endpoint_health, outbox.recent_failures, outbox.metrics, outbox.triggers TO %s', role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.stats(), outbox.enable_endpoint(uuid), outbox.disable_endpoint(uuid, text),
         outbox.delivery_stats(interval, uuid, text, text), outbox.endpoint_stats(interval), outbox.event_type_stats(interval),
         outbox.retry_dead(uuid, uuid, timestamptz, timestamptz), outbox.replay(uuid, timestamptz, timestamptz),
