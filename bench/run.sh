@@ -13,6 +13,7 @@
 #   bench/run.sh enqueue-cost --seconds 15         # pgbench: plain, PgQ, bare append, outbox.trigger
 #   bench/run.sh snapshot --rate 1000 --seconds 180  # latency without, then with an old snapshot held
 #   bench/run.sh soak-novacuum --rate 2000 --seconds 600  # soak with autovacuum off for outbox tables
+#   bench/run.sh nginx                             # 100,000 events in 10 transactions to nginx
 #   bench/run.sh soak --rate 1000 --seconds 600    # 10 minutes, reported per minute
 #   bench/run.sh all --seconds 30                  # every scenario
 #   bench/run.sh --help
@@ -27,11 +28,16 @@ cd "$BENCH_DIR/.."
 # shellcheck source=../scripts/setup.sh
 source scripts/setup.sh
 install_extension --release
-# PgQ (Debian's postgresql-15-pgq3), the anchor enqueue-cost measures beside ours.
-if ! dpkg-query -W -f='${Status}' postgresql-15-pgq3 2>/dev/null | grep -q 'install ok installed'; then
-  log "installing postgresql-15-pgq3 (PgQ) for the enqueue-cost comparison"
+# PgQ (Debian's postgresql-15-pgq3), the anchor enqueue-cost measures beside ours, and
+# nginx-light, the receiver that costs next to nothing for the nginx scenario.
+bench_pkgs=()
+for p in postgresql-15-pgq3 nginx-light; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || bench_pkgs+=("$p")
+done
+if [ ${#bench_pkgs[@]} -gt 0 ]; then
+  log "installing ${bench_pkgs[*]} for the benchmarks"
   as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15-pgq3
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${bench_pkgs[@]}"
 fi
 
 # The clusters live in a directory of their own, so that whatever way the run ends

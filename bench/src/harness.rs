@@ -147,7 +147,8 @@ impl Bench {
     /// type leaves the warm-up delivery out).
     pub fn delivered(&self, event_type: &str) -> Result<i64> {
         let row = self.client().query_one(
-            "SELECT count(*) FROM outbox.delivery d JOIN outbox.event e ON e.id = d.event_id
+            "SELECT count(*) FROM outbox.delivery d
+               JOIN outbox.event e ON e.id = d.event_id AND e.tenant_key = d.tenant_key
               WHERE d.status = 'delivered' AND e.event_type = $1::text",
             &[&event_type],
         )?;

@@ -13,6 +13,7 @@ mod fanout;
 mod harness;
 mod latency;
 mod memory;
+mod nginx;
 mod options;
 mod report;
 mod sink;
@@ -135,6 +136,7 @@ fn run_scenario(
         Scenario::Soak => soak::run(&bench, options.rate, options.seconds, true),
         Scenario::SoakNoVacuum => soak::run(&bench, options.rate, options.seconds, false),
         Scenario::Snapshot => snapshot::run(&bench, options.rate, options.seconds),
+        Scenario::Nginx => nginx::run(&bench, if options.n_given { options.n } else { 100_000 }),
     };
     rows.map_err(|e| format!("{e}\nserver log (tail):\n{}", bench.log_tail()).into())
 }

@@ -38,6 +38,9 @@ Scenarios (each on a fresh cluster, in the order given):
   snapshot     latency at --rate for --seconds, then the same with a REPEATABLE READ
                snapshot held open throughout; both sets of percentiles and their ratio
                (target: p99 at most 2x)
+  nginx        N events (default 100000) in 10 transactions from one connection while the
+               worker delivers them to nginx answering 200 on loopback; end-to-end rate
+               (target >= 30k/s) and CPU split
   all          every scenario above (soak for --seconds)
   (none)       throughput, then latency with --seconds 30
 
@@ -67,6 +70,7 @@ pub enum Scenario {
     Soak,
     SoakNoVacuum,
     Snapshot,
+    Nginx,
 }
 
 /// Every scenario, in the order `all` runs them.
@@ -81,6 +85,7 @@ pub const ALL: &[Scenario] = &[
     Scenario::Soak,
     Scenario::SoakNoVacuum,
     Scenario::Snapshot,
+    Scenario::Nginx,
 ];
 
 impl Scenario {
@@ -96,6 +101,7 @@ impl Scenario {
             "soak" => Some(Scenario::Soak),
             "soak-novacuum" => Some(Scenario::SoakNoVacuum),
             "snapshot" => Some(Scenario::Snapshot),
+            "nginx" => Some(Scenario::Nginx),
             _ => None,
         }
     }
@@ -112,6 +118,7 @@ impl Scenario {
             Scenario::Soak => "soak",
             Scenario::SoakNoVacuum => "soak-novacuum",
             Scenario::Snapshot => "snapshot",
+            Scenario::Nginx => "nginx",
         }
     }
 
