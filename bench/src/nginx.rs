@@ -15,6 +15,8 @@ const NGINX: &str = "/usr/sbin/nginx";
 pub struct Nginx {
     child: Child,
     port: u16,
+    prefix: PathBuf,
+    conf: PathBuf,
 }
 
 impl Nginx {
@@ -60,7 +62,12 @@ impl Nginx {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Nginx { child, port })
+        Ok(Nginx {
+            child,
+            port,
+            prefix,
+            conf,
+        })
     }
 
     pub fn url(&self) -> String {
@@ -69,8 +76,20 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
+    /// Stops master and workers together (killing the master alone would leave its worker
+    /// process behind, holding the port).
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let stopped = Command::new(NGINX)
+            .arg("-p")
+            .arg(&self.prefix)
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["-s", "stop"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stopped {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
