@@ -30,15 +30,7 @@ source scripts/setup.sh
 install_extension --release
 # PgQ (Debian's postgresql-15-pgq3), the anchor enqueue-cost measures beside ours, and
 # nginx-light, the receiver that costs next to nothing for the nginx scenario.
-bench_pkgs=()
-for p in postgresql-15-pgq3 nginx-light; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || bench_pkgs+=("$p")
-done
-if [ ${#bench_pkgs[@]} -gt 0 ]; then
-  log "installing ${bench_pkgs[*]} for the benchmarks"
-  as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${bench_pkgs[@]}"
-fi
+install_packages postgresql-15-pgq3 nginx-light
 
 # The clusters live in a directory of their own, so that whatever way the run ends
 # (including Ctrl-C, which need not reach the postmasters) they are stopped and removed.

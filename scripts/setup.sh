@@ -14,15 +14,20 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-need_pkgs=()
-for p in postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo pkg-config; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
-done
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  log "installing system packages: ${need_pkgs[*]}"
-  as_root apt-get update -q
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}"
-fi
+# Installs whichever of the given Debian packages are missing (bench/run.sh uses it too).
+install_packages() {
+  local need=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    log "installing system packages: ${need[*]}"
+    as_root apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
+  fi
+}
+
+install_packages postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo pkg-config
 
 # The Debian package starts a cluster on 5432 that the project does not use; it is left alone.
 
