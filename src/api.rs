@@ -110,6 +110,34 @@ fn check_tenant(tenant_id: Option<&str>) -> Option<String> {
     Some(t.to_string())
 }
 
+/// The log's CHECK constraint (declared in sql/outbox/01_tables.sql): every row, whether
+/// `outbox.enqueue` or a trigger wrote it, passes the same rules, refused with a clear
+/// message and SQLSTATE instead of a bare constraint violation. The payload counts by its
+/// stored size, read from the datum header: no JSON is converted to text on this path.
+#[pg_extern(sql = false)]
+fn check_log(event_type: &str, tenant_id: Option<&str>, payload_bytes: i32) -> bool {
+    validate::event_type(event_type).or_refuse();
+    if let Some(t) = tenant_id {
+        validate::tenant_id(t).or_refuse();
+    }
+    validate::payload_size(
+        usize::try_from(payload_bytes).unwrap_or(0),
+        guc::max_payload_size(),
+    )
+    .or_refuse();
+    true
+}
+
+/// Whether the caller runs inside a transaction block (BEGIN ... or several statements
+/// sent as one). `outbox.claim` reads the log only outside one: what it reads becomes
+/// visible to others when its transaction commits, so a claim in a long transaction must
+/// not hold the events it read (and the reader's lock) until then.
+#[pg_extern(name = "_in_transaction_block", volatile, parallel_safe)]
+fn in_transaction_block() -> bool {
+    // SAFETY: reads this backend's transaction state.
+    unsafe { pg_sys::IsTransactionBlock() }
+}
+
 /// Validates one enqueue call's scalar arguments; the payload is checked by its size only,
 /// so the JSON is never parsed twice.
 #[pg_extern(name = "_check_event", stable, parallel_safe)]

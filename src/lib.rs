@@ -38,27 +38,32 @@ mod worker;
     requires = ["outbox_endpoints"]
 );
 ::pgrx::extension_sql_file!(
-    "../sql/outbox/06_claim_ack.sql",
-    name = "outbox_claim_ack",
+    "../sql/outbox/06_read_log.sql",
+    name = "outbox_read_log",
     requires = ["outbox_enqueue"]
 );
 ::pgrx::extension_sql_file!(
-    "../sql/outbox/07_views.sql",
+    "../sql/outbox/07_claim_ack.sql",
+    name = "outbox_claim_ack",
+    requires = ["outbox_read_log"]
+);
+::pgrx::extension_sql_file!(
+    "../sql/outbox/08_views.sql",
     name = "outbox_views",
     requires = ["outbox_claim_ack"]
 );
 ::pgrx::extension_sql_file!(
-    "../sql/outbox/08_statistics.sql",
+    "../sql/outbox/09_statistics.sql",
     name = "outbox_statistics",
     requires = ["outbox_views"]
 );
 ::pgrx::extension_sql_file!(
-    "../sql/outbox/09_repair.sql",
+    "../sql/outbox/10_repair.sql",
     name = "outbox_repair",
     requires = ["outbox_statistics"]
 );
 ::pgrx::extension_sql_file!(
-    "../sql/outbox/10_privileges.sql",
+    "../sql/outbox/11_privileges.sql",
     name = "outbox_privileges",
     finalize
 );

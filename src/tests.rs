@@ -34,6 +34,27 @@ fn text(sql: &str) -> String {
     Spi::get_one::<String>(sql).unwrap().unwrap()
 }
 
+/// Fans out the events this test's transaction enqueued since the last call, as the worker
+/// (or `outbox.claim`) does for every transaction once it commits: a pg_test never commits,
+/// so its own events are never in a batch. Returns how many deliveries were made.
+fn fan_out() -> i64 {
+    count(
+        "WITH mine AS (
+             SELECT l FROM outbox.log l
+              WHERE l.txid = pg_current_xact_id()
+                AND l.seq > coalesce(nullif(current_setting('webhook_outbox_test.fanned', true), ''), '0')::bigint)
+         SELECT coalesce(outbox._fan_out((SELECT array_agg(m.l ORDER BY (m.l).seq) FROM mine m)), 0)::int8
+                + 0 * length(set_config('webhook_outbox_test.fanned',
+                                        (SELECT coalesce(max((m.l).seq), 0)::text FROM mine m), true))",
+    )
+}
+
+/// Runs an enqueue statement and fans its events out; returns how many deliveries it made.
+fn enqueued(sql: &str) -> i64 {
+    Spi::run(sql).unwrap();
+    fan_out()
+}
+
 fn endpoint(url: &str, extra: &str) -> String {
     text(&format!("SELECT outbox.create_endpoint('{url}'{extra})::text"))
 }
@@ -145,6 +166,7 @@ fn deleting_an_endpoint_cancels_its_unfinished_deliveries() {
     let keep = endpoint("https://example.com/b", "");
     for i in 0..3 {
         Spi::run(&format!("SELECT outbox.enqueue('t.{i}', '{{}}')")).unwrap();
+        fan_out();
     }
     // One is in flight at the moment of deletion; its late ack must be refused.
     let claimed = text(&format!(
@@ -168,26 +190,26 @@ fn enqueue_fans_out_to_matching_enabled_endpoints() {
     let off = endpoint("https://example.com/off", ", enabled => false");
     let tenant = endpoint("https://example.com/acme", ", tenant_id => 'acme'");
 
-    let n = count("SELECT count(*) FROM outbox.enqueue('order.created', '{\"id\": 1}')");
+    let n = enqueued("SELECT outbox.enqueue('order.created', '{\"id\": 1}')");
     assert_eq!(n, 2);
     let got = text("SELECT string_agg(endpoint_id::text, ',' ORDER BY endpoint_id) FROM outbox.delivery");
     let mut want = [all.clone(), orders.clone()];
     want.sort();
     assert_eq!(got, want.join(","));
 
-    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('user.created', '{}')"), 2);
-    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('user.deleted', '{}')"), 1);
-    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('orders', '{}')"), 1, "'order.*' needs the dot");
-    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('order.created', '{}', tenant_id => 'acme')"), 1);
+    assert_eq!(enqueued("SELECT outbox.enqueue('user.created', '{}')"), 2);
+    assert_eq!(enqueued("SELECT outbox.enqueue('user.deleted', '{}')"), 1);
+    assert_eq!(enqueued("SELECT outbox.enqueue('orders', '{}')"), 1, "'order.*' needs the dot");
+    assert_eq!(enqueued("SELECT outbox.enqueue('order.created', '{}', tenant_id => 'acme')"), 1);
     assert_eq!(count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id = '{tenant}' AND tenant_id = 'acme'")), 1);
     assert_eq!(count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id IN ('{users}', '{off}') AND event_id IS NULL")), 0);
     assert_eq!(count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id = '{off}'")), 0);
 
     // Naming an endpoint bypasses its filter and its enabled flag.
-    assert_eq!(count(&format!("SELECT count(*) FROM outbox.enqueue('x.y', '{{}}', endpoint_id => '{off}')")), 1);
+    assert_eq!(enqueued(&format!("SELECT outbox.enqueue('x.y', '{{}}', endpoint_id => '{off}')")), 1);
     // Nobody subscribed: nothing stored.
     let events = count("SELECT count(*) FROM outbox.event");
-    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('nobody', '{}', tenant_id => 'other')"), 0);
+    assert_eq!(enqueued("SELECT outbox.enqueue('nobody', '{}', tenant_id => 'other')"), 0);
     assert_eq!(count("SELECT count(*) FROM outbox.event"), events);
 
     // The event is stored once however many endpoints receive it.
@@ -199,18 +221,23 @@ fn enqueue_fans_out_to_matching_enabled_endpoints() {
 fn enqueue_with_an_event_id_is_idempotent() {
     endpoint("https://example.com/a", "");
     endpoint("https://example.com/b", "");
-    let first = text("SELECT string_agg(x::text, ',' ORDER BY x) FROM outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'order-42') x");
-    let again = text("SELECT string_agg(x::text, ',' ORDER BY x) FROM outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'order-42') x");
-    assert_eq!(first, again);
+    let first = text("SELECT outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'order-42')");
+    let again = text("SELECT outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'order-42')");
+    assert_eq!((first.as_str(), again.as_str()), ("order-42", "order-42"));
+    assert_eq!(count("SELECT count(*) FROM outbox.log"), 1, "the second enqueue appends nothing");
+    assert_eq!(fan_out(), 2);
     assert_eq!(count("SELECT count(*) FROM outbox.delivery"), 2);
+    // Fanning the same events out again (a batch read again after a crash) makes nothing twice.
+    assert_eq!(count("SELECT outbox._fan_out(array_agg(l))::int8 FROM outbox.log l"), 0);
     // Another event under a known id is refused, never mixed up with the first.
     assert_refused("SELECT outbox.enqueue('a.b', '{\"v\": 2}', event_id => 'order-42')", "23505");
     assert_refused("SELECT outbox.enqueue('a.c', '{\"v\": 1}', event_id => 'order-42')", "23505");
     assert_eq!(text("SELECT payload::text FROM outbox.event WHERE id = 'order-42'"), "{\"v\": 1}");
-    // A new endpoint joining later gets its own delivery for the same event.
+    // The event went to the endpoints subscribed when it was read; enqueueing it again once
+    // a new endpoint joined sends nothing more (replay is the way to send it again).
     endpoint("https://example.com/c", "");
-    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'order-42')"), 3);
-    assert_eq!(count("SELECT count(*) FROM outbox.delivery"), 3);
+    assert_eq!(enqueued("SELECT outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'order-42')"), 0);
+    assert_eq!(count("SELECT count(*) FROM outbox.delivery"), 2);
 }
 
 #[pg_test]
@@ -233,7 +260,7 @@ fn enqueue_refuses_bad_input() {
     assert_refused(&format!("SELECT outbox.enqueue('a', '\"{}\"')", "x".repeat(200)), "54000");
     let msg = error_of(&format!("SELECT outbox.enqueue('a', '\"{}\"')", "x".repeat(200))).unwrap();
     assert!(msg.contains("outbox.max_payload_size"), "{msg}");
-    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('a', '\"small\"')"), 1);
+    assert_eq!(enqueued("SELECT outbox.enqueue('a', '\"small\"')"), 1);
     assert_eq!(count("SELECT count(*) FROM outbox.event"), 1, "refusals leave nothing behind");
 }
 
@@ -249,6 +276,10 @@ fn the_trigger_enqueues_row_changes() {
          DELETE FROM public.orders WHERE id = 1;",
     )
     .unwrap();
+    // The trigger appended to the log only; the events exist once they are read.
+    assert_eq!(count("SELECT count(*) FROM outbox.log WHERE event_type LIKE 'order.%'"), 3);
+    assert_eq!(count("SELECT count(*) FROM outbox.event"), 0);
+    fan_out();
     assert_eq!(
         text("SELECT string_agg(event_type, ',' ORDER BY created_at, event_type) FROM outbox.event"),
         "order.created,order.deleted,order.updated"
@@ -271,6 +302,7 @@ fn the_trigger_enqueues_row_changes() {
          INSERT INTO public.invoices VALUES (1, 'acme'), (2, 'other');",
     )
     .unwrap();
+    fan_out();
     assert_eq!(count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id = '{acme}'")), 1);
 
     Spi::run(
@@ -294,8 +326,11 @@ fn claim_hands_out_due_deliveries_with_what_a_sender_needs() {
     let off = endpoint("https://example.com/off", "");
     Spi::run(&format!("SELECT outbox.disable_endpoint('{off}')")).unwrap();
     Spi::run(&format!("SELECT outbox.enqueue('x', '1', endpoint_id => '{off}')")).unwrap();
+    fan_out();
     Spi::run("SELECT outbox.enqueue('order.created', '{\"id\": 7}', event_id => 'evt_1')").unwrap();
+    fan_out();
     Spi::run("SELECT outbox.enqueue('later', '{}', deliver_at => now() + interval '1 hour')").unwrap();
+    fan_out();
 
     let rows = text(&format!(
         "SELECT string_agg(concat_ws('|', event_id, attempt, url, headers::text, timeout::text, event_type), ';' ORDER BY url)
@@ -330,6 +365,7 @@ fn claim_can_be_scoped_to_a_tenant() {
     endpoint("https://example.com/a", ", tenant_id => 'acme'");
     endpoint("https://example.com/b", ", tenant_id => 'globex'");
     Spi::run("SELECT outbox.enqueue('x', '{}', tenant_id => 'acme'), outbox.enqueue('x', '{}', tenant_id => 'globex')").unwrap();
+    fan_out();
     assert_eq!(text("SELECT string_agg(tenant_id, ',') FROM outbox.claim(10, tenant_id => 'globex')"), "globex");
     assert_eq!(text("SELECT string_agg(tenant_id, ',') FROM outbox.claim(10)"), "acme");
 }
@@ -356,6 +392,7 @@ fn claim_one() -> (String, i32) {
 fn ack_records_outcomes_and_enforces_the_lease() {
     endpoint("https://example.com/a", "");
     Spi::run("SELECT outbox.enqueue('x', '{}')").unwrap();
+    fan_out();
     let (id, attempt) = claim_one();
     assert_eq!(attempt, 1);
     assert_refused(&format!("SELECT outbox.ack('{id}', 2, 'delivered')"), "55000");
@@ -383,6 +420,7 @@ fn ack_retry_follows_the_given_time_or_the_schedule() {
     endpoint("https://example.com/a", "");
     Spi::run("SET LOCAL outbox.retry_schedule = '10s, 1m'").unwrap();
     Spi::run("SELECT outbox.enqueue('x', '{}')").unwrap();
+    fan_out();
 
     let (id, a1) = claim_one();
     Spi::run(&format!("SELECT outbox.ack('{id}', {a1}, 'retry', 503, 'HTTP 503', retry_at => now() - interval '1 second')")).unwrap();
@@ -417,6 +455,7 @@ fn ack_retry_follows_the_given_time_or_the_schedule() {
 fn ack_batch_records_many_and_skips_stale_ones() {
     endpoint("https://example.com/a", "");
     Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 5)").unwrap();
+    fan_out();
     Spi::run("CREATE TEMP TABLE c AS SELECT * FROM outbox.claim(5, 'w')").unwrap();
     let accepted = count(
         "SELECT count(*) FROM outbox.ack_batch(
@@ -441,7 +480,9 @@ fn ack_batch_records_many_and_skips_stale_ones() {
 fn stats_report_queue_health() {
     endpoint("https://example.com/a", "");
     Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 6)").unwrap();
+    fan_out();
     Spi::run("SELECT outbox.enqueue('later', '{}', deliver_at => now() + interval '1 day')").unwrap();
+    fan_out();
     Spi::run("CREATE TEMP TABLE c AS SELECT * FROM outbox.claim(4, 'w')").unwrap();
     let ids: Vec<String> = (1..=4)
         .map(|n| text(&format!("SELECT delivery_id::text FROM c ORDER BY delivery_id OFFSET {} LIMIT 1", n - 1)))
@@ -527,7 +568,9 @@ fn delivery_stats_come_from_the_hourly_rollup() {
     let a = endpoint("https://example.com/a", "");
     let b = endpoint("https://example.com/b", ", event_types => '{order.*}'");
     Spi::run("SELECT outbox.enqueue('order.created', '{}') FROM generate_series(1, 4)").unwrap();
+    fan_out();
     Spi::run("SELECT outbox.enqueue('user.created', '{}', tenant_id => NULL) FROM generate_series(1, 2)").unwrap();
+    fan_out();
     // Make the deliveries look 2 s old so latencies land in a known bucket (1000-2500 ms).
     Spi::run("UPDATE outbox.delivery SET created_at = now() - interval '2 seconds'").unwrap();
     // Endpoint b: all dead; endpoint a: all delivered.
@@ -591,6 +634,7 @@ fn percentiles_interpolate_within_buckets() {
 fn endpoint_health_tracks_streaks_and_backlog() {
     let a = endpoint("https://example.com/a", "");
     Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 3)").unwrap();
+    fan_out();
     Spi::run("SELECT outbox.ack(delivery_id, attempt, 'retry', 503, 'HTTP 503', retry_at => now() + interval '1 hour') FROM outbox.claim(2, 'test')").unwrap();
     assert_eq!(
         text(&format!("SELECT concat_ws('|', pending, in_flight, retrying, consecutive_failures, last_error, last_success_at IS NULL) FROM outbox.endpoint_health WHERE endpoint_id = '{a}'")),
@@ -609,6 +653,7 @@ fn dead_letters_can_be_retried_in_one_call() {
     let a = endpoint("https://example.com/a", "");
     let b = endpoint("https://example.com/b", "");
     Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 3)").unwrap();
+    fan_out();
     ack_all("dead", 400);
     assert_eq!(count("SELECT count(*) FROM outbox.dead_letters"), 6);
     let one = text(&format!("SELECT id::text FROM outbox.dead_letters WHERE endpoint_id = '{a}' LIMIT 1"));
@@ -632,6 +677,7 @@ fn dead_letters_can_be_retried_in_one_call() {
 fn delivered_events_can_be_replayed_with_the_same_event_id() {
     let a = endpoint("https://example.com/a", "");
     Spi::run("SELECT outbox.enqueue('x', '{}', event_id => 'evt-' || g) FROM generate_series(1, 3) g").unwrap();
+    fan_out();
     ack_all("delivered", 200);
     assert_eq!(count(&format!("SELECT outbox.replay('{a}', now() - interval '1 hour')")), 3);
     // A replay still pending is not replayed again.
@@ -641,8 +687,8 @@ fn delivered_events_can_be_replayed_with_the_same_event_id() {
         "evt-1,evt-2,evt-3"
     );
     assert_eq!(count("SELECT count(*) FROM outbox.attempt WHERE outcome = 'replayed'"), 3);
-    // Enqueueing the same event id again still returns the original delivery, not a replay.
-    assert_eq!(count("SELECT count(*) FROM outbox.enqueue('x', '{}', event_id => 'evt-1')"), 1);
+    // Enqueueing the same event id again sends nothing, neither the original nor a replay.
+    assert_eq!(enqueued("SELECT outbox.enqueue('x', '{}', event_id => 'evt-1')"), 0);
     assert_eq!(count("SELECT count(*) FROM outbox.delivery"), 6);
     assert_refused("SELECT outbox.replay('00000000-0000-0000-0000-000000000000', now())", "P0002");
     assert_refused(&format!("SELECT outbox.replay('{a}', NULL)"), "22004");
@@ -652,6 +698,7 @@ fn delivered_events_can_be_replayed_with_the_same_event_id() {
 fn pending_deliveries_can_be_cancelled() {
     let a = endpoint("https://example.com/a", "");
     Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 3)").unwrap();
+    fan_out();
     let (held, attempt) = claim_one();
     assert_eq!(count(&format!("SELECT outbox.cancel('{held}')")), 1);
     assert_refused(&format!("SELECT outbox.ack('{held}', {attempt}, 'delivered')"), "55000");
@@ -665,6 +712,7 @@ fn pending_deliveries_can_be_cancelled() {
 fn purge_removes_old_finished_rows_only() {
     endpoint("https://example.com/a", "");
     Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 4)").unwrap();
+    fan_out();
     Spi::run("SELECT outbox.ack(delivery_id, attempt, 'delivered', 200) FROM outbox.claim(2, 'test')").unwrap();
     Spi::run("SELECT outbox.ack(delivery_id, attempt, 'dead', 400) FROM outbox.claim(1, 'test')").unwrap();
     Spi::run("UPDATE outbox.delivery SET finished_at = now() - interval '10 days' WHERE finished_at IS NOT NULL").unwrap();
@@ -683,6 +731,7 @@ fn purge_removes_old_finished_rows_only() {
 fn metrics_are_one_row_per_series() {
     let a = endpoint("https://example.com/a", "");
     Spi::run("SELECT outbox.enqueue('x', '{}') FROM generate_series(1, 3)").unwrap();
+    fan_out();
     Spi::run("SELECT outbox.ack(delivery_id, attempt, 'delivered', 200) FROM outbox.claim(1, 'test')").unwrap();
     let m = |sql: &str| Spi::get_one::<f64>(sql).unwrap().unwrap_or(-1.0);
     assert_eq!(m("SELECT value FROM outbox.metrics WHERE metric = 'outbox_deliveries' AND status = 'pending'"), 2.0);
@@ -730,6 +779,7 @@ fn claim_takes_only_what_each_endpoint_allows() {
     let paced = endpoint("https://example.com/paced", ", rate_limit => 1");
     let free = endpoint("https://example.com/free", "");
     Spi::run("SELECT outbox.enqueue('a.b', jsonb_build_object('n', g)) FROM generate_series(1, 10) g").unwrap();
+    fan_out();
     let per_endpoint = |id: &str| count(&format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id = '{id}' AND status = 'in_flight'"));
     assert_eq!(count("SELECT count(*) FROM outbox.claim(100)"), 2 + 1 + 10);
     assert_eq!((per_endpoint(&limited), per_endpoint(&paced), per_endpoint(&free)), (2, 1, 10));
@@ -748,9 +798,11 @@ fn claim_takes_only_what_each_endpoint_allows() {
 fn making_an_endpoint_ordered_numbers_its_queue_oldest_first() {
     let id = endpoint("https://example.com/erp", "");
     Spi::run("SELECT outbox.enqueue('a.b', jsonb_build_object('n', g)) FROM generate_series(1, 5) g").unwrap();
+    fan_out();
     Spi::run(&format!("SELECT outbox.update_endpoint('{id}', ordered => true)")).unwrap();
     assert_eq!(count("SELECT count(*) FROM outbox.delivery WHERE seq IS NULL"), 0);
     Spi::run("SELECT outbox.enqueue('a.b', jsonb_build_object('n', 6))").unwrap();
+    fan_out();
     // One at a time: the head, and nothing behind it while it is in flight.
     assert_eq!(count("SELECT count(*) FROM outbox.claim(100)"), 1);
     assert_eq!(count("SELECT count(*) FROM outbox.claim(100)"), 0);

@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use common::worker::read_log;
 use common::{sqlstate, Cluster};
 
 fn setup(cluster: &Cluster, events: usize) {
@@ -15,6 +16,7 @@ fn setup(cluster: &Cluster, events: usize) {
          SELECT outbox.enqueue('test.event', jsonb_build_object('n', g)) FROM generate_series(1, {events}) g;"
     ))
     .unwrap();
+    read_log(&mut c);
 }
 
 #[test]
@@ -26,6 +28,7 @@ fn concurrent_claimers_never_share_a_delivery() {
          SELECT outbox.enqueue('test.event', jsonb_build_object('n', g)) FROM generate_series(1, 1000) g;",
     )
     .unwrap();
+    read_log(&mut c);
     let claimers: Vec<_> = (0..3)
         .map(|w| {
             let mut c = cluster.client();
@@ -97,6 +100,7 @@ fn a_claim_passes_by_an_endpoint_another_claimer_is_serving() {
          SELECT outbox.enqueue('test.event', jsonb_build_object('n', g)) FROM generate_series(1, 10) g;",
     )
     .unwrap();
+    read_log(&mut c);
     let mut a = cluster.client();
     let mut b = cluster.client();
     let mut ta = a.transaction().unwrap();

@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::worker::{collect_notifications as collect, endpoint, scalar_text, wait_settled, FAST};
+use common::worker::{
+    collect_notifications as collect, endpoint, scalar_text, wait_read, wait_settled, FAST,
+};
 use common::Cluster;
 use outbox_receiver::{Receiver, Reply};
 
@@ -48,6 +50,7 @@ fn listeners_follow_deliveries_and_operators_hear_about_trouble() {
         .unwrap();
     c.batch_execute("SELECT outbox.enqueue('order.created', '{}', tenant_id => 'acme')")
         .unwrap();
+    wait_read(&mut c);
     let id_of = |c: &mut postgres::Client, ep: &str| {
         scalar_text(c, &format!("SELECT id::text FROM outbox.delivery WHERE endpoint_id = '{ep}' AND replay_of IS NULL LIMIT 1"))
     };

@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::worker::{
-    collect_notifications, endpoint, scalar_i64, scalar_text, wait_settled, wait_until, worker_pid,
-    FAST,
+    collect_notifications, endpoint, scalar_i64, scalar_text, wait_read, wait_settled, wait_until,
+    worker_pid, FAST,
 };
 use common::{sqlstate, Cluster};
 use outbox_receiver::{FakeDns, Receiver, Reply};
@@ -125,6 +125,7 @@ fn absurd_deliver_at_is_refused_and_never_stops_the_worker() {
          SELECT outbox.enqueue('x.now', '{{}}', endpoint_id => '{ordered}');"
     ))
     .unwrap();
+    wait_read(&mut c);
     let held = c
         .query_one(
             &format!(

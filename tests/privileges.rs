@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::worker::read_log;
 use common::{sqlstate, Cluster};
 
 /// Runs `sql` and returns its SQLSTATE, or "ok".
@@ -70,6 +71,7 @@ fn a_producer_can_enqueue_and_nothing_else() {
         "42501"
     );
     let mut admin = cluster.client();
+    read_log(&mut admin);
     let n: i64 = admin
         .query_one("SELECT count(*) FROM outbox.delivery", &[])
         .unwrap()

@@ -67,6 +67,80 @@ CREATE TABLE outbox.endpoint (
 
 CREATE INDEX endpoint_tenant_idx ON outbox.endpoint (tenant_id) WHERE deleted_at IS NULL;
 
+-- The event log: what producers write, and all they write. One row per enqueued event,
+-- stamped with the producer's top-level transaction id; the worker reads it in batches
+-- bounded by transaction snapshots (outbox._read_log) and fans each event out to its
+-- endpoints after the producer committed. Rows are never updated or deleted one by one:
+-- the log is three partitions by transaction-id window, and a partition is truncated
+-- whole once every transaction that could have written to it was read
+-- (outbox._rotate_log). So the producer's cost is one insert into a small table, and
+-- neither an old snapshot nor VACUUM falling behind lets the log grow dead rows.
+--
+-- outbox._stamp() returns pg_current_xact_id() and, once per transaction, arranges for
+-- the workers to be woken at commit: any insert into the log wakes them, however it came.
+CREATE FUNCTION outbox._stamp()
+RETURNS xid8
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'stamp_wrapper';
+
+-- The partition a transaction id's rows go to: windows of 65,536 transaction ids, taking
+-- turns over three partitions. While producers write to one, the one before it is being
+-- read, and the one before that can be truncated.
+CREATE FUNCTION outbox._log_part(txid xid8)
+RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ((txid::text::bigint >> 16) % 3)::integer;
+
+-- The rules every log row obeys (event type, tenant id, payload size: see the Rust
+-- validate module), raising a clear error; true otherwise.
+CREATE FUNCTION outbox._check_log(event_type text, tenant_id text, payload_bytes integer)
+RETURNS boolean
+LANGUAGE c STABLE PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'check_log_wrapper';
+
+CREATE SEQUENCE outbox.log_seq;
+
+CREATE TABLE outbox.log (
+    txid        xid8        NOT NULL DEFAULT outbox._stamp(),
+    -- Order within a transaction (ordered endpoints receive events in this order).
+    seq         bigint      NOT NULL DEFAULT nextval('outbox.log_seq'),
+    -- The `webhook-id`: the caller's event id, or one made up.
+    id          text        NOT NULL DEFAULT ('msg_' || replace(gen_random_uuid()::text, '-', '')),
+    event_type  text        NOT NULL,
+    payload     jsonb       NOT NULL,
+    tenant_id   text,
+    -- Set when the event is for one endpoint (enqueue's endpoint_id) instead of a fan-out.
+    endpoint_id uuid,
+    deliver_at  timestamptz,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT log_valid CHECK (outbox._check_log(event_type, tenant_id, pg_column_size(payload)))
+) PARTITION BY LIST (outbox._log_part(txid));
+
+CREATE TABLE outbox.log_0 PARTITION OF outbox.log FOR VALUES IN (0);
+CREATE TABLE outbox.log_1 PARTITION OF outbox.log FOR VALUES IN (1);
+CREATE TABLE outbox.log_2 PARTITION OF outbox.log FOR VALUES IN (2);
+-- The reader's range scans, in the order events are fanned out.
+CREATE INDEX log_txid_idx ON outbox.log (txid, seq);
+
+-- Where reading the log stands: a row per read step, the newest row counting (rows are
+-- appended, never updated, so an old snapshot leaves no chain of dead versions to walk;
+-- outbox._rotate_log truncates the old ones). `done`: every transaction visible in this
+-- snapshot has been read. `batch`: the snapshot of a batch read in parts, and `pos_txid`,
+-- `pos_seq` the last event of it already read (a batch's events are fixed once its
+-- snapshot is taken: every transaction in it has ended).
+CREATE TABLE outbox.log_cursor (
+    id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    done       pg_snapshot NOT NULL,
+    batch      pg_snapshot,
+    pos_txid   xid8,
+    pos_seq    bigint,
+    events     integer     NOT NULL DEFAULT 0,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Reading starts here: events committed from now on.
+INSERT INTO outbox.log_cursor (done) VALUES (pg_current_snapshot());
+
 -- One row per enqueued event; its id is the `webhook-id` receivers deduplicate on. A
 -- caller's ids are its tenant's own: the same id in two tenants is two events.
 CREATE TABLE outbox.event (

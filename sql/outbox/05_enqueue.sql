@@ -2,12 +2,13 @@
 -- Enqueue
 -------------------------------------------------------------------------------------------
 
--- Creates one delivery per enabled endpoint whose filter matches event_type (same tenant), or
--- exactly one for endpoint_id when it is given (it must be the tenant's own; its filter and
--- enabled flag are not consulted: a disabled endpoint's delivery waits until it is
--- enabled). Runs in the caller's transaction. With event_id (unique per tenant), enqueueing
--- the same event again returns the existing deliveries; the same id with another event type
--- or payload is refused.
+-- Appends one event to the log, in the caller's transaction, and returns its id (the
+-- `webhook-id`). Nothing else happens here: after the transaction commits, the worker (or
+-- outbox.claim) reads the event and fans it out to the endpoints subscribed at that moment
+-- (outbox._fan_out), or to endpoint_id alone when it is given (it must be the tenant's own;
+-- its filter and enabled flag are not consulted: a disabled endpoint's delivery waits until
+-- it is enabled). With event_id (unique per tenant), enqueueing the same event again does
+-- nothing and returns the id; the same id with another event type or payload is refused.
 CREATE FUNCTION outbox.enqueue(
     event_type  text,
     payload     jsonb,
@@ -16,24 +17,22 @@ CREATE FUNCTION outbox.enqueue(
     tenant_id   text        DEFAULT NULL,
     deliver_at  timestamptz DEFAULT NULL
 )
-RETURNS SETOF uuid
+RETURNS text
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_event_id text;
-    v_targets  uuid[];
-    v_ordered  boolean[];
     v_endpoint outbox.endpoint;
-    v_fed      bigint;
-    v_due      timestamptz;
     v_known    outbox.event;
+    v_id       text;
+    v_due      timestamptz;
 BEGIN
     PERFORM outbox._check_event(enqueue.event_type, enqueue.event_id, enqueue.tenant_id,
                                 octet_length(enqueue.payload::text));
-
-    v_due := outbox._check_deliver_at(enqueue.deliver_at);
+    IF enqueue.deliver_at IS NOT NULL THEN
+        v_due := outbox._check_deliver_at(enqueue.deliver_at);
+    END IF;
 
     IF enqueue.endpoint_id IS NOT NULL THEN
         v_endpoint := outbox._endpoint_or_raise(enqueue.endpoint_id, false);
@@ -44,67 +43,34 @@ BEGIN
                 USING ERRCODE = 'no_data_found',
                       HINT = 'Pass the endpoint''s own tenant_id; list them with: SELECT id, tenant_id FROM outbox.endpoints;';
         END IF;
-        v_targets := ARRAY[v_endpoint.id];
-        v_ordered := ARRAY[v_endpoint.ordered];
-    ELSE
-        SELECT array_agg(e.id), array_agg(e.ordered) INTO v_targets, v_ordered
-          FROM outbox.endpoint e
-         WHERE e.enabled AND e.deleted_at IS NULL
-           AND e.tenant_id IS NOT DISTINCT FROM enqueue.tenant_id
-           AND outbox._filter_matches(e.event_types, enqueue.event_type);
-        IF v_targets IS NULL THEN
-            RETURN;  -- nobody subscribed: nothing to store
-        END IF;
     END IF;
-
-    v_event_id := coalesce(enqueue.event_id, 'msg_' || replace(gen_random_uuid()::text, '-', ''));
 
     IF enqueue.event_id IS NULL THEN
-        INSERT INTO outbox.event (id, event_type, payload, tenant_id)
-        VALUES (v_event_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id);
-        RETURN QUERY
-            WITH ins AS (
-                INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at, seq)
-                SELECT v_event_id, t.id, enqueue.tenant_id, v_due,
-                       CASE WHEN t.ordered THEN nextval('outbox.delivery_seq') END
-                  FROM unnest(v_targets, v_ordered) AS t(id, ordered)
-                RETURNING id, endpoint_id
-            )
-            SELECT ins.id FROM ins
-              LEFT JOIN LATERAL (
-                  SELECT outbox._feed(ins.id, ins.endpoint_id, enqueue.tenant_id, enqueue.event_type, 'queued', 0)
-                   WHERE outbox._feed_on()) feed ON true;
-    ELSE
-        -- A concurrent transaction enqueueing the same id makes these wait for it, then do
-        -- nothing; the SELECTs (new snapshots) then see its rows.
-        INSERT INTO outbox.event (id, event_type, payload, tenant_id)
-        VALUES (v_event_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id)
-        ON CONFLICT (id, tenant_key) DO NOTHING;
-        IF NOT FOUND THEN
-            SELECT * INTO v_known FROM outbox.event ev
-             WHERE ev.id = v_event_id AND ev.tenant_key = coalesce(enqueue.tenant_id, '');
-            IF v_known.event_type IS DISTINCT FROM enqueue.event_type OR v_known.payload IS DISTINCT FROM enqueue.payload THEN
-                RAISE EXCEPTION 'event id % was enqueued before with another event type or payload', quote_literal(v_event_id)
-                    USING ERRCODE = 'unique_violation',
-                          HINT = 'An event id names one event (receivers deduplicate on it): enqueue a new event under a new id.';
-            END IF;
-        END IF;
-        WITH ins AS (
-            INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at, seq)
-            SELECT v_event_id, t.id, enqueue.tenant_id, v_due,
-                   CASE WHEN t.ordered THEN nextval('outbox.delivery_seq') END
-              FROM unnest(v_targets, v_ordered) AS t(id, ordered)
-            ON CONFLICT (event_id, endpoint_id, replay_of) DO NOTHING
-            RETURNING id, endpoint_id
-        )
-        SELECT count(outbox._feed(ins.id, ins.endpoint_id, enqueue.tenant_id, enqueue.event_type, 'queued', 0))
-          INTO v_fed
-          FROM ins WHERE outbox._feed_on();
-        RETURN QUERY
-            SELECT d.id FROM outbox.delivery d
-             WHERE d.event_id = v_event_id AND d.endpoint_id = ANY (v_targets) AND d.replay_of IS NULL;
+        INSERT INTO outbox.log (event_type, payload, tenant_id, endpoint_id, deliver_at)
+        VALUES (enqueue.event_type, enqueue.payload, enqueue.tenant_id, enqueue.endpoint_id, v_due)
+        RETURNING id INTO v_id;
+        RETURN v_id;
     END IF;
-    PERFORM outbox._wake_at_commit();
+
+    -- A caller's id is claimed in outbox.event, the table that keeps events by id: a
+    -- concurrent transaction enqueueing the same id makes this wait for it, then do nothing
+    -- (the SELECT, a new snapshot, then sees its row); one that rolled back leaves it free.
+    INSERT INTO outbox.event (id, event_type, payload, tenant_id)
+    VALUES (enqueue.event_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id)
+    ON CONFLICT (id, tenant_key) DO NOTHING;
+    IF NOT FOUND THEN
+        SELECT * INTO v_known FROM outbox.event ev
+         WHERE ev.id = enqueue.event_id AND ev.tenant_key = coalesce(enqueue.tenant_id, '');
+        IF v_known.event_type IS DISTINCT FROM enqueue.event_type OR v_known.payload IS DISTINCT FROM enqueue.payload THEN
+            RAISE EXCEPTION 'event id % was enqueued before with another event type or payload', quote_literal(enqueue.event_id)
+                USING ERRCODE = 'unique_violation',
+                      HINT = 'An event id names one event (receivers deduplicate on it): enqueue a new event under a new id.';
+        END IF;
+        RETURN enqueue.event_id;
+    END IF;
+    INSERT INTO outbox.log (id, event_type, payload, tenant_id, endpoint_id, deliver_at)
+    VALUES (enqueue.event_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id, enqueue.endpoint_id, v_due);
+    RETURN enqueue.event_id;
 END
 $$;
 
@@ -120,7 +86,10 @@ $$;
 --                              "old_record"} (record NULL for deletes, old_record for inserts)
 -- The default shape (shape=outbox) is {"schema", "table", "op", "record", "old_record"}:
 -- record is the new row (the deleted row for deletes), old_record the row before an update.
--- Without options, nothing is parsed per row.
+-- Without options, nothing is parsed per row. It runs as the user whose statement fired it
+-- (never as the extension's owner: building the payload runs the table's types' casts and
+-- output functions, which that user may have written), with the privilege grant_producer
+-- gives: inserting an event into outbox.log.
 CREATE FUNCTION outbox.trigger()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -199,7 +168,9 @@ BEGIN
         v_data := jsonb_build_object('schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP,
                                      'record', coalesce(v_new, v_old));
     END IF;
-    PERFORM outbox.enqueue(v_type, v_data, tenant_id => v_tenant);
+    -- The one write: the log's defaults stamp the transaction (and wake the worker at
+    -- commit), its CHECK applies enqueue's rules.
+    INSERT INTO outbox.log (event_type, payload, tenant_id) VALUES (v_type, v_data, v_tenant);
     RETURN NULL;
 END
 $$;

@@ -30,6 +30,9 @@ const NOT_READY_POLL: Duration = Duration::from_secs(5);
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 /// Deliveries deleted per retention transaction: small, so it never holds locks for long.
 const RETENTION_BATCH: i32 = 1000;
+/// How often the first worker looks for log partitions it can truncate (a look that finds
+/// none costs a few index probes).
+const ROTATE_EVERY: Duration = Duration::from_secs(1);
 
 /// Registers `count` workers; only possible while `shared_preload_libraries` is processed.
 /// Each gets its slot number (for its latch, and so that only the first runs retention).
@@ -132,6 +135,8 @@ struct Worker {
     installed: Option<String>,
     /// Whether the leases of a predecessor that died were taken back since this started.
     orphans_taken: bool,
+    /// When the log is next rotated.
+    next_rotation: std::time::Instant,
 }
 
 /// What a successful cycle claimed.
@@ -193,6 +198,7 @@ impl Worker {
             warned_stale: false,
             installed: None,
             orphans_taken: false,
+            next_rotation: std::time::Instant::now(),
             slot,
             settings,
         })
@@ -238,6 +244,7 @@ impl Worker {
                     ERROR_BACKOFF
                 }
             };
+            self.rotate();
             let timeout = match self.retention() {
                 // More expired rows are waiting: come back soon, between delivery cycles.
                 Some(true) => timeout.min(Duration::from_millis(100)),
@@ -300,6 +307,11 @@ impl Worker {
                     return Ok(None);
                 };
                 installed = Some(version.clone());
+                // The log first: what committed since the last cycle becomes deliveries (and
+                // the tables are taken in the order DROP EXTENSION takes them).
+                if store::has_log(&version) {
+                    store::read_log(client)?;
+                }
                 let orphans = if take_orphans && store::has_lock_free_acks(&version) {
                     Some(store::requeue_orphaned(client)?)
                 } else {
@@ -445,6 +457,34 @@ impl Worker {
         };
         self.next_retention = if more { now } else { now + every };
         Some(more)
+    }
+
+    /// Truncates the log partitions (and cursor rows) that have been read, on the first
+    /// worker, once a second. Needs this release's SQL, like retention.
+    fn rotate(&mut self) {
+        let now = std::time::Instant::now();
+        if self.slot != 0
+            || now < self.next_rotation
+            || self.installed.as_deref() != Some(env!("CARGO_PKG_VERSION"))
+        {
+            return;
+        }
+        self.next_rotation = now + ROTATE_EVERY;
+        report_activity(Some("webhook_outbox: log rotation"));
+        let result = in_transaction(|| {
+            Spi::connect_mut(|client| {
+                if store::extension_ready(client)? {
+                    store::rotate_log(client)
+                } else {
+                    Ok(0)
+                }
+            })
+        })
+        .and_then(|r| r);
+        report_activity(None);
+        if let Err(e) = result {
+            log!("webhook_outbox worker: log rotation: {e}");
+        }
     }
 
     /// Stops taking work, lets requests in flight finish briefly, and records them.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use outbox_core::signing::SigningKey;
 use outbox_sender::{Outcome, Request};
+use pgrx::pg_sys;
 use pgrx::spi::SpiClient;
 
 /// Why a cycle's SQL failed (logged, then the loop goes on).
@@ -13,8 +14,18 @@ pub type StoreError = String;
 /// Does the installed SQL have what 0.3.1 added (taking back a dead predecessor's leases,
 /// recording only what can be locked without waiting)? Older SQL keeps delivering without.
 pub fn has_lock_free_acks(version: &str) -> bool {
+    at_least(version, &[0, 3, 1])
+}
+
+/// Whether `version` (as in pg_extension.extversion) is `min` or newer.
+fn at_least(version: &str, min: &[u32]) -> bool {
     let parts: Vec<u32> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
-    parts >= vec![0, 3, 1]
+    parts.as_slice() >= min
+}
+
+/// Does the installed SQL have the event log (0.4.0)? Older SQL fans out at enqueue.
+pub fn has_log(version: &str) -> bool {
+    at_least(version, &[0, 4, 0])
 }
 
 /// Longest error text sent to SQL. The rule for what is stored is `ack_batch`'s (it bounds
@@ -38,22 +49,36 @@ pub fn extension_ready(client: &SpiClient<'_>) -> Result<bool, StoreError> {
     installed_version(client).map(|v| v.is_some())
 }
 
-/// The version of the extension's SQL objects in this database, if it is created.
+/// The version of the extension's SQL objects in this database, if it is created. The
+/// extension is locked (share) for the rest of the transaction: DROP EXTENSION (which
+/// locks it first, exclusively) then waits for the cycle or the cycle for it, instead of
+/// each taking tables the other needs in another order (a deadlock).
 pub fn installed_version(client: &SpiClient<'_>) -> Result<Option<String>, StoreError> {
-    client
-        .select(
-            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'webhook_outbox'",
-            None,
-            &[],
+    const QUERY: &str = "SELECT oid, extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'webhook_outbox'";
+    let found = |client: &SpiClient<'_>| -> Result<Option<(pg_sys::Oid, String)>, StoreError> {
+        let t = client.select(QUERY, None, &[]).map_err(|e| e.to_string())?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let row = t.first();
+        let oid = row.get::<pg_sys::Oid>(1).map_err(|e| e.to_string())?;
+        let version = row.get::<String>(2).map_err(|e| e.to_string())?;
+        Ok(oid.zip(version))
+    };
+    let Some((oid, _)) = found(client)? else {
+        return Ok(None);
+    };
+    // SAFETY: a lock on a catalog object in the current transaction, released at its end.
+    unsafe {
+        pg_sys::LockDatabaseObject(
+            pg_sys::ExtensionRelationId,
+            oid,
+            0,
+            pg_sys::AccessShareLock as pg_sys::LOCKMODE,
         )
-        .and_then(|t| {
-            if t.is_empty() {
-                Ok(None)
-            } else {
-                t.first().get::<String>(1)
-            }
-        })
-        .map_err(|e| e.to_string())
+    };
+    // Dropped (or updated) while this waited: look again.
+    Ok(found(client)?.map(|(_, v)| v))
 }
 
 /// A claimed delivery that could not be turned into a request (e.g. a secret edited by
@@ -357,6 +382,26 @@ pub fn purge_batch(
                 batch.into(),
             ],
         )
+        .and_then(|t| t.first().get::<i64>(1))
+        .map(|n| n.unwrap_or(0))
+        .map_err(|e| e.to_string())
+}
+
+/// Reads what committed since the last read from the log and fans it out (see
+/// `outbox._read_log`); returns how many events it read.
+pub fn read_log(client: &mut SpiClient<'_>) -> Result<i64, StoreError> {
+    client
+        .update("SELECT outbox._read_log()::int8", None, &[])
+        .and_then(|t| t.first().get::<i64>(1))
+        .map(|n| n.unwrap_or(0))
+        .map_err(|e| e.to_string())
+}
+
+/// Truncates what of the log has been read (see `outbox._rotate_log`); returns how many
+/// tables it truncated.
+pub fn rotate_log(client: &mut SpiClient<'_>) -> Result<i64, StoreError> {
+    client
+        .update("SELECT outbox._rotate_log()::int8", None, &[])
         .and_then(|t| t.first().get::<i64>(1))
         .map(|n| n.unwrap_or(0))
         .map_err(|e| e.to_string())

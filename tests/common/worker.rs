@@ -47,15 +47,48 @@ pub fn endpoint(c: &mut postgres::Client, url: &str, extra: &str) -> String {
     )
 }
 
-/// Waits until no delivery is pending or in flight.
+/// Reads everything committed so far from the log, as the worker or an `outbox.claim`
+/// outside a transaction block does, for tests that run without a worker.
+pub fn read_log(c: &mut postgres::Client) {
+    c.batch_execute("SELECT outbox._read_log(1000000)").unwrap();
+}
+
+/// Waits until every event committed so far has been read from the log (and so has its
+/// deliveries), by the worker or by an `outbox.claim`.
+pub fn wait_read(c: &mut postgres::Client) {
+    assert!(
+        wait_until(Duration::from_secs(20), || scalar_i64(
+            c,
+            "SELECT unread FROM outbox.log_status"
+        ) == 0),
+        "events stay unread in the log"
+    );
+}
+
+/// Deliveries pending or in flight, and committed events not yet read from the log (an
+/// older release, before an upgrade, has no log).
+fn unsettled(c: &mut postgres::Client) -> Result<i64, postgres::Error> {
+    let has_log: bool = c
+        .query_one("SELECT to_regclass('outbox.log_status') IS NOT NULL", &[])?
+        .get(0);
+    let unread = if has_log {
+        "coalesce((SELECT sum(unread)::int8 FROM outbox.log_status), 0)"
+    } else {
+        "0"
+    };
+    c.query_one(
+        &format!(
+            "SELECT count(*) + {unread} FROM outbox.delivery WHERE status IN ('pending', 'in_flight')"
+        ),
+        &[],
+    )
+    .map(|r| r.get(0))
+}
+
+/// Waits until no delivery is pending or in flight, and every committed event was read.
 pub fn wait_settled(cluster: &Cluster, timeout: Duration) -> bool {
     let mut c = cluster.client();
-    wait_until(timeout, || {
-        scalar_i64(
-            &mut c,
-            "SELECT count(*) FROM outbox.delivery WHERE status IN ('pending', 'in_flight')",
-        ) == 0
-    })
+    wait_until(timeout, || unsettled(&mut c).unwrap() == 0)
 }
 
 /// Waits until nothing is pending or in flight, connecting afresh each time so that it
@@ -65,12 +98,7 @@ pub fn wait_settled_through_restarts(cluster: &Cluster, timeout: Duration) -> bo
         let Ok(mut c) = postgres::Client::connect(&cluster.conninfo(), postgres::NoTls) else {
             return false;
         };
-        c.query_one(
-            "SELECT count(*) FROM outbox.delivery WHERE status IN ('pending', 'in_flight')",
-            &[],
-        )
-        .map(|r| r.get::<_, i64>(0) == 0)
-        .unwrap_or(false)
+        unsettled(&mut c).map(|n| n == 0).unwrap_or(false)
     })
 }
 

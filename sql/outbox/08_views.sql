@@ -155,3 +155,17 @@ SELECT t.tgrelid::regclass AS table_name, t.tgname::text AS trigger_name,
  CROSS JOIN LATERAL (
        SELECT (string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs] AS args) a
  WHERE t.tgfoid = 'outbox.trigger()'::regprocedure AND NOT t.tgisinternal;
+
+-- How far reading the log has come: events committed but not yet read (so not yet
+-- deliveries), how long the oldest of them has waited, when the log was last read, and
+-- whether a batch is being read in parts. Unread events that stay there mean no worker
+-- (or outbox.claim) is reading: see docs/troubleshooting.md.
+CREATE VIEW outbox.log_status AS
+SELECT u.unread, u.oldest_unread_age, c.created_at AS last_read_at, c.batch IS NOT NULL AS reading
+  FROM (SELECT * FROM outbox.log_cursor ORDER BY id DESC LIMIT 1) c
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS unread, now() - min(l.created_at) AS oldest_unread_age
+         FROM outbox.log l
+        WHERE (l.txid >= pg_snapshot_xmax(c.done) OR l.txid = ANY (ARRAY(SELECT pg_snapshot_xip(c.done))))
+          AND NOT pg_visible_in_snapshot(l.txid, c.done)
+          AND (c.pos_txid IS NULL OR (l.txid, l.seq) > (c.pos_txid, c.pos_seq))) u;

@@ -41,6 +41,12 @@ AS $$
 BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA outbox TO %s', role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.enqueue(text, jsonb, uuid, text, text, timestamptz), outbox.trigger() TO %s', role);
+    -- What outbox.trigger, running as the writing user, needs for its one insert: the
+    -- columns of an event (never txid, the caller's id or the routing columns, which only
+    -- outbox.enqueue sets), and the defaults behind the others.
+    EXECUTE format('GRANT INSERT (event_type, payload, tenant_id) ON outbox.log TO %s', role);
+    EXECUTE format('GRANT USAGE ON SEQUENCE outbox.log_seq TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._stamp(), outbox._check_log(text, text, integer), outbox._log_part(xid8) TO %s', role);
 END
 $$;
 
@@ -54,7 +60,7 @@ AS $$
 BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA outbox TO %s', role);
     EXECUTE format('GRANT SELECT ON outbox.endpoints, outbox.deliveries, outbox.attempts, outbox.dead_letters,
-        outbox.endpoint_health, outbox.recent_failures, outbox.metrics, outbox.triggers TO %s', role);
+        outbox.endpoint_health, outbox.recent_failures, outbox.metrics, outbox.triggers, outbox.log_status TO %s', role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.stats(), outbox.enable_endpoint(uuid), outbox.disable_endpoint(uuid, text),
         outbox.delivery_stats(interval, uuid, text, text), outbox.endpoint_stats(interval), outbox.event_type_stats(interval),
         outbox.retry_dead(uuid, uuid, timestamptz, timestamptz), outbox.replay(uuid, timestamptz, timestamptz),
@@ -99,7 +105,7 @@ BEGIN
         outbox.claim(integer, text, interval, uuid, text),
         outbox.ack_batch(uuid[], integer[], outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[], text),
         outbox._next_due(), outbox._purge_batch(interval, interval, integer),
-        outbox._requeue_orphaned(), outbox._lock_for_ack(uuid[])
+        outbox._requeue_orphaned(), outbox._lock_for_ack(uuid[]), outbox._read_log(integer), outbox._rotate_log()
         TO %s', role);
 END
 $$;

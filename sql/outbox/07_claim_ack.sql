@@ -159,6 +159,9 @@ RETURNS TABLE (
 LANGUAGE sql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+    -- What committed since the last claim becomes deliveries first; not inside a
+    -- transaction block, where what is read would wait for the caller's commit.
+    SELECT outbox._read_log() WHERE NOT outbox._in_transaction_block();
     SELECT * FROM outbox._claim(claim.batch_size, claim.worker, claim.lease, claim.endpoint_id, claim.tenant_id)
 $$;
 
@@ -426,6 +429,10 @@ AS $$
 DECLARE
     v_cap integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
 BEGIN
+    -- A batch of the log read in part: the rest is due now.
+    IF outbox._log_behind() THEN
+        RETURN 0;
+    END IF;
     -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
     RETURN (
     -- Epochs, not an interval: a due time that is not finite (none can be stored any

@@ -1,0 +1,255 @@
+//! The event log between real transactions: every committed event is read exactly once
+//! whatever order transactions start and commit in, a rolled-back one never, and the log's
+//! partitions are truncated only once everything in them was read, without ever making a
+//! producer wait.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::worker::{endpoint, scalar_i64, wait_until, FAST, SECRET};
+use common::Cluster;
+use outbox_receiver::Receiver;
+
+fn receiver() -> Receiver {
+    let rx = Receiver::start().unwrap();
+    rx.set_secret(Some(SECRET.into()));
+    rx
+}
+
+/// How many times each webhook id arrived.
+fn arrivals(rx: &Receiver) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for r in rx.received() {
+        *seen.entry(r.webhook_id).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[test]
+fn late_commits_rollbacks_and_subtransactions_are_read_exactly_once() {
+    let cluster = Cluster::start(FAST);
+    let rx = receiver();
+    let mut c = cluster.client();
+    endpoint(&mut c, &rx.url("/hook"), "");
+
+    // A transaction that takes its transaction id first and commits last, while others
+    // commit (and are delivered) around it: a "last id seen" cursor would skip it.
+    let mut late = cluster.client();
+    late.batch_execute("BEGIN; SELECT outbox.enqueue('t.late', '{}', event_id => 'late')")
+        .unwrap();
+    // Another that will roll back.
+    let mut doomed = cluster.client();
+    doomed
+        .batch_execute("BEGIN; SELECT outbox.enqueue('t.doomed', '{}', event_id => 'doomed')")
+        .unwrap();
+    for i in 0..30 {
+        c.batch_execute(&format!(
+            "SELECT outbox.enqueue('t.quick', '{{}}', event_id => 'quick-{i}')"
+        ))
+        .unwrap();
+    }
+    assert!(
+        rx.wait_for(30, Duration::from_secs(20)),
+        "{}",
+        cluster.log()
+    );
+    // Many batches went by; the long transaction's event waits for its commit.
+    assert!(scalar_i64(&mut c, "SELECT count(*) FROM outbox.log_cursor") > 1);
+    assert!(!arrivals(&rx).contains_key("late"));
+
+    // Subtransactions: the event of a rolled-back savepoint is gone, the others stay with
+    // the top-level transaction (all stamped with its id).
+    late.batch_execute(
+        "SAVEPOINT a; SELECT outbox.enqueue('t.sub', '{}', event_id => 'sub-undone'); ROLLBACK TO SAVEPOINT a;
+         SAVEPOINT b; SELECT outbox.enqueue('t.sub', '{}', event_id => 'sub-kept');
+         SAVEPOINT c; SELECT outbox.enqueue('t.sub', '{}', event_id => 'sub-nested'); RELEASE SAVEPOINT c;
+         RELEASE SAVEPOINT b;",
+    )
+    .unwrap();
+    late.batch_execute("COMMIT").unwrap();
+    doomed.batch_execute("ROLLBACK").unwrap();
+    assert!(
+        rx.wait_for(33, Duration::from_secs(20)),
+        "{}",
+        cluster.log()
+    );
+    // A little longer: anything read twice or wrongly would arrive now.
+    std::thread::sleep(Duration::from_secs(1));
+    let seen = arrivals(&rx);
+    assert_eq!(seen.len(), 33, "{seen:?}");
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+    for id in ["late", "sub-kept", "sub-nested"] {
+        assert!(seen.contains_key(id), "{id} missing: {seen:?}");
+    }
+    assert!(!seen.contains_key("sub-undone") && !seen.contains_key("doomed"));
+}
+
+#[test]
+fn a_batch_larger_than_one_read_is_read_in_parts_across_a_restart() {
+    // No worker: reading is driven by hand, as an external sender's outbox.claim does.
+    let cluster = Cluster::start(&[]);
+    let mut c = cluster.client();
+    c.batch_execute("SELECT outbox.create_endpoint('https://example.com/hook')")
+        .unwrap();
+    c.batch_execute(
+        "SELECT outbox.enqueue('t.bulk', jsonb_build_object('n', g)) FROM generate_series(1, 250) g;
+         SELECT outbox.enqueue('t.bulk', jsonb_build_object('n', g)) FROM generate_series(251, 300) g;",
+    )
+    .unwrap();
+    // 300 events in two transactions, read 120 at a time: the first part ends inside the
+    // first transaction's events, and the cursor remembers where.
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT outbox._read_log(120)::int8"),
+        120
+    );
+    assert!(c
+        .query_one("SELECT outbox._log_behind()", &[])
+        .unwrap()
+        .get::<_, bool>(0));
+    // A part read in a transaction that then fails is read again.
+    let mut t = c.transaction().unwrap();
+    assert_eq!(
+        t.query_one("SELECT outbox._read_log(120)::int8", &[])
+            .unwrap()
+            .get::<_, i64>(0),
+        120
+    );
+    t.rollback().unwrap();
+    // And a crash of the whole server in the middle loses nothing.
+    drop(c);
+    let mut cluster = cluster;
+    cluster.restart("immediate");
+    let mut c = cluster.client();
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT outbox._read_log(120)::int8"),
+        120
+    );
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox._read_log(120)::int8"), 60);
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox._read_log(120)::int8"), 0);
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT count(DISTINCT (payload->>'n')::int) FROM outbox.event"
+        ),
+        300
+    );
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM outbox.delivery"),
+        300
+    );
+    assert!(!c
+        .query_one("SELECT outbox._log_behind()", &[])
+        .unwrap()
+        .get::<_, bool>(0));
+}
+
+/// Uses up transaction ids until the next one is in the window `window` (of 65,536, as
+/// `outbox._log_part` counts them) and a few ids into it: one transaction whose
+/// subtransactions each take one.
+fn burn_to_window(c: &mut postgres::Client, window: i64) {
+    let next = scalar_i64(
+        c,
+        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
+    );
+    let n = ((window << 16) + 10 - next).max(0);
+    c.batch_execute(&format!(
+        "CREATE TEMP TABLE IF NOT EXISTS burn (x int);
+         DO $$ BEGIN
+             FOR i IN 1 .. {n} LOOP
+                 BEGIN INSERT INTO burn VALUES (i); EXCEPTION WHEN others THEN NULL; END;
+             END LOOP;
+         END $$;
+         TRUNCATE burn;"
+    ))
+    .unwrap();
+}
+
+fn log_rows(c: &mut postgres::Client) -> i64 {
+    scalar_i64(c, "SELECT count(*) FROM outbox.log")
+}
+
+#[test]
+fn rotation_frees_only_what_was_read_and_never_waits_for_anyone() {
+    let cluster = Cluster::start(&[]);
+    let mut c = cluster.client();
+    c.batch_execute("SELECT outbox.create_endpoint('https://example.com/hook')")
+        .unwrap();
+    c.batch_execute(
+        "SELECT outbox.enqueue('t.old', jsonb_build_object('n', g)) FROM generate_series(1, 10) g",
+    )
+    .unwrap();
+    let first_part = scalar_i64(
+        &mut c,
+        "SELECT min(outbox._log_part(txid))::int8 FROM outbox.log",
+    );
+    let first_window = scalar_i64(&mut c, "SELECT min(txid::text::int8 >> 16) FROM outbox.log");
+    // Two windows of transaction ids later, producers write to another partition, but the
+    // reader has not read the first ten: nothing may go.
+    burn_to_window(&mut c, first_window + 2);
+    c.batch_execute("SELECT outbox.enqueue('t.new', '{}')")
+        .unwrap();
+    assert_ne!(
+        scalar_i64(
+            &mut c,
+            "SELECT outbox._log_part(max(txid))::int8 FROM outbox.log"
+        ),
+        first_part
+    );
+    scalar_i64(&mut c, "SELECT outbox._rotate_log()::int8");
+    assert_eq!(log_rows(&mut c), 11, "unread events are never truncated");
+
+    // Once read, their partition can go; but not while someone holds it (a report reading
+    // the log): rotation then passes at once, and producers are not held up either.
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox._read_log()::int8"), 11);
+    let mut report = cluster.client();
+    report
+        .batch_execute(&format!(
+            "BEGIN; SELECT count(*) FROM outbox.log_{first_part};"
+        ))
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox._rotate_log()::int8"), 0);
+    c.batch_execute("SELECT outbox.enqueue('t.during', '{}')")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(log_rows(&mut c), 12);
+    report.batch_execute("COMMIT").unwrap();
+
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox._rotate_log()::int8"), 1);
+    assert_eq!(
+        log_rows(&mut c),
+        2,
+        "the partition with the ten read events was truncated; the newest two stay"
+    );
+    // Nothing read was lost on the way: eleven deliveries, and the last event is read too.
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox._read_log()::int8"), 1);
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM outbox.delivery"),
+        12
+    );
+}
+
+#[test]
+fn the_worker_rotates_the_log_while_it_delivers() {
+    let cluster = Cluster::start(FAST);
+    let rx = receiver();
+    let mut c = cluster.client();
+    endpoint(&mut c, &rx.url("/hook"), "");
+    c.batch_execute("SELECT outbox.enqueue('t.a', '{}') FROM generate_series(1, 20)")
+        .unwrap();
+    assert!(rx.wait_for(20, Duration::from_secs(20)));
+    let window = scalar_i64(&mut c, "SELECT max(txid::text::int8 >> 16) FROM outbox.log");
+    burn_to_window(&mut c, window + 2);
+    c.batch_execute("SELECT outbox.enqueue('t.b', '{}')")
+        .unwrap();
+    assert!(rx.wait_for(21, Duration::from_secs(20)));
+    // The worker rotates once a second: the first twenty go with their partition.
+    assert!(
+        wait_until(Duration::from_secs(20), || log_rows(&mut c) <= 1),
+        "log still holds {} rows:\n{}",
+        log_rows(&mut c),
+        cluster.log()
+    );
+}
