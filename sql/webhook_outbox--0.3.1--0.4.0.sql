@@ -36,14 +36,21 @@ RETURNS boolean
 LANGUAGE c STABLE PARALLEL SAFE
 AS 'MODULE_PATHNAME', 'check_log_wrapper';
 
-CREATE SEQUENCE outbox.log_seq;
+-- A counter of this backend's log rows: with the transaction id (a transaction belongs to
+-- one backend) it orders and identifies a transaction's events, for a fraction of what a
+-- sequence costs (no lock, no WAL).
+CREATE FUNCTION outbox._seq()
+RETURNS bigint
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'seq_wrapper';
 
 CREATE TABLE outbox.log (
     txid        xid8        NOT NULL DEFAULT outbox._stamp(),
     -- Order within a transaction (ordered endpoints receive events in this order).
-    seq         bigint      NOT NULL DEFAULT nextval('outbox.log_seq'),
-    -- The `webhook-id`: the caller's event id, or one made up.
-    id          text        NOT NULL DEFAULT ('msg_' || replace(gen_random_uuid()::text, '-', '')),
+    seq         bigint      NOT NULL DEFAULT outbox._seq(),
+    -- The `webhook-id`: the caller's event id, or the one outbox.enqueue made up; NULL from
+    -- outbox.trigger, whose events get theirs when they are read (outbox._fan_out).
+    id          text,
     event_type  text        NOT NULL,
     payload     jsonb       NOT NULL,
     tenant_id   text,
@@ -96,6 +103,13 @@ SELECT set_config('webhook_outbox_upgrade.producers',
 DROP FUNCTION outbox.enqueue(text, jsonb, uuid, text, text, timestamptz);
 
 
+-- A new event id (the `webhook-id` of an event enqueued without one): `msg_` and 32 hex
+-- digits of a random UUID.
+CREATE OR REPLACE FUNCTION outbox._new_event_id()
+RETURNS text
+LANGUAGE sql VOLATILE PARALLEL SAFE
+RETURN 'msg_' || replace(gen_random_uuid()::text, '-', '');
+
 -- Appends one event to the log, in the caller's transaction, and returns its id (the
 -- `webhook-id`). Nothing else happens here: after the transaction commits, the worker (or
 -- outbox.claim) reads the event and fans it out to the endpoints subscribed at that moment
@@ -140,9 +154,9 @@ BEGIN
     END IF;
 
     IF enqueue.event_id IS NULL THEN
-        INSERT INTO outbox.log (event_type, payload, tenant_id, endpoint_id, deliver_at)
-        VALUES (enqueue.event_type, enqueue.payload, enqueue.tenant_id, enqueue.endpoint_id, v_due)
-        RETURNING id INTO v_id;
+        v_id := outbox._new_event_id();
+        INSERT INTO outbox.log (id, event_type, payload, tenant_id, endpoint_id, deliver_at)
+        VALUES (v_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id, enqueue.endpoint_id, v_due);
         RETURN v_id;
     END IF;
 
@@ -168,6 +182,87 @@ BEGIN
 END
 $$;
 
+-- What an outbox.trigger with options makes of a row change: the event type, payload and
+-- tenant, or an error that says what is wrong with the trigger. Called only when the
+-- trigger has arguments after the prefix (or is misused); the common case never gets here.
+CREATE OR REPLACE FUNCTION outbox._trigger_event(
+    tg_when text, tg_level text, tg_op text, tg_table_schema name, tg_table_name name, tg_argv text[],
+    v_new jsonb, v_old jsonb,
+    OUT event_type text, OUT payload jsonb, OUT tenant_id text
+)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- TG_ARGV counts from 0; a slice counts from 1.
+    v_args     text[] := tg_argv[array_lower(tg_argv, 1):array_upper(tg_argv, 1)];
+    v_prefix   text := coalesce(v_args[1], tg_table_name);
+    v_column   text;
+    v_exclude  text[];
+    v_supabase boolean := false;
+    v_opt      text;
+BEGIN
+    IF tg_level <> 'ROW' OR tg_when <> 'AFTER' THEN
+        RAISE EXCEPTION 'outbox.trigger() must be used as an AFTER ... FOR EACH ROW trigger'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR i IN 2 .. coalesce(cardinality(v_args), 0) LOOP
+        v_opt := v_args[i];
+        IF strpos(v_opt, '=') = 0 AND i = 2 THEN
+            v_column := v_opt;
+        ELSIF starts_with(v_opt, 'tenant=') THEN
+            v_column := substr(v_opt, 8);
+        ELSIF starts_with(v_opt, 'exclude=') THEN
+            v_exclude := regexp_split_to_array(btrim(substr(v_opt, 9)), '\s*,\s*');
+        ELSIF v_opt IN ('shape=supabase', 'shape=outbox') THEN
+            v_supabase := v_opt = 'shape=supabase';
+        ELSE
+            RAISE EXCEPTION 'outbox.trigger(): unknown argument "%" on table %.%', v_opt, tg_table_schema, tg_table_name
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Arguments: the event type prefix, then tenant=<column> (or the column alone), exclude=<column>[,<column>...], shape=outbox or shape=supabase.';
+        END IF;
+    END LOOP;
+    IF tg_op = 'INSERT' THEN
+        event_type := v_prefix || '.created';
+        v_old := NULL;
+    ELSIF tg_op = 'UPDATE' THEN
+        event_type := v_prefix || '.updated';
+    ELSIF tg_op = 'DELETE' THEN
+        event_type := v_prefix || '.deleted';
+        v_new := NULL;
+    ELSE
+        RAISE EXCEPTION 'outbox.trigger() handles INSERT, UPDATE and DELETE, not %', tg_op
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_column IS NOT NULL THEN
+        IF NOT coalesce(v_new, v_old) ? v_column THEN
+            RAISE EXCEPTION 'outbox.trigger(): table %.% has no column "%" for the tenant id', tg_table_schema, tg_table_name, v_column
+                USING ERRCODE = 'undefined_column';
+        END IF;
+        tenant_id := coalesce(v_new, v_old) ->> v_column;
+    END IF;
+    IF v_exclude IS NOT NULL THEN
+        IF NOT coalesce(v_new, v_old) ?& v_exclude THEN
+            RAISE EXCEPTION 'outbox.trigger(): table %.% lacks a column of exclude=%', tg_table_schema, tg_table_name, array_to_string(v_exclude, ',')
+                USING ERRCODE = 'undefined_column',
+                      HINT = 'Name existing columns only: a misspelled one would be sent.';
+        END IF;
+        v_new := v_new - v_exclude;
+        v_old := v_old - v_exclude;
+    END IF;
+    IF v_supabase THEN
+        payload := jsonb_build_object('type', tg_op, 'table', tg_table_name, 'schema', tg_table_schema,
+                                      'record', v_new, 'old_record', v_old);
+    ELSIF tg_op = 'UPDATE' THEN
+        payload := jsonb_build_object('schema', tg_table_schema, 'table', tg_table_name, 'op', tg_op,
+                                      'record', v_new, 'old_record', v_old);
+    ELSE
+        payload := jsonb_build_object('schema', tg_table_schema, 'table', tg_table_name, 'op', tg_op,
+                                      'record', coalesce(v_new, v_old));
+    END IF;
+END
+$$;
+
 -- Trigger function: AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW EXECUTE FUNCTION
 -- outbox.trigger('order') enqueues order.created / order.updated / order.deleted.
 -- Arguments: the event type prefix (default: the table's name); then, optionally, the
@@ -180,91 +275,38 @@ $$;
 --                              "old_record"} (record NULL for deletes, old_record for inserts)
 -- The default shape (shape=outbox) is {"schema", "table", "op", "record", "old_record"}:
 -- record is the new row (the deleted row for deletes), old_record the row before an update.
--- Without options, nothing is parsed per row. It runs as the user whose statement fired it
--- (never as the extension's owner: building the payload runs the table's types' casts and
+-- Without options, nothing is parsed per row (options: outbox._trigger_event). It runs as
+-- the user whose statement fired it (never as the extension's owner: building the payload runs the table's types' casts and
 -- output functions, which that user may have written), with the privilege grant_producer
 -- gives: inserting an event into outbox.log.
 CREATE OR REPLACE FUNCTION outbox.trigger()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
-DECLARE
-    v_prefix   text := coalesce(TG_ARGV[0], TG_TABLE_NAME);
-    v_type     text;
-    v_data     jsonb;
-    v_new      jsonb;
-    v_old      jsonb;
-    v_tenant   text;
-    v_column   text;
-    v_exclude  text[];
-    v_supabase boolean := false;
-    v_opt      text;
 BEGIN
-    IF TG_LEVEL <> 'ROW' OR TG_WHEN <> 'AFTER' THEN
-        RAISE EXCEPTION 'outbox.trigger() must be used as an AFTER ... FOR EACH ROW trigger'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    FOR i IN 1 .. TG_NARGS - 1 LOOP
-        v_opt := TG_ARGV[i];
-        IF strpos(v_opt, '=') = 0 AND i = 1 THEN
-            v_column := v_opt;
-        ELSIF starts_with(v_opt, 'tenant=') THEN
-            v_column := substr(v_opt, 8);
-        ELSIF starts_with(v_opt, 'exclude=') THEN
-            v_exclude := regexp_split_to_array(btrim(substr(v_opt, 9)), '\s*,\s*');
-        ELSIF v_opt IN ('shape=supabase', 'shape=outbox') THEN
-            v_supabase := v_opt = 'shape=supabase';
-        ELSE
-            RAISE EXCEPTION 'outbox.trigger(): unknown argument "%" on table %.%', v_opt, TG_TABLE_SCHEMA, TG_TABLE_NAME
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = 'Arguments: the event type prefix, then tenant=<column> (or the column alone), exclude=<column>[,<column>...], shape=outbox or shape=supabase.';
-        END IF;
-    END LOOP;
-    IF TG_OP = 'INSERT' THEN
-        v_type := v_prefix || '.created';
-        v_new := to_jsonb(NEW);
-    ELSIF TG_OP = 'UPDATE' THEN
-        v_type := v_prefix || '.updated';
-        v_new := to_jsonb(NEW);
-        v_old := to_jsonb(OLD);
-    ELSIF TG_OP = 'DELETE' THEN
-        v_type := v_prefix || '.deleted';
-        v_old := to_jsonb(OLD);
+    -- The common case (a row trigger with at most a prefix) in one statement: plpgsql sets
+    -- up each expression it evaluates once per transaction, and a producer that writes one
+    -- row per transaction pays for every one. No SET clause either (it costs a GUC save and
+    -- restore per row): every name below is schema-qualified instead, so nothing on the
+    -- caller's search_path can stand in for it.
+    IF TG_LEVEL OPERATOR(pg_catalog.=) 'ROW' AND TG_WHEN OPERATOR(pg_catalog.=) 'AFTER'
+       AND TG_NARGS OPERATOR(pg_catalog.<=) 1 THEN
+        INSERT INTO outbox.log (event_type, payload)
+        VALUES (coalesce(TG_ARGV[0], TG_TABLE_NAME::text) OPERATOR(pg_catalog.||)
+                    CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN '.created'
+                         WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN '.updated'
+                         ELSE '.deleted' END,
+                CASE WHEN TG_OP OPERATOR(pg_catalog.=) 'UPDATE'
+                     THEN pg_catalog.jsonb_build_object('schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP,
+                                                        'record', pg_catalog.to_jsonb(NEW), 'old_record', pg_catalog.to_jsonb(OLD))
+                     ELSE pg_catalog.jsonb_build_object('schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP,
+                                                        'record', pg_catalog.to_jsonb(coalesce(NEW, OLD))) END);
     ELSE
-        RAISE EXCEPTION 'outbox.trigger() handles INSERT, UPDATE and DELETE, not %', TG_OP
-            USING ERRCODE = 'invalid_parameter_value';
+        INSERT INTO outbox.log (event_type, payload, tenant_id)
+        SELECT e.event_type, e.payload, e.tenant_id
+          FROM outbox._trigger_event(TG_WHEN, TG_LEVEL, TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV,
+                                     pg_catalog.to_jsonb(NEW), pg_catalog.to_jsonb(OLD)) e;
     END IF;
-    IF v_column IS NOT NULL THEN
-        IF NOT coalesce(v_new, v_old) ? v_column THEN
-            RAISE EXCEPTION 'outbox.trigger(): table %.% has no column "%" for the tenant id', TG_TABLE_SCHEMA, TG_TABLE_NAME, v_column
-                USING ERRCODE = 'undefined_column';
-        END IF;
-        v_tenant := coalesce(v_new, v_old) ->> v_column;
-    END IF;
-    IF v_exclude IS NOT NULL THEN
-        IF NOT coalesce(v_new, v_old) ?& v_exclude THEN
-            RAISE EXCEPTION 'outbox.trigger(): table %.% lacks a column of exclude=%', TG_TABLE_SCHEMA, TG_TABLE_NAME, array_to_string(v_exclude, ',')
-                USING ERRCODE = 'undefined_column',
-                      HINT = 'Name existing columns only: a misspelled one would be sent.';
-        END IF;
-        v_new := v_new - v_exclude;
-        v_old := v_old - v_exclude;
-    END IF;
-    IF v_supabase THEN
-        v_data := jsonb_build_object('type', TG_OP, 'table', TG_TABLE_NAME, 'schema', TG_TABLE_SCHEMA,
-                                     'record', v_new, 'old_record', v_old);
-    ELSIF TG_OP = 'UPDATE' THEN
-        v_data := jsonb_build_object('schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP,
-                                     'record', v_new, 'old_record', v_old);
-    ELSE
-        v_data := jsonb_build_object('schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP,
-                                     'record', coalesce(v_new, v_old));
-    END IF;
-    -- The one write: the log's defaults stamp the transaction (and wake the worker at
-    -- commit), its CHECK applies enqueue's rules.
-    INSERT INTO outbox.log (event_type, payload, tenant_id) VALUES (v_type, v_data, v_tenant);
     RETURN NULL;
 END
 $$;
@@ -282,8 +324,12 @@ AS $$
 DECLARE
     v_made integer;
 BEGIN
-    WITH ev AS (
-        SELECT * FROM unnest(p_events) WITH ORDINALITY
+    WITH ev AS MATERIALIZED (
+        -- Events from outbox.trigger get their id here, once: what is made below commits
+        -- with the cursor, so a read that fails leaves no id behind.
+        SELECT e.txid, e.seq, coalesce(e.id, outbox._new_event_id()) AS id, e.event_type, e.payload,
+               e.tenant_id, e.endpoint_id, e.deliver_at, e.created_at, e.n
+          FROM unnest(p_events) WITH ORDINALITY
             AS e(txid, seq, id, event_type, payload, tenant_id, endpoint_id, deliver_at, created_at, n)
     ),
     target AS (
@@ -567,10 +613,9 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.enqueue(text, jsonb, uuid, text, text, timestamptz), outbox.trigger() TO %s', role);
     -- What outbox.trigger, running as the writing user, needs for its one insert: the
     -- columns of an event (never txid, the caller's id or the routing columns, which only
-    -- outbox.enqueue sets), and the defaults behind the others.
+    -- outbox.enqueue sets), and the functions behind the others' defaults and checks.
     EXECUTE format('GRANT INSERT (event_type, payload, tenant_id) ON outbox.log TO %s', role);
-    EXECUTE format('GRANT USAGE ON SEQUENCE outbox.log_seq TO %s', role);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._stamp(), outbox._check_log(text, text, integer), outbox._log_part(xid8) TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._stamp(), outbox._seq(), outbox._check_log(text, text, integer), outbox._log_part(xid8) TO %s', role);
 END
 $$;
 
@@ -635,8 +680,7 @@ BEGIN
               WHERE r <> '' LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.enqueue(text, jsonb, uuid, text, text, timestamptz) TO %s', g);
         EXECUTE format('GRANT INSERT (event_type, payload, tenant_id) ON outbox.log TO %s', g);
-        EXECUTE format('GRANT USAGE ON SEQUENCE outbox.log_seq TO %s', g);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._stamp(), outbox._check_log(text, text, integer), outbox._log_part(xid8) TO %s', g);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._stamp(), outbox._seq(), outbox._check_log(text, text, integer), outbox._log_part(xid8) TO %s', g);
     END LOOP;
     FOR g IN
         SELECT DISTINCT a.grantee::regrole::text FROM pg_proc p, aclexplode(p.proacl) a

@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 mod api;
 mod errors;
 mod guc;
+mod log;
 mod wake;
 mod worker;
 

@@ -70,22 +70,10 @@ fn wake_workers() {
     }
 }
 
-/// `outbox._stamp()`, the default of `outbox.log.txid` (declared in
-/// sql/outbox/01_tables.sql): the top-level transaction id, as `pg_current_xact_id()`
-/// gives it, and the workers woken when that transaction commits. One call per event does
-/// both, so the producer's insert needs no second function.
-#[pg_extern(sql = false)]
-fn stamp() -> i64 {
-    wake_at_commit();
-    // SAFETY: called inside a transaction (a column default); assigns the transaction id
-    // if it has none yet, as pg_current_xact_id() does. xid8 is a 64-bit integer datum.
-    unsafe { pg_sys::GetTopFullTransactionId().value as i64 }
-}
-
 /// Arranges for the worker to be woken when the current transaction commits. Cheap after
 /// the first call in a transaction.
 #[pg_extern(name = "_wake_at_commit", volatile, parallel_unsafe)]
-fn wake_at_commit() {
+pub fn wake_at_commit() {
     if !SHMEM_READY.load(Ordering::Acquire) || WAKE_REGISTERED.with(Cell::get) {
         return;
     }

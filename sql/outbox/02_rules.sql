@@ -374,3 +374,10 @@ BEGIN
     RETURN ep;
 END
 $$;
+
+-- A new event id (the `webhook-id` of an event enqueued without one): `msg_` and 32 hex
+-- digits of a random UUID.
+CREATE FUNCTION outbox._new_event_id()
+RETURNS text
+LANGUAGE sql VOLATILE PARALLEL SAFE
+RETURN 'msg_' || replace(gen_random_uuid()::text, '-', '');

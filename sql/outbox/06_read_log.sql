@@ -26,8 +26,12 @@ AS $$
 DECLARE
     v_made integer;
 BEGIN
-    WITH ev AS (
-        SELECT * FROM unnest(p_events) WITH ORDINALITY
+    WITH ev AS MATERIALIZED (
+        -- Events from outbox.trigger get their id here, once: what is made below commits
+        -- with the cursor, so a read that fails leaves no id behind.
+        SELECT e.txid, e.seq, coalesce(e.id, outbox._new_event_id()) AS id, e.event_type, e.payload,
+               e.tenant_id, e.endpoint_id, e.deliver_at, e.created_at, e.n
+          FROM unnest(p_events) WITH ORDINALITY
             AS e(txid, seq, id, event_type, payload, tenant_id, endpoint_id, deliver_at, created_at, n)
     ),
     target AS (

@@ -43,10 +43,9 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.enqueue(text, jsonb, uuid, text, text, timestamptz), outbox.trigger() TO %s', role);
     -- What outbox.trigger, running as the writing user, needs for its one insert: the
     -- columns of an event (never txid, the caller's id or the routing columns, which only
-    -- outbox.enqueue sets), and the defaults behind the others.
+    -- outbox.enqueue sets), and the functions behind the others' defaults and checks.
     EXECUTE format('GRANT INSERT (event_type, payload, tenant_id) ON outbox.log TO %s', role);
-    EXECUTE format('GRANT USAGE ON SEQUENCE outbox.log_seq TO %s', role);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._stamp(), outbox._check_log(text, text, integer), outbox._log_part(xid8) TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._stamp(), outbox._seq(), outbox._check_log(text, text, integer), outbox._log_part(xid8) TO %s', role);
 END
 $$;
 
