@@ -400,17 +400,33 @@ BEGIN
     -- lie below the range scanned next.
     v_late := ARRAY(SELECT x FROM pg_snapshot_xip(c.done) x WHERE pg_visible_in_snapshot(x, v_batch));
 
-    SELECT array_agg(s.r ORDER BY s.txid, s.seq) INTO v_events
-      FROM (SELECT u.r, u.txid, u.seq
-              FROM (SELECT l AS r, l.txid, l.seq FROM outbox.log l
-                     WHERE l.txid = ANY (v_late)
-                    UNION ALL
-                    SELECT l, l.txid, l.seq FROM outbox.log l
-                     WHERE l.txid >= pg_snapshot_xmax(c.done) AND l.txid < pg_snapshot_xmax(v_batch)
-                       AND pg_visible_in_snapshot(l.txid, v_batch)) u
-             WHERE (u.txid, u.seq) > (coalesce(c.pos_txid, '0'::xid8), coalesce(c.pos_seq, 0))
-             ORDER BY u.txid, u.seq
-             LIMIT p_max) s;
+    -- Two statements rather than one with an optional position: a row comparison on
+    -- (txid, seq) that could be (0, 0) would start the index scan at the log's beginning.
+    IF c.pos_txid IS NULL THEN
+        SELECT array_agg(s.r ORDER BY s.txid, s.seq) INTO v_events
+          FROM (SELECT u.r, u.txid, u.seq
+                  FROM (SELECT l AS r, l.txid, l.seq FROM outbox.log l
+                         WHERE l.txid = ANY (v_late)
+                        UNION ALL
+                        SELECT l, l.txid, l.seq FROM outbox.log l
+                         WHERE l.txid >= pg_snapshot_xmax(c.done) AND l.txid < pg_snapshot_xmax(v_batch)
+                           AND pg_visible_in_snapshot(l.txid, v_batch)) u
+                 ORDER BY u.txid, u.seq
+                 LIMIT p_max) s;
+    ELSE
+        SELECT array_agg(s.r ORDER BY s.txid, s.seq) INTO v_events
+          FROM (SELECT u.r, u.txid, u.seq
+                  FROM (SELECT l AS r, l.txid, l.seq FROM outbox.log l
+                         WHERE l.txid = ANY (v_late) AND l.txid >= c.pos_txid
+                        UNION ALL
+                        SELECT l, l.txid, l.seq FROM outbox.log l
+                         WHERE l.txid >= greatest(pg_snapshot_xmax(c.done), c.pos_txid)
+                           AND l.txid < pg_snapshot_xmax(v_batch)
+                           AND pg_visible_in_snapshot(l.txid, v_batch)) u
+                 WHERE (u.txid, u.seq) > (c.pos_txid, c.pos_seq)
+                 ORDER BY u.txid, u.seq
+                 LIMIT p_max) s;
+    END IF;
     v_n := coalesce(cardinality(v_events), 0);
     IF v_n > 0 THEN
         PERFORM outbox._fan_out(v_events);

@@ -253,3 +253,67 @@ fn the_worker_rotates_the_log_while_it_delivers() {
         cluster.log()
     );
 }
+
+#[test]
+fn an_event_goes_to_the_endpoints_subscribed_when_it_is_read() {
+    // No worker: the log is read by hand, after the endpoints changed under the events.
+    let cluster = Cluster::start(&[]);
+    let mut c = cluster.client();
+    let id =
+        |c: &mut postgres::Client, sql: &str| -> String { c.query_one(sql, &[]).unwrap().get(0) };
+    let kept = id(
+        &mut c,
+        "SELECT outbox.create_endpoint('https://example.com/kept')::text",
+    );
+    let disabled = id(
+        &mut c,
+        "SELECT outbox.create_endpoint('https://example.com/disabled')::text",
+    );
+    let deleted = id(
+        &mut c,
+        "SELECT outbox.create_endpoint('https://example.com/deleted')::text",
+    );
+    c.batch_execute(&format!(
+        "SELECT outbox.enqueue('a.fanned', '{{}}', event_id => 'fanned');
+         SELECT outbox.enqueue('a.direct', '{{}}', event_id => 'to-disabled', endpoint_id => '{disabled}');
+         SELECT outbox.enqueue('a.direct', '{{}}', event_id => 'to-deleted', endpoint_id => '{deleted}');"
+    ))
+    .unwrap();
+    // Committed; before they are read, one endpoint is created, one disabled, one deleted.
+    let created = id(
+        &mut c,
+        "SELECT outbox.create_endpoint('https://example.com/created')::text",
+    );
+    c.batch_execute(&format!(
+        "SELECT outbox.disable_endpoint('{disabled}'); SELECT outbox.delete_endpoint('{deleted}');"
+    ))
+    .unwrap();
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT unread FROM outbox.log_status"),
+        3
+    );
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox._read_log()::int8"), 3);
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT unread FROM outbox.log_status"),
+        0
+    );
+
+    let mut got = common::lines(
+        &mut c,
+        "SELECT d.event_id || ' ' || e.url || ' ' || d.status
+           FROM outbox.delivery d JOIN outbox.endpoint e ON e.id = d.endpoint_id",
+    );
+    got.sort();
+    // The fan-out went to the endpoints enabled when it was read (the new one included,
+    // the disabled and deleted ones not); the event for the disabled endpoint waits there;
+    // the one for the deleted endpoint has nowhere to go.
+    assert_eq!(
+        got,
+        [
+            "fanned https://example.com/created pending",
+            "fanned https://example.com/kept pending",
+            "to-disabled https://example.com/disabled pending",
+        ],
+        "{kept} {created}"
+    );
+}

@@ -64,6 +64,34 @@ fn a_producer_can_enqueue_and_nothing_else() {
         "through the trigger"
     );
     assert_no_secrets_or_tables(&mut p, &ep);
+    // The log takes an event's own columns from a producer (what outbox.trigger inserts
+    // as the writing user), never the transaction stamp, an id or a target, and is not
+    // readable.
+    assert_eq!(
+        attempt(
+            &mut p,
+            "INSERT INTO outbox.log (event_type, payload) VALUES ('a.b', '{}')"
+        ),
+        "ok"
+    );
+    for sql in [
+        "INSERT INTO outbox.log (txid, event_type, payload) VALUES ('1', 'a.b', '{}')",
+        "INSERT INTO outbox.log (id, event_type, payload) VALUES ('forged', 'a.b', '{}')",
+        &format!("INSERT INTO outbox.log (endpoint_id, event_type, payload) VALUES ('{ep}', 'a.b', '{{}}')"),
+        "SELECT * FROM outbox.log",
+        "DELETE FROM outbox.log",
+        "SELECT outbox._read_log()",
+    ] {
+        assert_eq!(attempt(&mut p, sql), "42501", "must be refused: {sql}");
+    }
+    // Its check applies enqueue's rules to what a producer inserts by hand.
+    assert_eq!(
+        attempt(
+            &mut p,
+            "INSERT INTO outbox.log (event_type, payload) VALUES ('a*', '{}')"
+        ),
+        "22023"
+    );
     assert_eq!(attempt(&mut p, "SELECT * FROM outbox.deliveries"), "42501");
     assert_eq!(attempt(&mut p, "SELECT * FROM outbox.stats()"), "42501");
     assert_eq!(
@@ -76,7 +104,7 @@ fn a_producer_can_enqueue_and_nothing_else() {
         .query_one("SELECT count(*) FROM outbox.delivery", &[])
         .unwrap()
         .get(0);
-    assert_eq!(n, 2);
+    assert_eq!(n, 3);
 }
 
 #[test]

@@ -378,3 +378,104 @@ fn upgrading_from_0_3_0_keeps_a_queue_in_every_state() {
         .unwrap();
     assert_same_schema(&mut c, &mut fresh);
 }
+
+#[test]
+fn upgrading_from_0_3_1_keeps_a_queue_in_every_state_and_adds_the_log() {
+    let (cluster, mut c, ep) = install(
+        "0.3.1",
+        "CREATE ROLE app LOGIN; SELECT outbox.grant_producer('app');
+         CREATE ROLE sender LOGIN; SELECT outbox.grant_worker('sender');
+         CREATE ROLE oncall LOGIN; SELECT outbox.grant_operator('oncall');
+         CREATE TABLE public.orders (id int, total numeric);
+         GRANT INSERT ON public.orders TO app;
+         CREATE TRIGGER orders_outbox AFTER INSERT ON public.orders
+             FOR EACH ROW EXECUTE FUNCTION outbox.trigger('order');",
+    );
+    let ordered: String = c
+        .query_one(
+            "SELECT outbox.create_endpoint('https://example.com/ordered', ordered => true)::text",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // Delivered, dead, retrying, in flight, pending; an ordered endpoint's head in flight
+    // with two behind it; one due tomorrow.
+    c.batch_execute(&format!(
+        "SELECT outbox.enqueue('order.created', jsonb_build_object('n', g), event_id => 'evt-' || g, endpoint_id => '{ep}')
+           FROM generate_series(1, 8) g;
+         SELECT outbox.ack(delivery_id, attempt, 'delivered', 200) FROM outbox.claim(2, 'old', endpoint_id => '{ep}');
+         SELECT outbox.ack(delivery_id, attempt, 'dead', 400) FROM outbox.claim(2, 'old', endpoint_id => '{ep}');
+         SELECT outbox.ack(delivery_id, attempt, 'retry', 503, retry_at => now() - interval '1 second')
+           FROM outbox.claim(2, 'old', endpoint_id => '{ep}');
+         SELECT outbox.enqueue('order.created', jsonb_build_object('n', g), endpoint_id => '{ordered}') FROM generate_series(1, 3) g;
+         SELECT count(*) FROM outbox.claim(1, 'old', endpoint_id => '{ordered}');
+         SELECT outbox.enqueue('later', '{{}}', event_id => 'later', endpoint_id => '{ep}', deliver_at => now() + interval '1 day');"
+    ))
+    .unwrap();
+    let held = c
+        .query_one(
+            &format!("SELECT delivery_id::text, attempt FROM outbox.claim(1, 'old', endpoint_id => '{ep}')"),
+            &[],
+        )
+        .unwrap();
+    let (held_id, held_attempt): (String, i32) = (held.get(0), held.get(1));
+    let columns = "id, event_id, endpoint_id, status, attempts, due_at, seq";
+    let before = deliveries(&mut c, columns);
+
+    c.batch_execute("ALTER EXTENSION webhook_outbox UPDATE")
+        .unwrap();
+    assert_eq!(
+        deliveries(&mut c, columns),
+        before,
+        "queued work is untouched"
+    );
+
+    // The lease taken before the upgrade is honoured; what is due can be taken (2 retrying,
+    // 1 never tried), the ordered endpoint's head still holding back the two behind it.
+    c.batch_execute(&format!(
+        "SELECT outbox.ack('{held_id}', {held_attempt}, 'delivered', 200)"
+    ))
+    .unwrap();
+    let taken: Vec<String> = c
+        .query(
+            "SELECT endpoint_id::text FROM outbox.claim(100, 'new')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(taken.iter().filter(|e| **e == ep).count(), 3, "{taken:?}");
+    assert!(!taken.contains(&ordered), "{taken:?}");
+
+    // A producer granted before the upgrade writes through the trigger into the log, and
+    // the next claim reads it.
+    let mut app = cluster.client_as("app");
+    app.batch_execute("INSERT INTO public.orders VALUES (1, 9.5)")
+        .unwrap();
+    let new: Vec<String> = c
+        .query(
+            &format!("SELECT event_type FROM outbox.claim(10, 'new', endpoint_id => '{ep}')"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(new, ["order.created"]);
+    let mut sender = cluster.client_as("sender");
+    sender
+        .batch_execute("SELECT outbox._rotate_log(); SELECT outbox._read_log();")
+        .unwrap();
+
+    c.batch_execute("CREATE DATABASE fresh").unwrap();
+    let mut fresh = cluster.client_to("fresh");
+    fresh
+        .batch_execute(
+            "CREATE EXTENSION webhook_outbox;
+             SELECT outbox.grant_producer('app'); SELECT outbox.grant_worker('sender');
+             SELECT outbox.grant_operator('oncall');",
+        )
+        .unwrap();
+    assert_same_schema(&mut c, &mut fresh);
+}

@@ -307,11 +307,6 @@ impl Worker {
                     return Ok(None);
                 };
                 installed = Some(version.clone());
-                // The log first: what committed since the last cycle becomes deliveries (and
-                // the tables are taken in the order DROP EXTENSION takes them).
-                if store::has_log(&version) {
-                    store::read_log(client)?;
-                }
                 let orphans = if take_orphans && store::has_lock_free_acks(&version) {
                     Some(store::requeue_orphaned(client)?)
                 } else {

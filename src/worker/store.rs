@@ -23,11 +23,6 @@ fn at_least(version: &str, min: &[u32]) -> bool {
     parts.as_slice() >= min
 }
 
-/// Does the installed SQL have the event log (0.4.0)? Older SQL fans out at enqueue.
-pub fn has_log(version: &str) -> bool {
-    at_least(version, &[0, 4, 0])
-}
-
 /// Longest error text sent to SQL. The rule for what is stored is `ack_batch`'s (it bounds
 /// every sender's texts); this only keeps a hostile receiver's megabytes off the SPI call.
 const MAX_ERROR_TRANSPORT_BYTES: usize = 16 * 1024;
@@ -382,16 +377,6 @@ pub fn purge_batch(
                 batch.into(),
             ],
         )
-        .and_then(|t| t.first().get::<i64>(1))
-        .map(|n| n.unwrap_or(0))
-        .map_err(|e| e.to_string())
-}
-
-/// Reads what committed since the last read from the log and fans it out (see
-/// `outbox._read_log`); returns how many events it read.
-pub fn read_log(client: &mut SpiClient<'_>) -> Result<i64, StoreError> {
-    client
-        .update("SELECT outbox._read_log()::int8", None, &[])
         .and_then(|t| t.first().get::<i64>(1))
         .map(|n| n.unwrap_or(0))
         .map_err(|e| e.to_string())
