@@ -145,6 +145,36 @@ fn a_batch_larger_than_one_read_is_read_in_parts_across_a_restart() {
         .get::<_, bool>(0));
 }
 
+#[test]
+fn large_payloads_are_read_in_parts_bounded_by_bytes() {
+    let cluster = Cluster::start(&[]);
+    let mut c = cluster.client();
+    c.batch_execute("SELECT outbox.create_endpoint('https://example.com/hook')")
+        .unwrap();
+    // Five events of about 10 kB each (all different), one transaction.
+    c.batch_execute(
+        "SELECT outbox.enqueue('t.big', to_jsonb((SELECT string_agg(md5(g::text || '-' || k::text), '')
+                                                   FROM generate_series(1, 320) k)))
+           FROM generate_series(1, 5) g",
+    )
+    .unwrap();
+    // A part takes events until their payloads reach the bound, the first one always:
+    // with a bound below any payload, each part is one event; the count limit is far.
+    let part = |c: &mut postgres::Client, bound: i64| {
+        scalar_i64(c, &format!("SELECT outbox._read_log(1000, {bound})::int8"))
+    };
+    for _ in 0..3 {
+        assert_eq!(part(&mut c, 1), 1);
+    }
+    // A bound of a few payloads takes the rest at once: the last two.
+    assert_eq!(part(&mut c, 1_000_000), 2);
+    assert_eq!(part(&mut c, 1), 0);
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(DISTINCT payload) FROM outbox.event"),
+        5
+    );
+}
+
 /// Uses up transaction ids until the next one is in the window `window` (of 65,536, as
 /// `outbox._log_part` counts them) and a few ids into it: one transaction whose
 /// subtransactions each take one.

@@ -70,22 +70,28 @@ BEGIN
 END
 $$;
 
--- Reads the next part of the log (at most p_max events) and fans it out; returns how many
--- events it read. One reader at a time: another caller meanwhile returns 0 at once (its
--- claim goes on with what is fanned out already). A batch larger than p_max is read over
--- several calls, from where the last stopped. Only under READ COMMITTED: a transaction
--- whose snapshot is older than the cursor's could move it backwards.
-CREATE FUNCTION outbox._read_log(p_max integer DEFAULT 5000)
+-- Reads the next part of the log (at most p_max events, and no more events once their
+-- payloads reach p_max_bytes as stored) and fans it out; returns how many events it read. One
+-- reader at a time: another caller meanwhile returns 0 at once (its claim goes on with what
+-- is fanned out already). A batch larger than a part is read over several calls, from
+-- where the last stopped. Only under READ COMMITTED: a transaction whose snapshot is older
+-- than the cursor's could move it backwards.
+CREATE FUNCTION outbox._read_log(p_max integer DEFAULT 5000, p_max_bytes bigint DEFAULT 64 * 1024 * 1024)
 RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    c        outbox.log_cursor;
-    v_batch  pg_snapshot;
-    v_late   xid8[];
-    v_events outbox.log[];
-    v_n      integer;
+    c         outbox.log_cursor;
+    v_batch   pg_snapshot;
+    v_late    xid8[];
+    v_from    xid8;
+    v_from_seq bigint;
+    r         outbox.log;
+    v_events  outbox.log[] := '{}';
+    v_n       integer := 0;
+    v_bytes   bigint := 0;
+    v_more    boolean := false;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed'
        OR NOT pg_try_advisory_xact_lock(outbox._log_lock(), 0) THEN
@@ -101,41 +107,37 @@ BEGIN
     -- Transactions in progress when `done` was taken that have ended since: their events
     -- lie below the range scanned next.
     v_late := ARRAY(SELECT x FROM pg_snapshot_xip(c.done) x WHERE pg_visible_in_snapshot(x, v_batch));
+    -- Where the last part of this batch ended, if it is read in parts. Compared column by
+    -- column: a row comparison would make (0, 0) the index scan's start, the log's beginning.
+    v_from := coalesce(c.pos_txid, '0'::xid8);
+    v_from_seq := coalesce(c.pos_seq, 0);
 
-    -- Two statements rather than one with an optional position: a row comparison on
-    -- (txid, seq) that could be (0, 0) would start the index scan at the log's beginning.
-    IF c.pos_txid IS NULL THEN
-        SELECT array_agg(s.r ORDER BY s.txid, s.seq) INTO v_events
-          FROM (SELECT u.r, u.txid, u.seq
-                  FROM (SELECT l AS r, l.txid, l.seq FROM outbox.log l
-                         WHERE l.txid = ANY (v_late)
-                        UNION ALL
-                        SELECT l, l.txid, l.seq FROM outbox.log l
-                         WHERE l.txid >= pg_snapshot_xmax(c.done) AND l.txid < pg_snapshot_xmax(v_batch)
-                           AND pg_visible_in_snapshot(l.txid, v_batch)) u
-                 ORDER BY u.txid, u.seq
-                 LIMIT p_max) s;
-    ELSE
-        SELECT array_agg(s.r ORDER BY s.txid, s.seq) INTO v_events
-          FROM (SELECT u.r, u.txid, u.seq
-                  FROM (SELECT l AS r, l.txid, l.seq FROM outbox.log l
-                         WHERE l.txid = ANY (v_late) AND l.txid >= c.pos_txid
-                        UNION ALL
-                        SELECT l, l.txid, l.seq FROM outbox.log l
-                         WHERE l.txid >= greatest(pg_snapshot_xmax(c.done), c.pos_txid)
-                           AND l.txid < pg_snapshot_xmax(v_batch)
-                           AND pg_visible_in_snapshot(l.txid, v_batch)) u
-                 WHERE (u.txid, u.seq) > (c.pos_txid, c.pos_seq)
-                 ORDER BY u.txid, u.seq
-                 LIMIT p_max) s;
-    END IF;
-    v_n := coalesce(cardinality(v_events), 0);
+    -- A loop, so that the scan stops where the part ends: the byte bound keeps a batch of
+    -- large payloads from becoming one array past what a backend can allocate.
+    FOR r IN
+        SELECT l.* FROM outbox.log l
+         WHERE l.txid = ANY (v_late) AND l.txid >= v_from AND (l.txid > v_from OR l.seq > v_from_seq)
+        UNION ALL
+        SELECT l.* FROM outbox.log l
+         WHERE l.txid >= greatest(pg_snapshot_xmax(c.done), v_from) AND l.txid < pg_snapshot_xmax(v_batch)
+           AND pg_visible_in_snapshot(l.txid, v_batch)
+           AND (l.txid > v_from OR l.seq > v_from_seq)
+         ORDER BY 1, 2
+    LOOP
+        IF v_n >= greatest(p_max, 1) OR v_bytes >= p_max_bytes THEN
+            v_more := true;
+            EXIT;
+        END IF;
+        v_events := v_events || r;
+        v_n := v_n + 1;
+        v_bytes := v_bytes + pg_column_size(r.payload);
+    END LOOP;
     IF v_n > 0 THEN
         PERFORM outbox._fan_out(v_events);
     END IF;
 
-    IF v_n = p_max THEN
-        -- More of this batch may follow: remember where this part ended.
+    IF v_more THEN
+        -- More of this batch follows: remember where this part ended.
         INSERT INTO outbox.log_cursor (done, batch, pos_txid, pos_seq, events)
         VALUES (c.done, v_batch, (v_events[v_n]).txid, (v_events[v_n]).seq, v_n);
     ELSIF v_n > 0 OR c.batch IS NOT NULL OR c.created_at < now() - interval '10 seconds' THEN

@@ -267,15 +267,24 @@ pub fn lockable(
         .partition(|r| free.contains(&r.delivery_id)))
 }
 
+/// Runs a statement that returns one bigint (a count), NULL counting as 0.
+fn count(
+    client: &mut SpiClient<'_>,
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Result<i64, StoreError> {
+    client
+        .update(sql, None, args)
+        .and_then(|t| t.first().get::<i64>(1))
+        .map(|n| n.unwrap_or(0))
+        .map_err(|e| e.to_string())
+}
+
 /// Takes back the leases of built-in workers that are no longer running (this worker's
 /// predecessor, killed or crashed): their endpoints resume at once instead of after the
 /// lease. Returns how many deliveries went back to pending.
 pub fn requeue_orphaned(client: &mut SpiClient<'_>) -> Result<i64, StoreError> {
-    client
-        .update("SELECT outbox._requeue_orphaned()::int8", None, &[])
-        .and_then(|t| t.first().get::<i64>(1))
-        .map(|n| n.unwrap_or(0))
-        .map_err(|e| e.to_string())
+    count(client, "SELECT outbox._requeue_orphaned()::int8", &[])
 }
 
 /// Records what of `records` can be recorded without waiting (all of them, with SQL older
@@ -316,33 +325,29 @@ pub fn record(
     let durations: Vec<Option<f64>> = records.iter().map(|r| r.duration_ms).collect();
     let waits: Vec<Option<f64>> = records.iter().map(|r| r.retry_after_ms).collect();
     let bodies: Vec<Option<String>> = records.iter().map(|r| r.response_body.clone()).collect();
-    client
-        .update(
+    count(
+        client,
             // Qualified throughout, like everything the worker runs: its search_path is
-            // pinned as well, but a name that needs no lookup cannot be planted.
-            "SELECT pg_catalog.count(*) FROM outbox.ack_batch(
-                 $1, $2, $3::pg_catalog.text[]::outbox.attempt_outcome[], $4, $5, $6,
-                 (SELECT pg_catalog.array_agg(pg_catalog.now()
-                             OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => w OPERATOR(pg_catalog./) 1000)
-                         ORDER BY i)
-                    FROM pg_catalog.unnest($7::pg_catalog.float8[]) WITH ORDINALITY AS t(w, i)),
-                 $8, $9)",
-            None,
-            &[
-                ids.into(),
-                attempts.into(),
-                outcomes.into(),
-                codes.into(),
-                errors.into(),
-                durations.into(),
-                waits.into(),
-                bodies.into(),
-                worker.into(),
-            ],
-        )
-        .and_then(|t| t.first().get::<i64>(1))
-        .map(|n| n.unwrap_or(0))
-        .map_err(|e| e.to_string())
+        // pinned as well, but a name that needs no lookup cannot be planted.
+        "SELECT pg_catalog.count(*) FROM outbox.ack_batch(
+             $1, $2, $3::pg_catalog.text[]::outbox.attempt_outcome[], $4, $5, $6,
+             (SELECT pg_catalog.array_agg(pg_catalog.now()
+                         OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => w OPERATOR(pg_catalog./) 1000)
+                     ORDER BY i)
+                FROM pg_catalog.unnest($7::pg_catalog.float8[]) WITH ORDINALITY AS t(w, i)),
+             $8, $9)",
+        &[
+            ids.into(),
+            attempts.into(),
+            outcomes.into(),
+            codes.into(),
+            errors.into(),
+            durations.into(),
+            waits.into(),
+            bodies.into(),
+            worker.into(),
+        ],
+    )
 }
 
 /// How long until the claim can next take something (a retry coming due, a circuit's probe,
@@ -367,27 +372,19 @@ pub fn purge_batch(
     // "Forever" is a century: simpler than a second query shape.
     let age =
         |d: Option<Duration>| format!("{} seconds", d.map_or(100 * 365 * 86_400, |d| d.as_secs()));
-    client
-        .update(
-            "SELECT outbox._purge_batch($1::pg_catalog.interval, $2::pg_catalog.interval, $3)",
-            None,
-            &[
-                age(delivered).as_str().into(),
-                age(dead).as_str().into(),
-                batch.into(),
-            ],
-        )
-        .and_then(|t| t.first().get::<i64>(1))
-        .map(|n| n.unwrap_or(0))
-        .map_err(|e| e.to_string())
+    count(
+        client,
+        "SELECT outbox._purge_batch($1::pg_catalog.interval, $2::pg_catalog.interval, $3)",
+        &[
+            age(delivered).as_str().into(),
+            age(dead).as_str().into(),
+            batch.into(),
+        ],
+    )
 }
 
 /// Truncates what of the log has been read (see `outbox._rotate_log`); returns how many
 /// tables it truncated.
 pub fn rotate_log(client: &mut SpiClient<'_>) -> Result<i64, StoreError> {
-    client
-        .update("SELECT outbox._rotate_log()::int8", None, &[])
-        .and_then(|t| t.first().get::<i64>(1))
-        .map(|n| n.unwrap_or(0))
-        .map_err(|e| e.to_string())
+    count(client, "SELECT outbox._rotate_log()::int8", &[])
 }
