@@ -687,6 +687,44 @@ SELECT u.unread, u.oldest_unread_age, c.created_at AS last_read_at, c.batch IS N
           AND NOT pg_visible_in_snapshot(l.txid, c.done)
           AND (c.pos_txid IS NULL OR (l.txid, l.seq) > (c.pos_txid, c.pos_seq))) u;
 
+-- Counters and gauges in the shape Prometheus exporters want: one row per metric and label
+-- set. See contrib/postgres_exporter.yml.
+CREATE OR REPLACE VIEW outbox.metrics AS
+SELECT 'outbox_deliveries'::text AS metric, 'pending'::text AS status, NULL::text AS endpoint_id,
+       count(*)::double precision AS value
+  FROM outbox.delivery WHERE status = 'pending'
+UNION ALL
+SELECT 'outbox_deliveries', 'in_flight', NULL, count(*) FROM outbox.delivery WHERE status = 'in_flight'
+UNION ALL
+SELECT 'outbox_deliveries', 'dead', NULL, count(*) FROM outbox.delivery WHERE status = 'dead'
+UNION ALL
+SELECT 'outbox_oldest_pending_seconds', NULL, NULL,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0)
+  FROM outbox.delivery WHERE status = 'pending'
+UNION ALL
+-- Events committed but not read from the log yet, and the oldest one's age: a reader that
+-- stopped shows here before anything shows as pending.
+SELECT 'outbox_log_unread', NULL, NULL, s.unread FROM outbox.log_status s
+UNION ALL
+SELECT 'outbox_log_oldest_unread_seconds', NULL, NULL, coalesce(extract(epoch FROM s.oldest_unread_age), 0)
+  FROM outbox.log_status s
+UNION ALL
+SELECT 'outbox_finished_total', h.outcome::text, h.endpoint_id::text, sum(h.deliveries)
+  FROM outbox.stats_hourly h GROUP BY h.outcome, h.endpoint_id
+UNION ALL
+SELECT 'outbox_attempts_total', NULL, h.endpoint_id::text, sum(h.attempts)
+  FROM outbox.stats_hourly h GROUP BY h.endpoint_id
+UNION ALL
+SELECT 'outbox_endpoint_consecutive_failures', NULL, st.endpoint_id::text, st.consecutive_failures
+  FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL
+UNION ALL
+SELECT 'outbox_endpoint_enabled', NULL, e.id::text, CASE WHEN e.enabled THEN 1 ELSE 0 END
+  FROM outbox.endpoint e WHERE e.deleted_at IS NULL
+UNION ALL
+SELECT 'outbox_endpoint_circuit_open', st.circuit::text, st.endpoint_id::text,
+       CASE WHEN st.circuit = 'closed' THEN 0 ELSE 1 END
+  FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL;
+
 
 -- Producers get the new enqueue back, and the insert into the log outbox.trigger makes as
 -- the writing user; roles the worker connects as get the log's rotation.

@@ -96,16 +96,28 @@ fn the_postgres_exporter_queries_run_as_an_operator() {
             "SELECT outbox.ack(delivery_id, attempt, 'delivered', 200) FROM outbox.claim(3);",
         )
         .unwrap();
+    admin
+        .batch_execute("SELECT outbox.enqueue('a.unread', '{}')")
+        .unwrap();
     let info = cluster.conninfo().replace("user=postgres", "user=exporter");
     let mut exporter = postgres::Client::connect(&info, postgres::NoTls).unwrap();
     let queries = exporter_queries();
-    assert_eq!(queries.len(), 5);
+    assert_eq!(queries.len(), 6);
     for (query, columns) in queries {
         let rows = exporter.query(query.as_str(), &[]).unwrap();
         assert!(!rows.is_empty(), "no rows from {query}");
         let names: Vec<&str> = rows[0].columns().iter().map(|c| c.name()).collect();
         assert_eq!(names, columns, "{query}");
     }
+    // The event enqueued last is still unread: the claim above read only what came before.
+    let unread: f64 = exporter
+        .query_one(
+            "SELECT value FROM outbox.metrics WHERE metric = 'outbox_log_unread'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(unread, 1.0);
     let delivered: f64 = exporter
         .query_one("SELECT value FROM outbox.metrics WHERE metric = 'outbox_finished_total' AND status = 'delivered'", &[])
         .unwrap()

@@ -107,6 +107,20 @@ SELECT a.created_at, a.delivery_id, d.event_id, ev.event_type, d.endpoint_id, e.
  WHERE a.outcome IN ('retry', 'dead')
  ORDER BY a.created_at DESC;
 
+-- How far reading the log has come: events committed but not yet read (so not yet
+-- deliveries), how long the oldest of them has waited, when the log was last read, and
+-- whether a batch is being read in parts. Unread events that stay there mean no worker
+-- (or outbox.claim) is reading: see docs/troubleshooting.md.
+CREATE VIEW outbox.log_status AS
+SELECT u.unread, u.oldest_unread_age, c.created_at AS last_read_at, c.batch IS NOT NULL AS reading
+  FROM (SELECT * FROM outbox.log_cursor ORDER BY id DESC LIMIT 1) c
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS unread, now() - min(l.created_at) AS oldest_unread_age
+         FROM outbox.log l
+        WHERE (l.txid >= pg_snapshot_xmax(c.done) OR l.txid = ANY (ARRAY(SELECT pg_snapshot_xip(c.done))))
+          AND NOT pg_visible_in_snapshot(l.txid, c.done)
+          AND (c.pos_txid IS NULL OR (l.txid, l.seq) > (c.pos_txid, c.pos_seq))) u;
+
 -- Counters and gauges in the shape Prometheus exporters want: one row per metric and label
 -- set. See contrib/postgres_exporter.yml.
 CREATE VIEW outbox.metrics AS
@@ -121,6 +135,13 @@ UNION ALL
 SELECT 'outbox_oldest_pending_seconds', NULL, NULL,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)
   FROM outbox.delivery WHERE status = 'pending'
+UNION ALL
+-- Events committed but not read from the log yet, and the oldest one's age: a reader that
+-- stopped shows here before anything shows as pending.
+SELECT 'outbox_log_unread', NULL, NULL, s.unread FROM outbox.log_status s
+UNION ALL
+SELECT 'outbox_log_oldest_unread_seconds', NULL, NULL, coalesce(extract(epoch FROM s.oldest_unread_age), 0)
+  FROM outbox.log_status s
 UNION ALL
 SELECT 'outbox_finished_total', h.outcome::text, h.endpoint_id::text, sum(h.deliveries)
   FROM outbox.stats_hourly h GROUP BY h.outcome, h.endpoint_id
@@ -155,17 +176,3 @@ SELECT t.tgrelid::regclass AS table_name, t.tgname::text AS trigger_name,
  CROSS JOIN LATERAL (
        SELECT (string_to_array(encode(t.tgargs, 'escape'), '\000'))[1:t.tgnargs] AS args) a
  WHERE t.tgfoid = 'outbox.trigger()'::regprocedure AND NOT t.tgisinternal;
-
--- How far reading the log has come: events committed but not yet read (so not yet
--- deliveries), how long the oldest of them has waited, when the log was last read, and
--- whether a batch is being read in parts. Unread events that stay there mean no worker
--- (or outbox.claim) is reading: see docs/troubleshooting.md.
-CREATE VIEW outbox.log_status AS
-SELECT u.unread, u.oldest_unread_age, c.created_at AS last_read_at, c.batch IS NOT NULL AS reading
-  FROM (SELECT * FROM outbox.log_cursor ORDER BY id DESC LIMIT 1) c
- CROSS JOIN LATERAL (
-       SELECT count(*) AS unread, now() - min(l.created_at) AS oldest_unread_age
-         FROM outbox.log l
-        WHERE (l.txid >= pg_snapshot_xmax(c.done) OR l.txid = ANY (ARRAY(SELECT pg_snapshot_xip(c.done))))
-          AND NOT pg_visible_in_snapshot(l.txid, c.done)
-          AND (c.pos_txid IS NULL OR (l.txid, l.seq) > (c.pos_txid, c.pos_seq))) u;
