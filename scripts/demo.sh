@@ -87,7 +87,7 @@ WITH o AS (
     VALUES ('ada', 12.50), ('grace', 99.00), ('linus', 7.25)
     RETURNING id, customer, total
 )
-SELECT count(*) AS deliveries_enqueued
+SELECT count(*) AS events_enqueued
   FROM o, outbox.enqueue('order.created', to_jsonb(o));
 COMMIT;
 BEGIN;
@@ -97,7 +97,7 @@ SQL
 
 log "waiting for the worker to deliver them"
 for _ in $(seq 1 100); do
-  left=$(psql -tA -c "SELECT pending + in_flight FROM outbox.stats()")
+  left=$(psql -tA -c "SELECT pending + in_flight + (SELECT unread FROM outbox.log_status) FROM outbox.stats()")
   [ "$left" = "0" ] && break
   sleep 0.1
 done

@@ -134,6 +134,9 @@ BEGIN
     END LOOP;
     IF v_n > 0 THEN
         PERFORM outbox._fan_out(v_events);
+        -- The other workers claim too: they were woken by the producers' commits, found
+        -- nothing fanned out yet, and would otherwise sleep until their poll interval.
+        PERFORM outbox._wake_at_commit();
     END IF;
 
     IF v_more THEN
