@@ -323,7 +323,7 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"outbox.max_payload_size",
-        c"Largest event payload outbox.enqueue accepts (bytes of JSON text).",
+        c"Largest event payload outbox.enqueue and outbox.trigger accept (bytes of its stored jsonb form).",
         c"Larger payloads are refused with SQLSTATE 54000.",
         &MAX_PAYLOAD_SIZE,
         1,

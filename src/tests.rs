@@ -227,7 +227,7 @@ fn enqueue_with_an_event_id_is_idempotent() {
     assert_eq!(count("SELECT count(*) FROM outbox.log"), 1, "the second enqueue appends nothing");
     assert_eq!(fan_out(), 2);
     assert_eq!(count("SELECT count(*) FROM outbox.delivery"), 2);
-    // Fanning the same events out again (a batch read again after a crash) makes nothing twice.
+    // Fanning the same events out again makes nothing twice (outbox.delivery's unique key).
     assert_eq!(count("SELECT outbox._fan_out(array_agg(l))::int8 FROM outbox.log l"), 0);
     // Another event under a known id is refused, never mixed up with the first.
     assert_refused("SELECT outbox.enqueue('a.b', '{\"v\": 2}', event_id => 'order-42')", "23505");

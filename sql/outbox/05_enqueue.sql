@@ -28,8 +28,10 @@ DECLARE
     v_id       text;
     v_due      timestamptz;
 BEGIN
+    -- The payload counts by its stored size, as the log's CHECK counts it: one rule, and
+    -- no conversion of the JSON to text to measure it.
     PERFORM outbox._check_event(enqueue.event_type, enqueue.event_id, enqueue.tenant_id,
-                                octet_length(enqueue.payload::text));
+                                pg_column_size(enqueue.payload));
     IF enqueue.deliver_at IS NOT NULL THEN
         v_due := outbox._check_deliver_at(enqueue.deliver_at);
     END IF;

@@ -9,8 +9,8 @@
 -- `batch` and not in `done`: every committed transaction is in exactly one batch, a
 -- rolled-back one in none (its rows are invisible), and a long one delays only its own
 -- events. The batch's fan-out and the cursor's advance to `batch` commit together, so a
--- crash re-reads an unfinished batch and loses nothing (outbox.delivery's unique key makes
--- the re-read create nothing twice).
+-- crash re-reads an unfinished batch, loses nothing, and finds nothing of its first read
+-- (which did not commit either).
 -------------------------------------------------------------------------------------------
 
 -- Turns events into deliveries: one per endpoint that is enabled, not deleted, of the
@@ -25,6 +25,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_made integer;
+    v_fed  integer;
+    v_feed boolean := outbox._feed_on();
 BEGIN
     WITH ev AS MATERIALIZED (
         -- Events from outbox.trigger get their id here, once: what is made below commits
@@ -60,12 +62,13 @@ BEGIN
         ON CONFLICT (event_id, endpoint_id, replay_of) DO NOTHING
         RETURNING id, endpoint_id, tenant_id, event_id
     )
-    SELECT count(*) INTO v_made
+    -- The live feed, when it is on, hears of each new delivery; its event type comes from
+    -- a join (an event's id is unique within its tenant), not a lookup per delivery.
+    SELECT count(*), count(outbox._feed(m.id, m.endpoint_id, m.tenant_id, e.event_type, 'queued', 0)) FILTER (WHERE v_feed)
+      INTO v_made, v_fed
       FROM made m
-      LEFT JOIN LATERAL (
-          SELECT outbox._feed(m.id, m.endpoint_id, m.tenant_id,
-                              (SELECT t.event_type FROM target t WHERE t.id = m.event_id LIMIT 1), 'queued', 0)
-           WHERE outbox._feed_on()) feed ON true;
+      JOIN (SELECT DISTINCT ON (ev.id, ev.tenant_id) ev.id, ev.tenant_id, ev.event_type FROM ev) e
+        ON e.id = m.event_id AND e.tenant_id IS NOT DISTINCT FROM m.tenant_id;
     RETURN v_made;
 END
 $$;
