@@ -3,6 +3,8 @@
 -- Producers append one row to outbox.log and nothing else; the worker (or outbox.claim)
 -- reads the log in snapshot-bounded batches and fans each event out to its endpoints after
 -- the producer committed. outbox.enqueue returns the event id instead of delivery ids.
+-- The worker sends first attempts straight from a batch and writes each delivery once, as
+-- its attempt left it; outbox.ack_batch and the batch's close share their bookkeeping.
 -- Functions that change are restated whole; queued deliveries are kept as they are.
 
 -- The event log: what producers write, and all they write. One row per enqueued event,
@@ -86,6 +88,42 @@ CREATE TABLE outbox.log_cursor (
 -- Reading starts here: events committed from now on.
 INSERT INTO outbox.log_cursor (done) VALUES (pg_current_snapshot());
 
+-- A finished attempt as the bookkeeping after it needs it (outbox._account): written by
+-- outbox.ack_batch for claimed deliveries and by outbox._close_batch for first attempts
+-- sent straight from a batch of the log.
+CREATE TYPE outbox._settled AS (
+    id            uuid,
+    endpoint_id   uuid,
+    event_id      text,
+    tenant_id     text,
+    created_at    timestamptz,
+    attempt       integer,
+    outcome       outbox.attempt_outcome,
+    status_code   integer,
+    error         text,
+    duration_ms   double precision,
+    response_body text,
+    event_type    text
+);
+
+-- A first attempt the worker sent straight from a batch of the log (outbox._read_batch):
+-- the event (by its place in the log), the endpoint, the delivery id it was sent as, and
+-- what came of it (outcome NULL: still in flight) as outbox._decided judged it.
+CREATE TYPE outbox._sent AS (
+    id            uuid,
+    txid          bigint,
+    seq           bigint,
+    endpoint_id   uuid,
+    attempt       integer,
+    outcome       outbox.attempt_outcome,
+    status_code   integer,
+    error         text,
+    last_error    text,
+    duration_ms   double precision,
+    response_body text,
+    next_at       timestamptz
+);
+
 -- Whether the caller runs inside a transaction block: outbox.claim reads the log only
 -- outside one.
 CREATE FUNCTION outbox._in_transaction_block() RETURNS bool
@@ -109,6 +147,22 @@ CREATE OR REPLACE FUNCTION outbox._new_event_id()
 RETURNS text
 LANGUAGE sql VOLATILE PARALLEL SAFE
 RETURN 'msg_' || replace(gen_random_uuid()::text, '-', '');
+
+-- The id of an event outbox.trigger appended without one, from its place in the log and
+-- its time (see the Rust ids module): every read of it, a repeated one too, gives the same
+-- `webhook-id`.
+CREATE OR REPLACE FUNCTION outbox._log_event_id(txid xid8, seq bigint, created_at timestamptz)
+RETURNS text
+LANGUAGE c STABLE STRICT PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'log_event_id_wrapper';
+
+-- The request body of an event, as every sender sends it (Standard Webhooks' shape).
+CREATE OR REPLACE FUNCTION outbox._body(p_event_type text, p_created_at timestamptz, p_payload jsonb)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN json_build_object('type', p_event_type,
+                         'timestamp', to_char(p_created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                         'data', p_payload)::text;
 
 -- Appends one event to the log, in the caller's transaction, and returns its id (the
 -- `webhook-id`). Nothing else happens here: after the transaction commits, the worker (or
@@ -313,12 +367,48 @@ BEGIN
 END
 $$;
 
--- Turns events into deliveries: one per endpoint that is enabled, not deleted, of the
--- event's tenant and subscribed to its type (outbox._filter_matches) at this moment; or,
--- for an event enqueued for one endpoint, one for that endpoint unless it was deleted.
--- Deliveries to ordered endpoints are numbered in the order of p_events. Returns how many
--- deliveries it made.
-CREATE OR REPLACE FUNCTION outbox._fan_out(p_events outbox.log[])
+-- Who receives each event of p_events (n: its place there): the endpoint it was enqueued
+-- for, unless that was deleted; otherwise every endpoint that is enabled, not deleted, of
+-- the event's tenant and subscribed to its type (outbox._filter_matches) at this moment.
+-- Events from outbox.trigger get their id here (outbox._log_event_id: the same on every
+-- read).
+CREATE OR REPLACE FUNCTION outbox._targets(p_events outbox.log[])
+RETURNS TABLE (n bigint, txid xid8, seq bigint, id text, event_type text, payload jsonb, tenant_id text,
+               deliver_at timestamptz, created_at timestamptz, endpoint_id uuid, ordered boolean)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
+    RETURN QUERY
+    WITH ev AS MATERIALIZED (
+        SELECT e.n, e.txid, e.seq, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)) AS id, e.event_type,
+               e.payload, e.tenant_id, e.endpoint_id, e.deliver_at, e.created_at
+          FROM unnest(p_events) WITH ORDINALITY
+            AS e(txid, seq, id, event_type, payload, tenant_id, endpoint_id, deliver_at, created_at, n)
+    )
+    SELECT ev.n, ev.txid, ev.seq, ev.id, ev.event_type, ev.payload, ev.tenant_id, ev.deliver_at,
+           ev.created_at, ep.id, ep.ordered
+      FROM ev JOIN outbox.endpoint ep ON ep.id = ev.endpoint_id AND ep.deleted_at IS NULL
+    UNION ALL
+    SELECT ev.n, ev.txid, ev.seq, ev.id, ev.event_type, ev.payload, ev.tenant_id, ev.deliver_at,
+           ev.created_at, ep.id, ep.ordered
+      FROM ev JOIN outbox.endpoint ep
+        ON ev.endpoint_id IS NULL AND ep.enabled AND ep.deleted_at IS NULL
+       AND ep.tenant_id IS NOT DISTINCT FROM ev.tenant_id
+       AND outbox._filter_matches(ep.event_types, ev.event_type);
+END
+$$;
+
+-- Turns events into deliveries, one per target (outbox._targets); returns how many it
+-- made. Deliveries to ordered endpoints are numbered in the order of p_events. p_sent are
+-- the first attempts the worker already sent from this batch (outbox._read_batch): their
+-- deliveries are made as those attempts left them (delivered, dead, retrying, or still in
+-- flight under p_worker's lease of p_lease) instead of pending, and are made even if the
+-- endpoint no longer takes the event (it was sent: it is recorded).
+CREATE OR REPLACE FUNCTION outbox._fan_out(p_events outbox.log[], p_sent outbox._sent[] DEFAULT '{}',
+                                p_worker text DEFAULT NULL, p_lease interval DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -328,37 +418,68 @@ DECLARE
     v_fed  integer;
     v_feed boolean := outbox._feed_on();
 BEGIN
-    WITH ev AS MATERIALIZED (
-        -- Events from outbox.trigger get their id here, once: what is made below commits
-        -- with the cursor, so a read that fails leaves no id behind.
-        SELECT e.txid, e.seq, coalesce(e.id, outbox._new_event_id()) AS id, e.event_type, e.payload,
-               e.tenant_id, e.endpoint_id, e.deliver_at, e.created_at, e.n
-          FROM unnest(p_events) WITH ORDINALITY
-            AS e(txid, seq, id, event_type, payload, tenant_id, endpoint_id, deliver_at, created_at, n)
+    WITH target AS MATERIALIZED (
+        SELECT * FROM outbox._targets(p_events)
     ),
-    target AS (
-        SELECT ev.*, ep.id AS ep_id, ep.ordered
-          FROM ev JOIN outbox.endpoint ep ON ep.id = ev.endpoint_id AND ep.deleted_at IS NULL
+    sent AS (
+        SELECT * FROM unnest(p_sent)
+    ),
+    pair AS (
+        SELECT t.*, s.id AS d_id, s.outcome, s.status_code, s.last_error, s.next_at
+          FROM target t
+          LEFT JOIN sent s ON s.txid = t.txid::text::bigint AND s.seq = t.seq AND s.endpoint_id = t.endpoint_id
         UNION ALL
-        SELECT ev.*, ep.id, ep.ordered
-          FROM ev JOIN outbox.endpoint ep
-            ON ev.endpoint_id IS NULL AND ep.enabled AND ep.deleted_at IS NULL
-           AND ep.tenant_id IS NOT DISTINCT FROM ev.tenant_id
-           AND outbox._filter_matches(ep.event_types, ev.event_type)
+        SELECT e.n, e.txid, e.seq, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)), e.event_type,
+               e.payload, e.tenant_id, e.deliver_at, e.created_at, s.endpoint_id, ep.ordered,
+               s.id, s.outcome, s.status_code, s.last_error, s.next_at
+          FROM sent s
+          JOIN unnest(p_events) WITH ORDINALITY
+            AS e(txid, seq, id, event_type, payload, tenant_id, endpoint_id, deliver_at, created_at, n)
+            ON e.txid::text::bigint = s.txid AND e.seq = s.seq
+          JOIN outbox.endpoint ep ON ep.id = s.endpoint_id
+         WHERE NOT EXISTS (SELECT 1 FROM target t
+                            WHERE t.txid = e.txid AND t.seq = e.seq AND t.endpoint_id = s.endpoint_id)
+    ),
+    judged AS (
+        -- What each delivery is made as. One sent to an endpoint deleted since is done with
+        -- unless it ended already: cancelled, as the delete cancelled the rest of its queue.
+        SELECT p.*,
+               CASE WHEN p.d_id IS NOT NULL AND (p.outcome IS NULL OR p.outcome = 'retry')
+                         AND EXISTS (SELECT 1 FROM outbox.endpoint x WHERE x.id = p.endpoint_id AND x.deleted_at IS NOT NULL)
+                         THEN 'cancelled'
+                    WHEN p.d_id IS NULL OR p.outcome = 'retry' THEN 'pending'
+                    WHEN p.outcome IS NULL THEN 'in_flight'
+                    WHEN p.outcome = 'delivered' THEN 'delivered'
+                    ELSE 'dead' END::outbox.delivery_status AS status
+          FROM pair p
     ),
     events AS (
         -- A caller's id already has its row (enqueue claimed the id there).
         INSERT INTO outbox.event (id, event_type, payload, tenant_id, created_at)
-        SELECT DISTINCT ON (t.id, coalesce(t.tenant_id, '')) t.id, t.event_type, t.payload, t.tenant_id, t.created_at
-          FROM target t
+        SELECT DISTINCT ON (p.id, coalesce(p.tenant_id, '')) p.id, p.event_type, p.payload, p.tenant_id, p.created_at
+          FROM pair p
         ON CONFLICT (id, tenant_key) DO NOTHING
     ),
     made AS (
-        INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at, seq, created_at)
-        SELECT t.id, t.ep_id, t.tenant_id, coalesce(t.deliver_at, now()),
-               CASE WHEN t.ordered THEN nextval('outbox.delivery_seq') END, t.created_at
-          FROM target t
-         ORDER BY t.n, t.ep_id
+        INSERT INTO outbox.delivery (id, event_id, endpoint_id, tenant_id, status, attempts, due_at, lease_owner,
+                                     seq, created_at, finished_at, last_attempt_at, last_status_code, last_error)
+        SELECT coalesce(j.d_id, gen_random_uuid()), j.id, j.endpoint_id, j.tenant_id, j.status,
+               CASE WHEN j.d_id IS NULL THEN 0 ELSE 1 END,
+               CASE WHEN j.d_id IS NULL THEN coalesce(j.deliver_at, now())
+                    WHEN j.status = 'in_flight' THEN now() + p_lease
+                    WHEN j.status = 'pending' THEN j.next_at
+                    ELSE now() END,
+               CASE WHEN j.status = 'in_flight' THEN p_worker END,
+               -- Every unfinished delivery to an ordered endpoint has its place in the
+               -- order (one sent may have been made ordered since it was read), taken in
+               -- the order of the events: the rows come sorted from the subquery, which
+               -- the planner keeps as it is (it has an ORDER BY).
+               CASE WHEN j.ordered AND j.status IN ('pending', 'in_flight') THEN nextval('outbox.delivery_seq') END,
+               j.created_at,
+               CASE WHEN j.status IN ('delivered', 'dead', 'cancelled') THEN now() END,
+               CASE WHEN j.outcome IS NOT NULL THEN now() END,
+               j.status_code, j.last_error
+          FROM (SELECT * FROM judged ORDER BY judged.n, judged.endpoint_id) j
         ON CONFLICT (event_id, endpoint_id, replay_of) DO NOTHING
         RETURNING id, endpoint_id, tenant_id, event_id
     )
@@ -367,34 +488,116 @@ BEGIN
     SELECT count(*), count(outbox._feed(m.id, m.endpoint_id, m.tenant_id, e.event_type, 'queued', 0)) FILTER (WHERE v_feed)
       INTO v_made, v_fed
       FROM made m
-      JOIN (SELECT DISTINCT ON (ev.id, ev.tenant_id) ev.id, ev.tenant_id, ev.event_type FROM ev) e
+      JOIN (SELECT DISTINCT ON (p.id, p.tenant_id) p.id, p.tenant_id, p.event_type FROM pair p) e
         ON e.id = m.event_id AND e.tenant_id IS NOT DISTINCT FROM m.tenant_id;
     RETURN v_made;
 END
 $$;
 
--- Reads the next part of the log (at most p_max events, and no more events once their
--- payloads reach p_max_bytes as stored) and fans it out; returns how many events it read. One
--- reader at a time: another caller meanwhile returns 0 at once (its claim goes on with what
--- is fanned out already). A batch larger than a part is read over several calls, from
--- where the last stopped. Only under READ COMMITTED: a transaction whose snapshot is older
--- than the cursor's could move it backwards.
+-- The next part of the log after cursor row c, in the batch whose snapshot is p_batch: at
+-- most p_max events, and no more once their payloads reach p_max_bytes as stored (a batch
+-- of large payloads must not become one array past what a backend can allocate); `more`
+-- when the batch goes on beyond it. The same arguments give the same part every time: a
+-- batch's events are fixed once its snapshot is taken (every transaction in it has ended),
+-- and rotation keeps them until the cursor moves past them.
+CREATE OR REPLACE FUNCTION outbox._read_part(c outbox.log_cursor, p_batch pg_snapshot, p_max integer, p_max_bytes bigint,
+                                  OUT events outbox.log[], OUT more boolean)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp SET enable_sort = off SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
+DECLARE
+    v_late     xid8[];
+    v_from     xid8;
+    v_from_seq bigint;
+    r          outbox.log;
+    v_n        integer := 0;
+    v_bytes    bigint := 0;
+    v_rows     refcursor;
+BEGIN
+    events := '{}';
+    more := false;
+    -- Transactions in progress when `done` was taken that have ended since: their events
+    -- lie below the range scanned last.
+    v_late := ARRAY(SELECT x FROM pg_snapshot_xip(c.done) x WHERE pg_visible_in_snapshot(x, p_batch));
+    -- Where the last part of this batch ended, if it is read in parts.
+    v_from := coalesce(c.pos_txid, '0'::xid8);
+    v_from_seq := coalesce(c.pos_seq, 0);
+    -- Three ranges of the index, in (txid, seq) order one after the other, each scanned
+    -- from where it starts and only as far as the part goes: the rest of the transaction
+    -- the last part ended in (a transaction of many events is read in many parts), the
+    -- transactions that were in progress when `done` was taken, and the newer ones the
+    -- batch sees. (One query over the three would be sorted whole, the entire batch read
+    -- for every part of it.)
+    FOR k IN 1 .. 3 LOOP
+        CASE k
+        WHEN 1 THEN
+            OPEN v_rows FOR SELECT l.* FROM outbox.log l
+                             WHERE l.txid = v_from AND l.seq > v_from_seq
+                             ORDER BY l.txid, l.seq;
+        WHEN 2 THEN
+            OPEN v_rows FOR SELECT l.* FROM outbox.log l
+                             WHERE l.txid = ANY (v_late) AND l.txid > v_from
+                             ORDER BY l.txid, l.seq;
+        ELSE
+            OPEN v_rows FOR SELECT l.* FROM outbox.log l
+                             WHERE l.txid > v_from AND l.txid >= pg_snapshot_xmax(c.done)
+                               AND l.txid < pg_snapshot_xmax(p_batch) AND pg_visible_in_snapshot(l.txid, p_batch)
+                             ORDER BY l.txid, l.seq;
+        END CASE;
+        LOOP
+            FETCH v_rows INTO r;
+            EXIT WHEN NOT FOUND;
+            IF v_n >= greatest(p_max, 1) OR v_bytes >= p_max_bytes THEN
+                more := true;
+                CLOSE v_rows;
+                RETURN;
+            END IF;
+            events := events || r;
+            v_n := v_n + 1;
+            v_bytes := v_bytes + pg_column_size(r.payload);
+        END LOOP;
+        CLOSE v_rows;
+    END LOOP;
+END
+$$;
+
+-- Moves the cursor past a part read from cursor row c (p_events, of the batch p_batch).
+CREATE OR REPLACE FUNCTION outbox._advance_cursor(c outbox.log_cursor, p_batch pg_snapshot, p_events outbox.log[], p_more boolean)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n integer := cardinality(p_events);
+BEGIN
+    IF p_more THEN
+        -- More of this batch follows: remember where this part ended.
+        INSERT INTO outbox.log_cursor (done, batch, pos_txid, pos_seq, events)
+        VALUES (c.done, p_batch, (p_events[v_n]).txid, (p_events[v_n]).seq, v_n);
+    ELSIF v_n > 0 OR c.batch IS NOT NULL OR c.created_at < now() - interval '10 seconds' THEN
+        -- The batch is read. An empty one is recorded only now and then: what it would
+        -- save the next read is an index probe, and a row per idle cycle is not worth it;
+        -- but `done` must move on for rotation to free old partitions.
+        INSERT INTO outbox.log_cursor (done, events) VALUES (p_batch, v_n);
+    END IF;
+END
+$$;
+
+-- Reads the next part of the log (outbox._read_part: at most p_max events or p_max_bytes
+-- of payloads) and fans it out; returns how many events it read. One reader at a time:
+-- another caller meanwhile (or anyone while the worker holds a batch open) returns 0 at
+-- once (its claim goes on with what is fanned out already). A batch larger than a part is
+-- read over several calls, from where the last stopped. Only under READ COMMITTED: a
+-- transaction whose snapshot is older than the cursor's could move it backwards.
 CREATE OR REPLACE FUNCTION outbox._read_log(p_max integer DEFAULT 5000, p_max_bytes bigint DEFAULT 64 * 1024 * 1024)
 RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    c         outbox.log_cursor;
-    v_batch   pg_snapshot;
-    v_late    xid8[];
-    v_from    xid8;
-    v_from_seq bigint;
-    r         outbox.log;
-    v_events  outbox.log[] := '{}';
-    v_n       integer := 0;
-    v_bytes   bigint := 0;
-    v_more    boolean := false;
+    c       outbox.log_cursor;
+    v_batch pg_snapshot;
+    v_part  record;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed'
        OR NOT pg_try_advisory_xact_lock(outbox._log_lock(), 0) THEN
@@ -407,52 +610,142 @@ BEGIN
     -- Taken before the rows are read: the read then sees at least every transaction this
     -- snapshot shows as finished (never the other way round, which would skip a commit).
     v_batch := coalesce(c.batch, pg_current_snapshot());
-    -- Transactions in progress when `done` was taken that have ended since: their events
-    -- lie below the range scanned next.
-    v_late := ARRAY(SELECT x FROM pg_snapshot_xip(c.done) x WHERE pg_visible_in_snapshot(x, v_batch));
-    -- Where the last part of this batch ended, if it is read in parts. Compared column by
-    -- column: a row comparison would make (0, 0) the index scan's start, the log's beginning.
-    v_from := coalesce(c.pos_txid, '0'::xid8);
-    v_from_seq := coalesce(c.pos_seq, 0);
-
-    -- A loop, so that the scan stops where the part ends: the byte bound keeps a batch of
-    -- large payloads from becoming one array past what a backend can allocate.
-    FOR r IN
-        SELECT l.* FROM outbox.log l
-         WHERE l.txid = ANY (v_late) AND l.txid >= v_from AND (l.txid > v_from OR l.seq > v_from_seq)
-        UNION ALL
-        SELECT l.* FROM outbox.log l
-         WHERE l.txid >= greatest(pg_snapshot_xmax(c.done), v_from) AND l.txid < pg_snapshot_xmax(v_batch)
-           AND pg_visible_in_snapshot(l.txid, v_batch)
-           AND (l.txid > v_from OR l.seq > v_from_seq)
-         ORDER BY 1, 2
-    LOOP
-        IF v_n >= greatest(p_max, 1) OR v_bytes >= p_max_bytes THEN
-            v_more := true;
-            EXIT;
-        END IF;
-        v_events := v_events || r;
-        v_n := v_n + 1;
-        v_bytes := v_bytes + pg_column_size(r.payload);
-    END LOOP;
-    IF v_n > 0 THEN
-        PERFORM outbox._fan_out(v_events);
+    SELECT * INTO v_part FROM outbox._read_part(c, v_batch, p_max, p_max_bytes);
+    IF cardinality(v_part.events) > 0 THEN
+        PERFORM outbox._fan_out(v_part.events);
         -- The other workers claim too: they were woken by the producers' commits, found
         -- nothing fanned out yet, and would otherwise sleep until their poll interval.
         PERFORM outbox._wake_at_commit();
     END IF;
+    PERFORM outbox._advance_cursor(c, v_batch, v_part.events, v_part.more);
+    RETURN cardinality(v_part.events);
+END
+$$;
 
-    IF v_more THEN
-        -- More of this batch follows: remember where this part ended.
-        INSERT INTO outbox.log_cursor (done, batch, pos_txid, pos_seq, events)
-        VALUES (c.done, v_batch, (v_events[v_n]).txid, (v_events[v_n]).seq, v_n);
-    ELSIF v_n > 0 OR c.batch IS NOT NULL OR c.created_at < now() - interval '10 seconds' THEN
-        -- The batch is read. An empty one is recorded only now and then: what it would
-        -- save the next read is an index probe, and a row per idle cycle is not worth it;
-        -- but `done` must move on for rotation to free old partitions.
-        INSERT INTO outbox.log_cursor (done, events) VALUES (v_batch, v_n);
+-- The worker's read: the next part of the log, as outbox._read_log reads it, with the
+-- first attempts that may go at once returned for sending instead of made into deliveries
+-- — up to p_free of them, to endpoints that are enabled, not ordered, without a rate
+-- limit, with a closed circuit and room under their max_in_flight (counted in their state
+-- row from here on), for events not scheduled later. The part ends before the first event
+-- that would have to wait only for lack of room (p_free or an endpoint's max_in_flight):
+-- it stays in the log for the next read rather than become a delivery claimed later. One
+-- row per attempt, each carrying the cursor row, batch snapshot and part size the part was
+-- read with, which outbox._close_batch takes back together with the outcomes: it reads
+-- the same part again, makes every delivery (those sent as their outcomes left them) and
+-- moves the cursor, in one transaction. Nothing of the part is recorded until then: a
+-- worker that dies meanwhile leaves the part to be read again (its attempts are sent
+-- again, under the same event ids). The caller must hold the reader's lock
+-- (outbox._log_lock) for its session, so that no one reads the part while its attempts
+-- are out. When nothing can go at once the part is fanned out and the cursor moved here,
+-- and no rows are returned.
+CREATE OR REPLACE FUNCTION outbox._read_batch(p_free integer, p_max integer, p_max_bytes bigint)
+RETURNS TABLE (cursor_id bigint, batch text, part_events integer, delivery_id uuid, txid bigint, seq bigint,
+               endpoint_id uuid, event_id text, url text, secret text, headers text,
+               timeout_ms double precision, body text, previous_secret text)
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    c       outbox.log_cursor;
+    v_batch pg_snapshot;
+    v_part  record;
+    v_cap   integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
+    v_room  bigint;
+    v_sent  integer;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed'
+       OR NOT pg_try_advisory_xact_lock(outbox._log_lock(), 0) THEN
+        RETURN;
     END IF;
-    RETURN v_n;
+    SELECT * INTO c FROM outbox.log_cursor ORDER BY id DESC LIMIT 1;
+    IF c.id IS NULL THEN
+        RETURN;
+    END IF;
+    -- No more events than could go now, when some can: the rest would only be read again
+    -- next time (the endpoints' room is an upper bound: an event goes to one or more).
+    SELECT sum(greatest(least(coalesce(coalesce(e.max_in_flight, v_cap) - s.in_flight, p_free), p_free), 0))
+      INTO v_room
+      FROM outbox.endpoint e
+      JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
+     WHERE e.enabled AND e.deleted_at IS NULL AND NOT e.ordered AND e.rate_limit IS NULL
+       AND s.circuit = 'closed';
+    IF v_room > 0 AND p_free > 0 THEN
+        p_max := least(p_max, v_room);
+    END IF;
+    v_batch := coalesce(c.batch, pg_current_snapshot());
+    SELECT * INTO v_part FROM outbox._read_part(c, v_batch, p_max, p_max_bytes);
+    IF cardinality(v_part.events) = 0 THEN
+        PERFORM outbox._advance_cursor(c, v_batch, v_part.events, v_part.more);
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH target AS MATERIALIZED (
+        SELECT * FROM outbox._targets(v_part.events)
+    ),
+    free AS (
+        -- State rows someone holds (an operator, another sender's ack) are passed by: those
+        -- endpoints' events become deliveries, claimed later.
+        SELECT s.endpoint_id, s.in_flight FROM outbox.endpoint_state s
+         WHERE s.endpoint_id IN (SELECT t.endpoint_id FROM target t) AND s.circuit = 'closed'
+         ORDER BY s.endpoint_id
+           FOR UPDATE SKIP LOCKED
+    ),
+    candidate AS (
+        SELECT t.*, e.url, e.secret, e.headers, e.timeout,
+               CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END AS previous_secret,
+               f.in_flight, coalesce(e.max_in_flight, v_cap) AS cap,
+               row_number() OVER (PARTITION BY t.endpoint_id ORDER BY t.n) AS k
+          FROM target t
+          JOIN outbox.endpoint e ON e.id = t.endpoint_id
+          JOIN free f ON f.endpoint_id = t.endpoint_id
+         WHERE e.enabled AND e.deleted_at IS NULL AND NOT e.ordered AND e.rate_limit IS NULL
+           AND (t.deliver_at IS NULL OR t.deliver_at <= now())
+    ),
+    roomy AS (
+        -- Room under the endpoint's max_in_flight (NULL: no limit), then a free request slot.
+        SELECT x.*, coalesce(x.in_flight + x.k <= x.cap, true) AS room
+          FROM candidate x
+    ),
+    ranked AS MATERIALIZED (
+        SELECT y.*,
+               y.room AND row_number() OVER (PARTITION BY y.room ORDER BY y.n, y.endpoint_id) <= p_free AS go,
+               -- The part ends before an attempt that finds no free slot, or none left at an
+               -- endpoint that had room when the part was read. An endpoint full from the
+               -- start (a slow receiver) ends nothing: its events become deliveries claimed
+               -- as it drains, and the others' go on.
+               CASE WHEN y.room THEN row_number() OVER (PARTITION BY y.room ORDER BY y.n, y.endpoint_id) > p_free
+                    ELSE y.in_flight < y.cap END AS ends_part
+          FROM roomy y
+    ),
+    cut AS (
+        -- The first event (after the first) with an attempt that ends the part.
+        SELECT coalesce(min(r.n) FILTER (WHERE r.ends_part AND r.n > 1), cardinality(v_part.events) + 1) AS n
+          FROM ranked r
+    ),
+    chosen AS (
+        SELECT r.* FROM ranked r, cut
+         WHERE r.n < cut.n AND r.go
+    ),
+    counted AS (
+        UPDATE outbox.endpoint_state s SET in_flight = s.in_flight + x.n
+          FROM (SELECT ch.endpoint_id, count(*)::integer AS n FROM chosen ch GROUP BY ch.endpoint_id) x
+         WHERE s.endpoint_id = x.endpoint_id
+    )
+    SELECT c.id, v_batch::text, (cut.n - 1)::integer, gen_random_uuid(), ch.txid::text::bigint, ch.seq,
+           ch.endpoint_id, ch.id, ch.url, ch.secret, ch.headers::text,
+           extract(epoch FROM ch.timeout)::double precision * 1000,
+           outbox._body(ch.event_type, ch.created_at, ch.payload), ch.previous_secret
+      FROM chosen ch, cut
+     ORDER BY ch.n, ch.endpoint_id;
+    GET DIAGNOSTICS v_sent = ROW_COUNT;
+    IF v_sent = 0 THEN
+        -- Nothing can go at once: the whole part becomes deliveries, claimed as they can go.
+        PERFORM outbox._fan_out(v_part.events);
+        PERFORM outbox._wake_at_commit();
+        PERFORM outbox._advance_cursor(c, v_batch, v_part.events, v_part.more);
+    END IF;
 END
 $$;
 
@@ -462,6 +755,32 @@ CREATE OR REPLACE FUNCTION outbox._log_lock()
 RETURNS integer
 LANGUAGE sql STABLE PARALLEL SAFE
 RETURN ('outbox.log'::regclass::oid::bigint % 2147483647)::integer;
+
+-- Makes the calling session the log's reader for as long as it lasts (the session lock
+-- of outbox._log_lock), if no one else is; returns whether it is. No batch is open at that
+-- moment (only the reader opens them), so every endpoint's in-flight count is set to its
+-- deliveries in flight: counts a reader that died with a batch open left too high are
+-- corrected (state rows someone holds are left for the claim's own recount).
+CREATE OR REPLACE FUNCTION outbox._become_reader()
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    IF NOT pg_try_advisory_lock(outbox._log_lock(), 0) THEN
+        RETURN false;
+    END IF;
+    UPDATE outbox.endpoint_state s
+       SET in_flight = n.n
+      FROM (SELECT l.endpoint_id,
+                   (SELECT count(*) FROM outbox.delivery d
+                     WHERE d.endpoint_id = l.endpoint_id AND d.status = 'in_flight')::integer AS n
+              FROM outbox.endpoint_state l
+               FOR UPDATE SKIP LOCKED) n
+     WHERE s.endpoint_id = n.endpoint_id AND s.in_flight <> n.n;
+    RETURN true;
+END
+$$;
 
 -- Whether a batch is read in part: the worker then comes back at once instead of sleeping.
 CREATE OR REPLACE FUNCTION outbox._log_behind()
@@ -545,6 +864,136 @@ BEGIN
 END
 $$;
 
+-- Claims up to p_batch_size due deliveries: each is set in_flight with its lease running
+-- until now() + lease and its attempt number incremented; the attempt number is the fencing
+-- token the ack must present. Leases that expired are first made pending again
+-- (outbox._requeue_expired), so their deliveries are claimed like any other.
+--
+-- It goes endpoint by endpoint, the endpoint with the oldest due delivery first, and takes
+-- from each what its policy allows right now:
+--   circuit open (before its probe time): nothing; open after it, or half-open: one probe,
+--     when nothing else is in flight there;
+--   ordered: its oldest unfinished delivery, when that is due (so never while one is in
+--     flight);
+--   max_in_flight (or outbox.endpoint_max_in_flight): up to the free slots;
+--   rate_limit: what the token bucket holds (one second's worth at most).
+-- The endpoint's state row is locked (SKIP LOCKED) while it is served: its in-flight
+-- counter, token bucket and circuit change with the claim, and another claimer serving the
+-- same endpoint at that moment makes this one pass it by. Each endpoint's rows come from
+-- its own range of delivery_pending_idx in due order, so a blocked endpoint's backlog is
+-- never read by the claims of the others. Sequential scans, sorts and bitmap scans are
+-- priced out: the plans, prepared once per session, stay index scans in due order whatever
+-- the statistics said when they were made (a plan made while the tables were small would
+-- otherwise hash-join whole tables once they are large). (JIT is off: the priced-out sort
+-- of the few endpoints would otherwise look expensive enough to compile, which costs far
+-- more than the claim.)
+CREATE OR REPLACE FUNCTION outbox._claim(
+    p_batch_size integer, p_worker text, p_lease interval, p_endpoint_id uuid, p_tenant_id text
+)
+RETURNS TABLE (o_delivery_id uuid, o_event_id text, o_attempt integer, o_endpoint_id uuid, o_url text,
+               o_secret text, o_headers jsonb, o_timeout interval, o_event_type text, o_body text,
+               o_tenant_id text, o_previous_secret text)
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET enable_sort = off SET enable_bitmapscan = off SET jit = off
+AS $$
+DECLARE
+    v_left    integer := outbox._check_claim(p_batch_size, p_lease);
+    v_cap     integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
+    v_ep      record;
+    v_st      outbox.endpoint_state;
+    v_quota   integer;
+    v_ids     uuid[];
+    v_got     integer;
+BEGIN
+    PERFORM outbox._requeue_expired(p_endpoint_id);
+    FOR v_ep IN
+        SELECT e.id, e.ordered, e.rate_limit, coalesce(e.max_in_flight, v_cap) AS cap
+          FROM outbox.endpoint e
+          JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
+         CROSS JOIN LATERAL (
+               SELECT d.due_at FROM outbox.delivery d
+                WHERE d.endpoint_id = e.id AND d.status = 'pending'
+                ORDER BY d.due_at LIMIT 1) f
+         WHERE e.enabled AND e.deleted_at IS NULL
+           AND (p_endpoint_id IS NULL OR e.id = p_endpoint_id)
+           AND f.due_at <= now()
+           AND (s.circuit <> 'open' OR s.next_probe_at <= now())
+           AND (e.rate_limit IS NULL OR s.rate_tat IS NULL
+                OR s.rate_tat <= now() + interval '1 second' - interval '1 second' / e.rate_limit)
+         ORDER BY f.due_at
+    LOOP
+        EXIT WHEN v_left <= 0;
+        SELECT * INTO v_st FROM outbox.endpoint_state s WHERE s.endpoint_id = v_ep.id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND OR (v_st.circuit = 'open' AND v_st.next_probe_at > now());
+
+        v_quota := v_left;
+        IF v_st.circuit <> 'closed' THEN
+            v_quota := least(v_quota, 1 - v_st.in_flight);
+        ELSIF v_ep.cap IS NOT NULL AND NOT v_ep.ordered THEN
+            v_quota := least(v_quota, v_ep.cap - v_st.in_flight);
+            IF v_quota <= 0 THEN
+                v_quota := least(v_left, v_ep.cap - outbox._recount_in_flight(v_ep.id));
+            END IF;
+        END IF;
+        IF v_ep.rate_limit IS NOT NULL THEN
+            v_quota := least(v_quota, floor(extract(epoch FROM now() + interval '1 second'
+                             - greatest(coalesce(v_st.rate_tat, now()), now())) * v_ep.rate_limit)::integer);
+        END IF;
+        CONTINUE WHEN v_quota <= 0;
+
+        IF v_ep.ordered THEN
+            -- Only the head of its queue may go, and only once it is due: a retrying head
+            -- holds back everything behind it, and so does one in flight.
+            SELECT array_agg(h.id) INTO v_ids
+              FROM (SELECT d.id FROM outbox.delivery d
+                     WHERE d.id = (SELECT q.id FROM outbox.delivery q
+                                    WHERE q.endpoint_id = v_ep.id AND q.seq IS NOT NULL
+                                      AND q.status IN ('pending', 'in_flight')
+                                    ORDER BY q.seq LIMIT 1)
+                       AND d.status = 'pending' AND d.due_at <= now()
+                       AND (p_tenant_id IS NULL OR d.tenant_id = p_tenant_id)
+                       FOR UPDATE SKIP LOCKED) h;
+        ELSE
+            SELECT array_agg(x.id) INTO v_ids
+              FROM (SELECT d.id FROM outbox.delivery d
+                     WHERE d.endpoint_id = v_ep.id AND d.status = 'pending' AND d.due_at <= now()
+                       AND (p_tenant_id IS NULL OR d.tenant_id = p_tenant_id)
+                     ORDER BY d.due_at
+                     LIMIT v_quota
+                       FOR UPDATE SKIP LOCKED) x;
+        END IF;
+        CONTINUE WHEN v_ids IS NULL;
+
+        RETURN QUERY
+        UPDATE outbox.delivery d
+           SET status = 'in_flight',
+               attempts = d.attempts + 1,
+               due_at = now() + p_lease,
+               lease_owner = p_worker
+          FROM outbox.endpoint e, outbox.event ev
+         WHERE d.id = ANY (v_ids) AND e.id = d.endpoint_id
+           AND ev.id = d.event_id AND ev.tenant_key = d.tenant_key
+        RETURNING d.id, d.event_id, d.attempts, d.endpoint_id, e.url, e.secret, e.headers, e.timeout,
+                  ev.event_type,
+                  outbox._body(ev.event_type, ev.created_at, ev.payload),
+                  d.tenant_id,
+                  CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END;
+        GET DIAGNOSTICS v_got = ROW_COUNT;
+        v_left := v_left - v_got;
+
+        UPDATE outbox.endpoint_state s
+           SET in_flight = s.in_flight + v_got,
+               rate_tat = CASE WHEN v_ep.rate_limit IS NULL THEN s.rate_tat
+                               ELSE greatest(coalesce(s.rate_tat, now()), now())
+                                    + v_got * interval '1 second' / v_ep.rate_limit END,
+               circuit = CASE WHEN s.circuit = 'open' THEN 'half_open' ELSE s.circuit END,
+               circuit_changed_at = CASE WHEN s.circuit = 'open' THEN now() ELSE s.circuit_changed_at END
+         WHERE s.endpoint_id = v_ep.id;
+    END LOOP;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION outbox.claim(
     batch_size  integer  DEFAULT 100,
     worker      text     DEFAULT 'sql',
@@ -574,6 +1023,321 @@ AS $$
     -- transaction block, where what is read would wait for the caller's commit.
     SELECT outbox._read_log() WHERE NOT outbox._in_transaction_block();
     SELECT * FROM outbox._claim(claim.batch_size, claim.worker, claim.lease, claim.endpoint_id, claim.tenant_id)
+$$;
+
+-- What senders report, made ready to record: texts from receivers and senders bounded
+-- before anything stores or announces them (errors to outbox._max_error_bytes(), bodies to
+-- outbox.max_response_body); a retry's time (the retry schedule counts the attempts since
+-- the last retry_dead; a time a sender asks for stays within the range enqueue allows);
+-- a retry past the schedule's end made 'dead'. An outcome NULL (an attempt still in
+-- flight, from outbox._close_batch) stays NULL. The arrays are outbox.ack_batch's.
+CREATE OR REPLACE FUNCTION outbox._decided(
+    ids uuid[], attempts integer[], outcomes outbox.attempt_outcome[], status_codes integer[],
+    errors text[], durations_ms double precision[], retry_at timestamptz[], response_bodies text[]
+)
+RETURNS TABLE (id uuid, attempt integer, outcome outbox.attempt_outcome, final_outcome outbox.attempt_outcome,
+               status_code integer, error text, last_error text, duration_ms double precision,
+               response_body text, next_at timestamptz)
+LANGUAGE sql STABLE ROWS 100
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH input AS (
+        SELECT i.id, i.attempt, i.outcome, i.status_code,
+               CASE WHEN octet_length(i.error) > outbox._max_error_bytes()
+                    THEN outbox._truncate(i.error, outbox._max_error_bytes()) ELSE i.error END AS error,
+               i.duration_ms, i.retry_at,
+               CASE WHEN octet_length(i.response_body) > lim.body_bytes
+                    THEN outbox._truncate(i.response_body, lim.body_bytes) ELSE i.response_body END AS response_body
+          FROM unnest(_decided.ids, _decided.attempts, _decided.outcomes, _decided.status_codes, _decided.errors,
+                      _decided.durations_ms, _decided.retry_at, _decided.response_bodies)
+               AS i(id, attempt, outcome, status_code, error, duration_ms, retry_at, response_body),
+               (SELECT outbox._max_response_body() AS body_bytes) lim
+         WHERE outbox._check_ack_lengths(ARRAY[
+                   cardinality(_decided.ids), cardinality(_decided.attempts), cardinality(_decided.outcomes),
+                   cardinality(_decided.status_codes), cardinality(_decided.errors),
+                   cardinality(_decided.durations_ms), cardinality(_decided.retry_at),
+                   cardinality(_decided.response_bodies)])
+    ),
+    scheduled AS (
+        SELECT input.*,
+               CASE WHEN input.outcome IS DISTINCT FROM 'retry' THEN NULL
+                    WHEN input.retry_at IS NOT NULL
+                         THEN least(greatest(input.retry_at, now()), now() + outbox._max_schedule_ahead())
+                    ELSE now() + outbox.retry_delay(input.attempt - coalesce(d.retry_base, 0)) END AS next_at
+          FROM input LEFT JOIN outbox.delivery d ON d.id = input.id
+    )
+    SELECT s.id, s.attempt, s.outcome, f.final_outcome, s.status_code, s.error,
+           CASE WHEN f.final_outcome = 'dead' AND s.outcome = 'retry'
+                THEN concat_ws(': ', s.error, 'retry schedule exhausted') ELSE s.error END,
+           s.duration_ms, s.response_body, s.next_at
+      FROM scheduled s
+     CROSS JOIN LATERAL (
+           SELECT CASE WHEN s.outcome = 'retry' AND s.next_at IS NULL THEN 'dead'::outbox.attempt_outcome
+                       ELSE s.outcome END AS final_outcome) f
+$$;
+
+-- Everything that follows finished attempts (p_rows), whoever sent them: their history
+-- rows, their endpoints' health and circuit breakers, auto-disable, the hourly
+-- statistics, the live feed and operator events. Returns the deliveries' ids. The callers
+-- (outbox.ack_batch, outbox._close_batch) have locked the endpoints' state rows first, in
+-- endpoint order.
+CREATE OR REPLACE FUNCTION outbox._account(p_rows outbox._settled[], p_worker text)
+RETURNS SETOF uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
+    RETURN QUERY
+    WITH upd AS (
+        SELECT u.*, u.outcome AS final_outcome FROM unnest(p_rows) u
+    ),
+    hist AS (
+        INSERT INTO outbox.attempt (delivery_id, attempt, outcome, status_code, error, duration_ms, response_body, worker)
+        SELECT upd.id, upd.attempt, upd.final_outcome, upd.status_code, upd.error, upd.duration_ms,
+               upd.response_body, p_worker
+          FROM upd
+    ),
+    batch AS (
+        -- Per endpoint: what this batch finished, and whether any of it succeeded.
+        SELECT upd.endpoint_id,
+               count(*)::integer AS finished,
+               (count(*) FILTER (WHERE upd.final_outcome <> 'delivered'))::integer AS failures,
+               bool_or(upd.final_outcome = 'delivered') AS succeeded,
+               max(upd.error) FILTER (WHERE upd.final_outcome <> 'delivered') AS error
+          FROM upd
+         GROUP BY upd.endpoint_id
+    ),
+    health AS (
+        -- A success in the batch resets the failure streak, otherwise the batch's failures
+        -- extend it; the circuit breaker takes its step (outbox._circuit_next) and announces
+        -- when the circuit opens or closes again; the finished attempts leave the in-flight
+        -- count.
+        UPDATE outbox.endpoint_state s
+           SET in_flight = greatest(s.in_flight - b.finished, 0),
+               consecutive_failures = CASE WHEN b.succeeded THEN b.failures
+                                           ELSE s.consecutive_failures + b.failures END,
+               last_success_at = CASE WHEN b.succeeded THEN now() ELSE s.last_success_at END,
+               last_failure_at = CASE WHEN b.failures > 0 THEN now() ELSE s.last_failure_at END,
+               last_error = coalesce(b.error, s.last_error),
+               updated_at = now(),
+               failing_since = CASE WHEN b.succeeded THEN NULL ELSE coalesce(s.failing_since, now()) END,
+               (circuit, cooldown, next_probe_at, circuit_opened_at, circuit_changed_at) =
+                   (SELECT n.circuit, n.cooldown, n.next_probe_at, n.opened_at, n.changed_at
+                      FROM outbox._circuit_next(s.circuit, s.cooldown, s.next_probe_at, s.circuit_opened_at,
+                                                s.circuit_changed_at, s.consecutive_failures + b.failures,
+                                                b.succeeded) n)
+          FROM batch b
+         WHERE s.endpoint_id = b.endpoint_id
+        RETURNING s.endpoint_id, s.failing_since,
+                  CASE WHEN s.circuit_changed_at = now()
+                            AND (s.circuit = 'closed' OR s.circuit_opened_at = now()) THEN
+                      outbox._operator_event(
+                          CASE s.circuit WHEN 'closed' THEN 'outbox.endpoint.circuit_closed'
+                                         ELSE 'outbox.endpoint.circuit_opened' END,
+                          jsonb_build_object('endpoint_id', s.endpoint_id,
+                                             'consecutive_failures', s.consecutive_failures,
+                                             'next_probe_at', s.next_probe_at, 'last_error', s.last_error),
+                          s.endpoint_id)
+                  END AS announced
+    ),
+    disabled AS (
+        -- Stop sending where the receiver answered 410 Gone, or where every attempt has
+        -- failed for outbox.auto_disable_after. Its queue stays; enabling resumes it. An
+        -- endpoint row someone holds (an operator's open transaction) is not waited for:
+        -- the next failing batch disables it.
+        UPDATE outbox.endpoint e
+           SET enabled = false, disabled_reason = x.reason, updated_at = now()
+          FROM (SELECT DISTINCT ON (c.endpoint_id) c.endpoint_id, c.reason
+                  FROM (SELECT upd.endpoint_id, 'receiver answered 410 Gone' AS reason
+                          FROM upd
+                         WHERE upd.status_code = 410 AND upd.final_outcome = 'dead'
+                        UNION ALL
+                        SELECT h.endpoint_id,
+                               format('every attempt failed since %s: disabled after %s of failures',
+                                      date_trunc('second', h.failing_since), p.auto_disable_after)
+                          FROM health h, outbox._policy() p
+                         WHERE p.auto_disable_after > interval '0'
+                           AND h.failing_since <= now() - p.auto_disable_after) c
+                 ORDER BY c.endpoint_id) x
+         WHERE e.id = x.endpoint_id AND e.enabled
+           AND e.id IN (SELECT l.id FROM outbox.endpoint l WHERE l.id = x.endpoint_id
+                          FOR NO KEY UPDATE SKIP LOCKED)
+        RETURNING e.id,
+                  outbox._operator_event('outbox.endpoint.disabled',
+                      jsonb_build_object('endpoint_id', e.id, 'url', e.url, 'reason', x.reason), e.id)
+    ),
+    rollup AS (
+        INSERT INTO outbox.stats_hourly AS r
+               (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket, deliveries, attempts, latency_ms_sum)
+        SELECT date_trunc('hour', now()), upd.endpoint_id, upd.event_type, coalesce(upd.tenant_id, ''),
+               CASE WHEN upd.final_outcome = 'delivered' THEN 'delivered'::outbox.delivery_status
+                    ELSE 'dead'::outbox.delivery_status END,
+               width_bucket(l.ms, outbox._bucket_bounds()), count(*), sum(upd.attempt), sum(l.ms)
+          FROM upd
+          CROSS JOIN LATERAL (SELECT extract(epoch FROM now() - upd.created_at) * 1000 AS ms) l
+         WHERE upd.final_outcome IN ('delivered', 'dead')
+         GROUP BY 1, 2, 3, 4, 5, 6
+        ON CONFLICT (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket) DO UPDATE SET
+               deliveries = r.deliveries + excluded.deliveries,
+               attempts = r.attempts + excluded.attempts,
+               latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum
+    )
+    -- Announcements: the live feed for every change (when outbox.live_feed is on), and an
+    -- operator event for every delivery that died (disabled endpoints and circuits are
+    -- announced by `disabled` and `health` above).
+    SELECT upd.id
+      FROM upd
+      LEFT JOIN LATERAL (
+          SELECT outbox._feed(upd.id, upd.endpoint_id, upd.tenant_id, upd.event_type,
+                              CASE upd.final_outcome WHEN 'retry' THEN 'retrying' ELSE upd.final_outcome::text END,
+                              upd.attempt)
+           WHERE outbox._feed_on()) feed ON true
+      LEFT JOIN LATERAL (
+          SELECT outbox._operator_event('outbox.delivery.dead',
+                     jsonb_build_object('delivery_id', upd.id, 'endpoint_id', upd.endpoint_id, 'event_id', upd.event_id,
+                                        'event_type', upd.event_type, 'attempts', upd.attempt,
+                                        'status_code', upd.status_code, 'error', upd.error),
+                     upd.endpoint_id)
+           WHERE upd.final_outcome = 'dead') dead ON true;
+END
+$$;
+
+-- Records the outcomes of many attempts at once and returns the deliveries whose outcome was
+-- accepted. An outcome is accepted only from the holder of the current attempt: the delivery
+-- must be in_flight with exactly that attempt number; anything else (a lease that expired and
+-- was claimed again, a cancelled delivery, a repeated ack) changes nothing.
+-- A 'retry' without retry_at is scheduled by outbox.retry_delay(attempt) (the
+-- outbox.retry_schedule GUC); when the schedule is exhausted the delivery is dead.
+CREATE OR REPLACE FUNCTION outbox.ack_batch(
+    delivery_ids  uuid[],
+    attempts      integer[],
+    outcomes      outbox.attempt_outcome[],
+    status_codes  integer[]          DEFAULT NULL,
+    errors        text[]             DEFAULT NULL,
+    durations_ms  double precision[] DEFAULT NULL,
+    retry_at      timestamptz[]      DEFAULT NULL,
+    response_bodies text[]           DEFAULT NULL,
+    worker        text               DEFAULT NULL
+)
+RETURNS SETOF uuid
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_rows outbox._settled[];
+BEGIN
+    -- The endpoints' state rows first, in endpoint order, before anything else is written:
+    -- the bookkeeping writes them together with other rows (the hourly statistics, the
+    -- deliveries), in an order no one controls, and two ackers of one endpoint (the
+    -- worker and an external sender) that took those in opposite orders would deadlock.
+    PERFORM 1 FROM outbox.endpoint_state s
+     WHERE s.endpoint_id IN (SELECT d.endpoint_id FROM outbox.delivery d WHERE d.id = ANY (ack_batch.delivery_ids))
+     ORDER BY s.endpoint_id
+       FOR UPDATE;
+    WITH x AS (
+        SELECT * FROM outbox._decided(ack_batch.delivery_ids, ack_batch.attempts, ack_batch.outcomes,
+                                      ack_batch.status_codes, ack_batch.errors, ack_batch.durations_ms,
+                                      ack_batch.retry_at, ack_batch.response_bodies)
+    ),
+    upd AS (
+        -- Everything later steps need comes out of RETURNING, so they never join back to
+        -- the input (which the planner can only guess the size of).
+        UPDATE outbox.delivery d
+           SET status = CASE x.final_outcome WHEN 'delivered' THEN 'delivered'::outbox.delivery_status
+                                             WHEN 'dead' THEN 'dead'::outbox.delivery_status
+                                             ELSE 'pending'::outbox.delivery_status END,
+               due_at = coalesce(x.next_at, d.due_at),
+               finished_at = CASE WHEN x.final_outcome = 'retry' THEN NULL ELSE now() END,
+               lease_owner = NULL,
+               last_attempt_at = now(),
+               last_status_code = x.status_code,
+               last_error = x.last_error
+          FROM x, outbox.event ev
+         -- status is compared as text so that no plan can read delivery_in_flight_idx whole
+         -- (a plan cached while few rows were in flight would): each row is found by its id.
+         WHERE d.id = x.id AND d.status::text = 'in_flight' AND d.attempts = x.attempt
+           AND ev.id = d.event_id AND ev.tenant_key = d.tenant_key
+        RETURNING row(d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at, x.attempt, x.final_outcome,
+                      x.status_code, x.error, x.duration_ms, x.response_body, ev.event_type)::outbox._settled AS r
+    )
+    SELECT coalesce(array_agg(upd.r), '{}') INTO v_rows FROM upd;
+    RETURN QUERY SELECT a.id FROM outbox._account(v_rows, ack_batch.worker) AS a(id);
+END
+$$;
+
+-- Closes a batch the worker read with outbox._read_batch: reads the same part again
+-- (p_cursor must still be the cursor's newest row, p_batch its snapshot, p_max and
+-- p_max_bytes the read's bounds), makes its deliveries (outbox._fan_out) — those the worker
+-- sent (p_ids, with the event's place p_txids/p_seqs and p_endpoints) as their attempts
+-- left them: the outcome arrays, as outbox.ack_batch's, NULL where the attempt is still in
+-- flight (its delivery is then in flight under p_worker's lease of p_lease, and its outcome
+-- acknowledged as any other) — records the outcomes (outbox._account) and moves the
+-- cursor on, all in the caller's transaction. So a first attempt that succeeds costs one
+-- delivery row, written once. It never waits for a lock: an outcome whose endpoint's state
+-- row someone holds (an operator's open transaction, another sender's ack) is not
+-- recorded now; its delivery is made in flight, and its id returned, for the caller to
+-- acknowledge later with outbox.ack_batch.
+CREATE OR REPLACE FUNCTION outbox._close_batch(
+    p_cursor bigint, p_batch pg_snapshot, p_max integer, p_max_bytes bigint,
+    p_ids uuid[], p_txids bigint[], p_seqs bigint[], p_endpoints uuid[],
+    attempts integer[], outcomes outbox.attempt_outcome[], status_codes integer[], errors text[],
+    durations_ms double precision[], retry_at timestamptz[], response_bodies text[],
+    p_worker text, p_lease interval
+)
+RETURNS SETOF uuid
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    c      outbox.log_cursor;
+    v_part record;
+    v_free uuid[];
+    v_sent outbox._sent[];
+    v_rows outbox._settled[];
+BEGIN
+    SELECT * INTO c FROM outbox.log_cursor ORDER BY id DESC LIMIT 1;
+    IF NOT pg_try_advisory_xact_lock(outbox._log_lock(), 0) OR c.id IS DISTINCT FROM p_cursor THEN
+        RAISE EXCEPTION 'the batch read from log cursor % can no longer be closed: the log was read past it', p_cursor
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Only the session holding the reader''s lock may read the log while a batch is open.';
+    END IF;
+    SELECT * INTO v_part FROM outbox._read_part(c, p_batch, p_max, p_max_bytes);
+    -- The endpoints whose outcomes are recorded now: their state rows, in endpoint order.
+    v_free := ARRAY(SELECT s.endpoint_id FROM outbox.endpoint_state s
+                     WHERE s.endpoint_id = ANY (p_endpoints)
+                     ORDER BY s.endpoint_id
+                       FOR UPDATE SKIP LOCKED);
+    SELECT coalesce(array_agg(row(s.id, s.txid, s.seq, s.endpoint_id, x.attempt,
+                                  CASE WHEN f.recorded THEN x.final_outcome END,
+                                  CASE WHEN f.recorded THEN x.status_code END,
+                                  CASE WHEN f.recorded THEN x.error END,
+                                  CASE WHEN f.recorded THEN x.last_error END,
+                                  CASE WHEN f.recorded THEN x.duration_ms END,
+                                  CASE WHEN f.recorded THEN x.response_body END,
+                                  CASE WHEN f.recorded THEN x.next_at END)::outbox._sent), '{}')
+      INTO v_sent
+      FROM unnest(p_ids, p_txids, p_seqs, p_endpoints) AS s(id, txid, seq, endpoint_id)
+      JOIN outbox._decided(p_ids, attempts, outcomes, status_codes, errors, durations_ms, retry_at,
+                           response_bodies) x ON x.id = s.id
+     CROSS JOIN LATERAL (SELECT s.endpoint_id = ANY (v_free) AS recorded) f;
+    PERFORM outbox._fan_out(v_part.events, v_sent, p_worker, p_lease);
+    SELECT coalesce(array_agg(row(s.id, s.endpoint_id, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)),
+                                  e.tenant_id, e.created_at, s.attempt, s.outcome, s.status_code, s.error,
+                                  s.duration_ms, s.response_body, e.event_type)::outbox._settled), '{}')
+      INTO v_rows
+      FROM unnest(v_sent) s
+      JOIN unnest(v_part.events) e ON e.txid::text::bigint = s.txid AND e.seq = s.seq
+     WHERE s.outcome IS NOT NULL;
+    PERFORM outbox._account(v_rows, p_worker);
+    PERFORM outbox._wake_at_commit();
+    PERFORM outbox._advance_cursor(c, p_batch, v_part.events, v_part.more);
+    -- Outcomes left for later.
+    RETURN QUERY
+    SELECT o.id FROM unnest(p_ids, p_endpoints, outcomes) AS o(id, endpoint_id, outcome)
+     WHERE o.outcome IS NOT NULL AND NOT (o.endpoint_id = ANY (v_free));
+END
 $$;
 
 -- Seconds until the claim can next take something (negative if it could now), NULL if
@@ -676,7 +1440,12 @@ BEGIN
         outbox.claim(integer, text, interval, uuid, text),
         outbox.ack_batch(uuid[], integer[], outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[], text),
         outbox._next_due(), outbox._purge_batch(interval, interval, integer),
-        outbox._requeue_orphaned(), outbox._lock_for_ack(uuid[]), outbox._read_log(integer, bigint), outbox._rotate_log()
+        outbox._requeue_orphaned(), outbox._lock_for_ack(uuid[]), outbox._read_log(integer, bigint), outbox._rotate_log(),
+        outbox._claim(integer, text, interval, uuid, text), outbox._log_lock(), outbox._become_reader(),
+        outbox._read_batch(integer, integer, bigint),
+        outbox._close_batch(bigint, pg_snapshot, integer, bigint, uuid[], bigint[], bigint[], uuid[], integer[],
+                            outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[],
+                            text, interval)
         TO %s', role);
 END
 $$;
@@ -735,7 +1504,7 @@ SELECT 'outbox_endpoint_circuit_open', st.circuit::text, st.endpoint_id::text,
 
 
 -- Producers get the new enqueue back, and the insert into the log outbox.trigger makes as
--- the writing user; roles the worker connects as get the log's rotation.
+-- the writing user; roles the worker connects as get the log's reading and rotation.
 DO $upgrade$
 DECLARE
     g text;
@@ -750,7 +1519,13 @@ BEGIN
         SELECT DISTINCT a.grantee::regrole::text FROM pg_proc p, aclexplode(p.proacl) a
          WHERE p.oid = 'outbox._next_due()'::regprocedure AND a.grantee NOT IN (0, p.proowner)
     LOOP
-        EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._read_log(integer, bigint), outbox._rotate_log() TO %s', g);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._read_log(integer, bigint), outbox._rotate_log(),
+            outbox._claim(integer, text, interval, uuid, text), outbox._log_lock(), outbox._become_reader(),
+            outbox._read_batch(integer, integer, bigint),
+            outbox._close_batch(bigint, pg_snapshot, integer, bigint, uuid[], bigint[], bigint[], uuid[], integer[],
+                                outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[],
+                                text, interval)
+            TO %s', g);
     END LOOP;
     -- Operators see how far reading the log has come.
     FOR g IN

@@ -34,3 +34,13 @@ fn seq() -> i64 {
         next
     })
 }
+
+/// `outbox._log_event_id(txid, seq, created_at)` (declared in sql/outbox/02_rules.sql): the
+/// id of an event the trigger appended without one; see
+/// [`outbox_core::ids::log_event_id`]. xid8 and timestamptz are 64-bit integer datums.
+#[pg_extern(sql = false)]
+fn log_event_id(txid: i64, seq: i64, created_at: i64) -> String {
+    // SAFETY: reads a value fixed when the cluster was made.
+    let system_id = unsafe { pg_sys::GetSystemIdentifier() };
+    outbox_core::ids::log_event_id(system_id, txid as u64, seq, created_at)
+}

@@ -68,8 +68,14 @@ fn producers_operators_and_two_senders_at_once() {
     let stable = endpoint(&mut c, &rx.url("/stable"), "");
     let flaky = endpoint(&mut c, &rx.url("/flaky"), "");
     // Served by the worker and an external sender alike; no per-endpoint cap, so that
-    // the external sender is not shut out while the worker holds the endpoint's slots.
-    let shared = endpoint(&mut c, &rx.url("/shared"), ", max_in_flight => 10000");
+    // the external sender is not shut out while the worker holds the endpoint's slots. A
+    // rate limit (too high to hold anything back) keeps its first attempts out of the
+    // worker's batches: they are queued, for both senders to claim.
+    let shared = endpoint(
+        &mut c,
+        &rx.url("/shared"),
+        ", max_in_flight => 10000, rate_limit => 100000",
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
 
@@ -202,7 +208,8 @@ fn producers_operators_and_two_senders_at_once() {
     assert!(
         wait_until(Duration::from_secs(90), || scalar_i64(
             &mut c,
-            "SELECT count(*) FROM outbox.delivery WHERE status IN ('pending', 'in_flight')"
+            "SELECT count(*) + (SELECT unread FROM outbox.log_status) FROM outbox.delivery
+              WHERE status IN ('pending', 'in_flight')"
         ) == 0),
         "{}",
         cluster.log()

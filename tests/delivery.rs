@@ -486,7 +486,13 @@ fn several_workers_share_the_queue_and_send_each_delivery_once() {
     let rx = receiver();
     rx.set_default("/slowish", Reply::Delay(Duration::from_millis(20), 200));
     let mut c = cluster.client();
-    endpoint(&mut c, &rx.url("/slowish"), ", max_in_flight => 1000");
+    // A rate limit (too high to hold anything back) keeps first attempts out of the reading
+    // worker's batches: every delivery is queued, for both workers to claim.
+    endpoint(
+        &mut c,
+        &rx.url("/slowish"),
+        ", max_in_flight => 1000, rate_limit => 100000",
+    );
     assert!(wait_until(Duration::from_secs(20), || {
         scalar_i64(
             &mut c,

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::worker::{endpoint, scalar_i64, wait_until, FAST, SECRET};
+use common::worker::{endpoint, scalar_i64, scalar_text, wait_until, FAST, SECRET};
 use common::Cluster;
 use outbox_receiver::Receiver;
 
@@ -345,5 +345,351 @@ fn an_event_goes_to_the_endpoints_subscribed_when_it_is_read() {
             "to-disabled https://example.com/disabled pending",
         ],
         "{kept} {created}"
+    );
+}
+
+#[test]
+fn first_attempts_leave_with_the_read_and_each_delivery_is_written_once() {
+    let cluster = Cluster::start(FAST);
+    let rx = receiver();
+    let mut c = cluster.client();
+    endpoint(&mut c, &rx.url("/hook"), "");
+    c.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, total numeric);
+         CREATE TRIGGER orders_outbox AFTER INSERT ON orders
+             FOR EACH ROW EXECUTE FUNCTION outbox.trigger('order.created');
+         INSERT INTO orders SELECT g, g * 1.5 FROM generate_series(1, 150) g;",
+    )
+    .unwrap();
+    for i in 0..50 {
+        c.batch_execute(&format!(
+            "SELECT outbox.enqueue('t.one', '{{}}', event_id => 'one-{i}')"
+        ))
+        .unwrap();
+    }
+    assert!(
+        rx.wait_for(200, Duration::from_secs(30)),
+        "{}",
+        cluster.log()
+    );
+    assert!(wait_until(Duration::from_secs(20), || scalar_i64(
+        &mut c,
+        "SELECT count(*) FROM outbox.delivery WHERE status = 'delivered'"
+    ) == 200));
+    // Each delivery row was inserted delivered and never updated: the statistics the
+    // worker reports (at most a second late) count 200 inserts and no update. The first
+    // 150 events came in one transaction, more than the endpoint's max_in_flight (64):
+    // they went in parts, each ending where the endpoint had no room left, instead of
+    // queueing the rest to be claimed.
+    assert!(
+        wait_until(Duration::from_secs(20), || scalar_i64(
+            &mut c,
+            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'outbox.delivery'::regclass"
+        ) == 200),
+        "{}",
+        cluster.log()
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'outbox.delivery'::regclass"
+        ),
+        0
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM outbox.delivery WHERE attempts = 1"
+        ),
+        200
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM outbox.attempt WHERE outcome = 'delivered'"
+        ),
+        200
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT coalesce(sum(deliveries), 0)::int8 FROM outbox.stats_hourly"
+        ),
+        200
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT sum(in_flight)::int8 FROM outbox.endpoint_state"
+        ),
+        0
+    );
+    // What the receiver saw, once each, under the ids the history keeps.
+    let seen = arrivals(&rx);
+    assert_eq!(seen.len(), 200);
+    assert!(seen.values().all(|n| *n == 1));
+    let ids: Vec<String> = c
+        .query("SELECT event_id FROM outbox.delivery", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ids.iter().all(|id| seen.contains_key(id)));
+}
+
+#[test]
+fn a_batch_read_but_never_closed_is_read_again_under_the_same_ids() {
+    // No worker: two sessions play the reader, as the worker does through its SQL.
+    let cluster = Cluster::start(&[]);
+    let mut c = cluster.client();
+    c.batch_execute(
+        "SELECT outbox.create_endpoint('https://example.com/hook');
+         CREATE TABLE orders (id int PRIMARY KEY);
+         CREATE TRIGGER orders_outbox AFTER INSERT ON orders
+             FOR EACH ROW EXECUTE FUNCTION outbox.trigger('order.created');
+         INSERT INTO orders SELECT generate_series(1, 5);",
+    )
+    .unwrap();
+    let read = |c: &mut postgres::Client| -> Vec<String> {
+        c.query(
+            "SELECT event_id FROM outbox._read_batch(100, 5000, 67108864) ORDER BY seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let mut first = cluster.client();
+    first
+        .batch_execute("SELECT pg_advisory_lock(outbox._log_lock(), 0)")
+        .unwrap();
+    let ids = read(&mut first);
+    assert_eq!(ids.len(), 5);
+    // While its first attempts are out, no one else reads the log.
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox._read_log()::int8"), 0);
+    assert!(read(&mut c).is_empty());
+    // The reader dies before closing: nothing of the part was recorded...
+    drop(first);
+    assert!(wait_until(Duration::from_secs(10), || scalar_i64(
+        &mut c,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    ) == 0));
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT unread FROM outbox.log_status"),
+        5
+    );
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM outbox.delivery"),
+        0
+    );
+    // ...so the next reader reads it again, and the trigger's events keep their ids.
+    c.batch_execute(
+        "SELECT pg_advisory_lock(outbox._log_lock(), 0);
+         CREATE TEMP TABLE b AS SELECT * FROM outbox._read_batch(100, 5000, 67108864);",
+    )
+    .unwrap();
+    let again: Vec<String> = c
+        .query("SELECT event_id FROM b ORDER BY seq", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(again, ids);
+    // Closing it makes every delivery as its attempt left it, and moves the cursor.
+    // No outcome is left for later: no one holds the endpoint.
+    let close = "SELECT count(*) FROM outbox._close_batch(
+             (SELECT min(cursor_id) FROM b), (SELECT min(batch) FROM b)::pg_snapshot, 5000, 67108864,
+             (SELECT array_agg(delivery_id ORDER BY seq) FROM b), (SELECT array_agg(txid ORDER BY seq) FROM b),
+             (SELECT array_agg(seq ORDER BY seq) FROM b), (SELECT array_agg(endpoint_id ORDER BY seq) FROM b),
+             ARRAY[1, 1, 1, 1, 1],
+             ARRAY['delivered', 'retry', NULL, 'dead', 'delivered']::outbox.attempt_outcome[],
+             ARRAY[200, 503, NULL, 400, 204], ARRAY[NULL, 'HTTP 503', NULL, 'HTTP 400', NULL],
+             ARRAY[1.5, 2.5, NULL, 3.5, 4.5]::float8[], NULL, NULL, 'test', '1 minute')";
+    assert_eq!(scalar_i64(&mut c, close), 0);
+    let states: Vec<(String, i32)> = c
+        .query(
+            "SELECT d.status::text, d.attempts FROM b JOIN outbox.delivery d ON d.id = b.delivery_id ORDER BY b.seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("delivered".to_string(), 1),
+            ("pending".into(), 1),
+            ("in_flight".into(), 1),
+            ("dead".into(), 1),
+            ("delivered".into(), 1),
+        ]
+    );
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox.attempt"), 4);
+    // The one still out counts against its endpoint; the others left it.
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT sum(in_flight)::int8 FROM outbox.endpoint_state"
+        ),
+        // The dead reader's attempts were counted too: the claim recounts a full endpoint.
+        1 + 5
+    );
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT unread FROM outbox.log_status"),
+        0
+    );
+    // A close of a part the cursor has moved past is refused.
+    let err = c.batch_execute(close).unwrap_err();
+    assert_eq!(common::sqlstate(&err), "55000", "{err}");
+}
+
+#[test]
+fn closing_a_batch_never_waits_for_an_endpoint_someone_holds() {
+    // No worker: one session plays it, another holds an endpoint's state row the way an
+    // operator's open transaction (or another sender's ack) does.
+    let cluster = Cluster::start(&[]);
+    let mut c = cluster.client();
+    let busy = endpoint(&mut c, "https://busy.example.com/hook", "");
+    let idle = endpoint(&mut c, "https://idle.example.com/hook", "");
+    c.batch_execute("SELECT outbox.enqueue('t.a', '{}', event_id => 'a')")
+        .unwrap();
+    c.batch_execute(
+        "SELECT pg_advisory_lock(outbox._log_lock(), 0);
+         CREATE TEMP TABLE b AS SELECT * FROM outbox._read_batch(100, 5000, 67108864);",
+    )
+    .unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM b"), 2);
+    let mut holder = cluster.client();
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM outbox.endpoint_state WHERE endpoint_id = '{busy}' FOR UPDATE"
+        ))
+        .unwrap();
+    c.batch_execute("SET lock_timeout = '2s'").unwrap();
+    let deferred: Vec<String> = c
+        .query(
+            "SELECT d::text FROM outbox._close_batch(
+                 (SELECT min(cursor_id) FROM b), (SELECT min(batch) FROM b)::pg_snapshot, 5000, 67108864,
+                 (SELECT array_agg(delivery_id ORDER BY endpoint_id) FROM b),
+                 (SELECT array_agg(txid ORDER BY endpoint_id) FROM b),
+                 (SELECT array_agg(seq ORDER BY endpoint_id) FROM b),
+                 (SELECT array_agg(endpoint_id ORDER BY endpoint_id) FROM b),
+                 ARRAY[1, 1], ARRAY['delivered', 'delivered']::outbox.attempt_outcome[],
+                 ARRAY[200, 200], NULL, NULL, NULL, NULL, 'test', '1 minute') AS d",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // The idle endpoint's outcome is recorded; the busy one's delivery waits in flight.
+    let busy_delivery = scalar_text(
+        &mut c,
+        &format!("SELECT delivery_id::text FROM b WHERE endpoint_id = '{busy}'"),
+    );
+    assert_eq!(deferred, std::slice::from_ref(&busy_delivery));
+    let status = |c: &mut postgres::Client, ep: &str| {
+        scalar_text(
+            c,
+            &format!("SELECT status::text FROM outbox.delivery WHERE endpoint_id = '{ep}'"),
+        )
+    };
+    assert_eq!(status(&mut c, &idle), "delivered");
+    assert_eq!(status(&mut c, &busy), "in_flight");
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT unread FROM outbox.log_status"),
+        0
+    );
+    // Once the holder is done, the outcome is acknowledged like any claimed delivery's.
+    holder.batch_execute("COMMIT").unwrap();
+    let acked = scalar_i64(
+        &mut c,
+        &format!(
+            "SELECT count(*) FROM outbox.ack_batch(ARRAY['{busy_delivery}']::uuid[], ARRAY[1],
+                 ARRAY['delivered']::outbox.attempt_outcome[], ARRAY[200])"
+        ),
+    );
+    assert_eq!(acked, 1);
+    assert_eq!(status(&mut c, &busy), "delivered");
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT sum(in_flight)::int8 FROM outbox.endpoint_state"
+        ),
+        0
+    );
+}
+
+#[test]
+fn a_batch_closes_into_a_consistent_queue_after_its_endpoints_changed() {
+    // No worker: one session plays it. Between the read and the close, one endpoint is
+    // made ordered and another deleted.
+    let cluster = Cluster::start(&[]);
+    let mut c = cluster.client();
+    let made_ordered = endpoint(&mut c, "https://ordered.example.com/hook", "");
+    let deleted = endpoint(&mut c, "https://deleted.example.com/hook", "");
+    c.batch_execute("SELECT outbox.enqueue('t.a', '{}') FROM generate_series(1, 2)")
+        .unwrap();
+    c.batch_execute(
+        "SELECT pg_advisory_lock(outbox._log_lock(), 0);
+         CREATE TEMP TABLE b AS SELECT * FROM outbox._read_batch(100, 5000, 67108864);",
+    )
+    .unwrap();
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM b"), 4);
+    c.batch_execute(&format!(
+        "SELECT outbox.update_endpoint('{made_ordered}', ordered => true);
+         SELECT outbox.delete_endpoint('{deleted}');"
+    ))
+    .unwrap();
+    // Per endpoint, the first event's attempt is to be retried and the second's still out.
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM outbox._close_batch(
+                 (SELECT min(cursor_id) FROM b), (SELECT min(batch) FROM b)::pg_snapshot,
+                 (SELECT min(part_events) FROM b), 67108864,
+                 (SELECT array_agg(delivery_id ORDER BY endpoint_id, seq) FROM b),
+                 (SELECT array_agg(txid ORDER BY endpoint_id, seq) FROM b),
+                 (SELECT array_agg(seq ORDER BY endpoint_id, seq) FROM b),
+                 (SELECT array_agg(endpoint_id ORDER BY endpoint_id, seq) FROM b),
+                 ARRAY[1, 1, 1, 1],
+                 (SELECT array_agg(CASE WHEN seq = (SELECT min(seq) FROM b) THEN 'retry' END
+                                   ORDER BY endpoint_id, seq) FROM b)::outbox.attempt_outcome[],
+                 NULL, NULL, NULL, NULL, NULL, 'test', '1 minute')"
+        ),
+        0
+    );
+    let rows = |c: &mut postgres::Client, ep: &str| -> Vec<(String, bool)> {
+        c.query(
+            &format!(
+                "SELECT status::text, seq IS NOT NULL FROM outbox.delivery
+                  WHERE endpoint_id = '{ep}' ORDER BY created_at, seq"
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    };
+    // Both unfinished deliveries of the endpoint made ordered have their place in its
+    // order (the ordered claim serves only numbered ones)...
+    let ordered = rows(&mut c, &made_ordered);
+    assert_eq!(ordered.len(), 2);
+    assert!(ordered.iter().all(|(_, numbered)| *numbered), "{ordered:?}");
+    // ...and the deleted endpoint's are cancelled, as its delete cancelled its queue.
+    let gone = rows(&mut c, &deleted);
+    assert_eq!(
+        gone,
+        [
+            ("cancelled".to_string(), false),
+            ("cancelled".into(), false)
+        ]
+    );
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT unread FROM outbox.log_status"),
+        0
     );
 }

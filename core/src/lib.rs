@@ -2,6 +2,7 @@
 //! `cargo test` covers them: how requests are signed, which input is acceptable, and when a
 //! failed delivery is tried again.
 
+pub mod ids;
 pub mod outcome;
 pub mod retry;
 pub mod signing;

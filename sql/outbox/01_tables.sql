@@ -27,6 +27,42 @@ CREATE TYPE outbox.attempt_outcome AS ENUM ('delivered', 'retry', 'dead', 'reque
 -- in flight; its success closes the circuit, its failure opens it again for longer.
 CREATE TYPE outbox.circuit_state AS ENUM ('closed', 'open', 'half_open');
 
+-- A finished attempt as the bookkeeping after it needs it (outbox._account): written by
+-- outbox.ack_batch for claimed deliveries and by outbox._close_batch for first attempts
+-- sent straight from a batch of the log.
+CREATE TYPE outbox._settled AS (
+    id            uuid,
+    endpoint_id   uuid,
+    event_id      text,
+    tenant_id     text,
+    created_at    timestamptz,
+    attempt       integer,
+    outcome       outbox.attempt_outcome,
+    status_code   integer,
+    error         text,
+    duration_ms   double precision,
+    response_body text,
+    event_type    text
+);
+
+-- A first attempt the worker sent straight from a batch of the log (outbox._read_batch):
+-- the event (by its place in the log), the endpoint, the delivery id it was sent as, and
+-- what came of it (outcome NULL: still in flight) as outbox._decided judged it.
+CREATE TYPE outbox._sent AS (
+    id            uuid,
+    txid          bigint,
+    seq           bigint,
+    endpoint_id   uuid,
+    attempt       integer,
+    outcome       outbox.attempt_outcome,
+    status_code   integer,
+    error         text,
+    last_error    text,
+    duration_ms   double precision,
+    response_body text,
+    next_at       timestamptz
+);
+
 -------------------------------------------------------------------------------------------
 -- Tables
 -------------------------------------------------------------------------------------------

@@ -381,3 +381,19 @@ CREATE FUNCTION outbox._new_event_id()
 RETURNS text
 LANGUAGE sql VOLATILE PARALLEL SAFE
 RETURN 'msg_' || replace(gen_random_uuid()::text, '-', '');
+
+-- The id of an event outbox.trigger appended without one, from its place in the log and
+-- its time (see the Rust ids module): every read of it, a repeated one too, gives the same
+-- `webhook-id`.
+CREATE FUNCTION outbox._log_event_id(txid xid8, seq bigint, created_at timestamptz)
+RETURNS text
+LANGUAGE c STABLE STRICT PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'log_event_id_wrapper';
+
+-- The request body of an event, as every sender sends it (Standard Webhooks' shape).
+CREATE FUNCTION outbox._body(p_event_type text, p_created_at timestamptz, p_payload jsonb)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN json_build_object('type', p_event_type,
+                         'timestamp', to_char(p_created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                         'data', p_payload)::text;

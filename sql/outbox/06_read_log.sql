@@ -13,12 +13,48 @@
 -- (which did not commit either).
 -------------------------------------------------------------------------------------------
 
--- Turns events into deliveries: one per endpoint that is enabled, not deleted, of the
--- event's tenant and subscribed to its type (outbox._filter_matches) at this moment; or,
--- for an event enqueued for one endpoint, one for that endpoint unless it was deleted.
--- Deliveries to ordered endpoints are numbered in the order of p_events. Returns how many
--- deliveries it made.
-CREATE FUNCTION outbox._fan_out(p_events outbox.log[])
+-- Who receives each event of p_events (n: its place there): the endpoint it was enqueued
+-- for, unless that was deleted; otherwise every endpoint that is enabled, not deleted, of
+-- the event's tenant and subscribed to its type (outbox._filter_matches) at this moment.
+-- Events from outbox.trigger get their id here (outbox._log_event_id: the same on every
+-- read).
+CREATE FUNCTION outbox._targets(p_events outbox.log[])
+RETURNS TABLE (n bigint, txid xid8, seq bigint, id text, event_type text, payload jsonb, tenant_id text,
+               deliver_at timestamptz, created_at timestamptz, endpoint_id uuid, ordered boolean)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
+    RETURN QUERY
+    WITH ev AS MATERIALIZED (
+        SELECT e.n, e.txid, e.seq, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)) AS id, e.event_type,
+               e.payload, e.tenant_id, e.endpoint_id, e.deliver_at, e.created_at
+          FROM unnest(p_events) WITH ORDINALITY
+            AS e(txid, seq, id, event_type, payload, tenant_id, endpoint_id, deliver_at, created_at, n)
+    )
+    SELECT ev.n, ev.txid, ev.seq, ev.id, ev.event_type, ev.payload, ev.tenant_id, ev.deliver_at,
+           ev.created_at, ep.id, ep.ordered
+      FROM ev JOIN outbox.endpoint ep ON ep.id = ev.endpoint_id AND ep.deleted_at IS NULL
+    UNION ALL
+    SELECT ev.n, ev.txid, ev.seq, ev.id, ev.event_type, ev.payload, ev.tenant_id, ev.deliver_at,
+           ev.created_at, ep.id, ep.ordered
+      FROM ev JOIN outbox.endpoint ep
+        ON ev.endpoint_id IS NULL AND ep.enabled AND ep.deleted_at IS NULL
+       AND ep.tenant_id IS NOT DISTINCT FROM ev.tenant_id
+       AND outbox._filter_matches(ep.event_types, ev.event_type);
+END
+$$;
+
+-- Turns events into deliveries, one per target (outbox._targets); returns how many it
+-- made. Deliveries to ordered endpoints are numbered in the order of p_events. p_sent are
+-- the first attempts the worker already sent from this batch (outbox._read_batch): their
+-- deliveries are made as those attempts left them (delivered, dead, retrying, or still in
+-- flight under p_worker's lease of p_lease) instead of pending, and are made even if the
+-- endpoint no longer takes the event (it was sent: it is recorded).
+CREATE FUNCTION outbox._fan_out(p_events outbox.log[], p_sent outbox._sent[] DEFAULT '{}',
+                                p_worker text DEFAULT NULL, p_lease interval DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -28,37 +64,68 @@ DECLARE
     v_fed  integer;
     v_feed boolean := outbox._feed_on();
 BEGIN
-    WITH ev AS MATERIALIZED (
-        -- Events from outbox.trigger get their id here, once: what is made below commits
-        -- with the cursor, so a read that fails leaves no id behind.
-        SELECT e.txid, e.seq, coalesce(e.id, outbox._new_event_id()) AS id, e.event_type, e.payload,
-               e.tenant_id, e.endpoint_id, e.deliver_at, e.created_at, e.n
-          FROM unnest(p_events) WITH ORDINALITY
-            AS e(txid, seq, id, event_type, payload, tenant_id, endpoint_id, deliver_at, created_at, n)
+    WITH target AS MATERIALIZED (
+        SELECT * FROM outbox._targets(p_events)
     ),
-    target AS (
-        SELECT ev.*, ep.id AS ep_id, ep.ordered
-          FROM ev JOIN outbox.endpoint ep ON ep.id = ev.endpoint_id AND ep.deleted_at IS NULL
+    sent AS (
+        SELECT * FROM unnest(p_sent)
+    ),
+    pair AS (
+        SELECT t.*, s.id AS d_id, s.outcome, s.status_code, s.last_error, s.next_at
+          FROM target t
+          LEFT JOIN sent s ON s.txid = t.txid::text::bigint AND s.seq = t.seq AND s.endpoint_id = t.endpoint_id
         UNION ALL
-        SELECT ev.*, ep.id, ep.ordered
-          FROM ev JOIN outbox.endpoint ep
-            ON ev.endpoint_id IS NULL AND ep.enabled AND ep.deleted_at IS NULL
-           AND ep.tenant_id IS NOT DISTINCT FROM ev.tenant_id
-           AND outbox._filter_matches(ep.event_types, ev.event_type)
+        SELECT e.n, e.txid, e.seq, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)), e.event_type,
+               e.payload, e.tenant_id, e.deliver_at, e.created_at, s.endpoint_id, ep.ordered,
+               s.id, s.outcome, s.status_code, s.last_error, s.next_at
+          FROM sent s
+          JOIN unnest(p_events) WITH ORDINALITY
+            AS e(txid, seq, id, event_type, payload, tenant_id, endpoint_id, deliver_at, created_at, n)
+            ON e.txid::text::bigint = s.txid AND e.seq = s.seq
+          JOIN outbox.endpoint ep ON ep.id = s.endpoint_id
+         WHERE NOT EXISTS (SELECT 1 FROM target t
+                            WHERE t.txid = e.txid AND t.seq = e.seq AND t.endpoint_id = s.endpoint_id)
+    ),
+    judged AS (
+        -- What each delivery is made as. One sent to an endpoint deleted since is done with
+        -- unless it ended already: cancelled, as the delete cancelled the rest of its queue.
+        SELECT p.*,
+               CASE WHEN p.d_id IS NOT NULL AND (p.outcome IS NULL OR p.outcome = 'retry')
+                         AND EXISTS (SELECT 1 FROM outbox.endpoint x WHERE x.id = p.endpoint_id AND x.deleted_at IS NOT NULL)
+                         THEN 'cancelled'
+                    WHEN p.d_id IS NULL OR p.outcome = 'retry' THEN 'pending'
+                    WHEN p.outcome IS NULL THEN 'in_flight'
+                    WHEN p.outcome = 'delivered' THEN 'delivered'
+                    ELSE 'dead' END::outbox.delivery_status AS status
+          FROM pair p
     ),
     events AS (
         -- A caller's id already has its row (enqueue claimed the id there).
         INSERT INTO outbox.event (id, event_type, payload, tenant_id, created_at)
-        SELECT DISTINCT ON (t.id, coalesce(t.tenant_id, '')) t.id, t.event_type, t.payload, t.tenant_id, t.created_at
-          FROM target t
+        SELECT DISTINCT ON (p.id, coalesce(p.tenant_id, '')) p.id, p.event_type, p.payload, p.tenant_id, p.created_at
+          FROM pair p
         ON CONFLICT (id, tenant_key) DO NOTHING
     ),
     made AS (
-        INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, due_at, seq, created_at)
-        SELECT t.id, t.ep_id, t.tenant_id, coalesce(t.deliver_at, now()),
-               CASE WHEN t.ordered THEN nextval('outbox.delivery_seq') END, t.created_at
-          FROM target t
-         ORDER BY t.n, t.ep_id
+        INSERT INTO outbox.delivery (id, event_id, endpoint_id, tenant_id, status, attempts, due_at, lease_owner,
+                                     seq, created_at, finished_at, last_attempt_at, last_status_code, last_error)
+        SELECT coalesce(j.d_id, gen_random_uuid()), j.id, j.endpoint_id, j.tenant_id, j.status,
+               CASE WHEN j.d_id IS NULL THEN 0 ELSE 1 END,
+               CASE WHEN j.d_id IS NULL THEN coalesce(j.deliver_at, now())
+                    WHEN j.status = 'in_flight' THEN now() + p_lease
+                    WHEN j.status = 'pending' THEN j.next_at
+                    ELSE now() END,
+               CASE WHEN j.status = 'in_flight' THEN p_worker END,
+               -- Every unfinished delivery to an ordered endpoint has its place in the
+               -- order (one sent may have been made ordered since it was read), taken in
+               -- the order of the events: the rows come sorted from the subquery, which
+               -- the planner keeps as it is (it has an ORDER BY).
+               CASE WHEN j.ordered AND j.status IN ('pending', 'in_flight') THEN nextval('outbox.delivery_seq') END,
+               j.created_at,
+               CASE WHEN j.status IN ('delivered', 'dead', 'cancelled') THEN now() END,
+               CASE WHEN j.outcome IS NOT NULL THEN now() END,
+               j.status_code, j.last_error
+          FROM (SELECT * FROM judged ORDER BY judged.n, judged.endpoint_id) j
         ON CONFLICT (event_id, endpoint_id, replay_of) DO NOTHING
         RETURNING id, endpoint_id, tenant_id, event_id
     )
@@ -67,34 +134,116 @@ BEGIN
     SELECT count(*), count(outbox._feed(m.id, m.endpoint_id, m.tenant_id, e.event_type, 'queued', 0)) FILTER (WHERE v_feed)
       INTO v_made, v_fed
       FROM made m
-      JOIN (SELECT DISTINCT ON (ev.id, ev.tenant_id) ev.id, ev.tenant_id, ev.event_type FROM ev) e
+      JOIN (SELECT DISTINCT ON (p.id, p.tenant_id) p.id, p.tenant_id, p.event_type FROM pair p) e
         ON e.id = m.event_id AND e.tenant_id IS NOT DISTINCT FROM m.tenant_id;
     RETURN v_made;
 END
 $$;
 
--- Reads the next part of the log (at most p_max events, and no more events once their
--- payloads reach p_max_bytes as stored) and fans it out; returns how many events it read. One
--- reader at a time: another caller meanwhile returns 0 at once (its claim goes on with what
--- is fanned out already). A batch larger than a part is read over several calls, from
--- where the last stopped. Only under READ COMMITTED: a transaction whose snapshot is older
--- than the cursor's could move it backwards.
+-- The next part of the log after cursor row c, in the batch whose snapshot is p_batch: at
+-- most p_max events, and no more once their payloads reach p_max_bytes as stored (a batch
+-- of large payloads must not become one array past what a backend can allocate); `more`
+-- when the batch goes on beyond it. The same arguments give the same part every time: a
+-- batch's events are fixed once its snapshot is taken (every transaction in it has ended),
+-- and rotation keeps them until the cursor moves past them.
+CREATE FUNCTION outbox._read_part(c outbox.log_cursor, p_batch pg_snapshot, p_max integer, p_max_bytes bigint,
+                                  OUT events outbox.log[], OUT more boolean)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp SET enable_sort = off SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
+DECLARE
+    v_late     xid8[];
+    v_from     xid8;
+    v_from_seq bigint;
+    r          outbox.log;
+    v_n        integer := 0;
+    v_bytes    bigint := 0;
+    v_rows     refcursor;
+BEGIN
+    events := '{}';
+    more := false;
+    -- Transactions in progress when `done` was taken that have ended since: their events
+    -- lie below the range scanned last.
+    v_late := ARRAY(SELECT x FROM pg_snapshot_xip(c.done) x WHERE pg_visible_in_snapshot(x, p_batch));
+    -- Where the last part of this batch ended, if it is read in parts.
+    v_from := coalesce(c.pos_txid, '0'::xid8);
+    v_from_seq := coalesce(c.pos_seq, 0);
+    -- Three ranges of the index, in (txid, seq) order one after the other, each scanned
+    -- from where it starts and only as far as the part goes: the rest of the transaction
+    -- the last part ended in (a transaction of many events is read in many parts), the
+    -- transactions that were in progress when `done` was taken, and the newer ones the
+    -- batch sees. (One query over the three would be sorted whole, the entire batch read
+    -- for every part of it.)
+    FOR k IN 1 .. 3 LOOP
+        CASE k
+        WHEN 1 THEN
+            OPEN v_rows FOR SELECT l.* FROM outbox.log l
+                             WHERE l.txid = v_from AND l.seq > v_from_seq
+                             ORDER BY l.txid, l.seq;
+        WHEN 2 THEN
+            OPEN v_rows FOR SELECT l.* FROM outbox.log l
+                             WHERE l.txid = ANY (v_late) AND l.txid > v_from
+                             ORDER BY l.txid, l.seq;
+        ELSE
+            OPEN v_rows FOR SELECT l.* FROM outbox.log l
+                             WHERE l.txid > v_from AND l.txid >= pg_snapshot_xmax(c.done)
+                               AND l.txid < pg_snapshot_xmax(p_batch) AND pg_visible_in_snapshot(l.txid, p_batch)
+                             ORDER BY l.txid, l.seq;
+        END CASE;
+        LOOP
+            FETCH v_rows INTO r;
+            EXIT WHEN NOT FOUND;
+            IF v_n >= greatest(p_max, 1) OR v_bytes >= p_max_bytes THEN
+                more := true;
+                CLOSE v_rows;
+                RETURN;
+            END IF;
+            events := events || r;
+            v_n := v_n + 1;
+            v_bytes := v_bytes + pg_column_size(r.payload);
+        END LOOP;
+        CLOSE v_rows;
+    END LOOP;
+END
+$$;
+
+-- Moves the cursor past a part read from cursor row c (p_events, of the batch p_batch).
+CREATE FUNCTION outbox._advance_cursor(c outbox.log_cursor, p_batch pg_snapshot, p_events outbox.log[], p_more boolean)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n integer := cardinality(p_events);
+BEGIN
+    IF p_more THEN
+        -- More of this batch follows: remember where this part ended.
+        INSERT INTO outbox.log_cursor (done, batch, pos_txid, pos_seq, events)
+        VALUES (c.done, p_batch, (p_events[v_n]).txid, (p_events[v_n]).seq, v_n);
+    ELSIF v_n > 0 OR c.batch IS NOT NULL OR c.created_at < now() - interval '10 seconds' THEN
+        -- The batch is read. An empty one is recorded only now and then: what it would
+        -- save the next read is an index probe, and a row per idle cycle is not worth it;
+        -- but `done` must move on for rotation to free old partitions.
+        INSERT INTO outbox.log_cursor (done, events) VALUES (p_batch, v_n);
+    END IF;
+END
+$$;
+
+-- Reads the next part of the log (outbox._read_part: at most p_max events or p_max_bytes
+-- of payloads) and fans it out; returns how many events it read. One reader at a time:
+-- another caller meanwhile (or anyone while the worker holds a batch open) returns 0 at
+-- once (its claim goes on with what is fanned out already). A batch larger than a part is
+-- read over several calls, from where the last stopped. Only under READ COMMITTED: a
+-- transaction whose snapshot is older than the cursor's could move it backwards.
 CREATE FUNCTION outbox._read_log(p_max integer DEFAULT 5000, p_max_bytes bigint DEFAULT 64 * 1024 * 1024)
 RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    c         outbox.log_cursor;
-    v_batch   pg_snapshot;
-    v_late    xid8[];
-    v_from    xid8;
-    v_from_seq bigint;
-    r         outbox.log;
-    v_events  outbox.log[] := '{}';
-    v_n       integer := 0;
-    v_bytes   bigint := 0;
-    v_more    boolean := false;
+    c       outbox.log_cursor;
+    v_batch pg_snapshot;
+    v_part  record;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed'
        OR NOT pg_try_advisory_xact_lock(outbox._log_lock(), 0) THEN
@@ -107,52 +256,142 @@ BEGIN
     -- Taken before the rows are read: the read then sees at least every transaction this
     -- snapshot shows as finished (never the other way round, which would skip a commit).
     v_batch := coalesce(c.batch, pg_current_snapshot());
-    -- Transactions in progress when `done` was taken that have ended since: their events
-    -- lie below the range scanned next.
-    v_late := ARRAY(SELECT x FROM pg_snapshot_xip(c.done) x WHERE pg_visible_in_snapshot(x, v_batch));
-    -- Where the last part of this batch ended, if it is read in parts. Compared column by
-    -- column: a row comparison would make (0, 0) the index scan's start, the log's beginning.
-    v_from := coalesce(c.pos_txid, '0'::xid8);
-    v_from_seq := coalesce(c.pos_seq, 0);
-
-    -- A loop, so that the scan stops where the part ends: the byte bound keeps a batch of
-    -- large payloads from becoming one array past what a backend can allocate.
-    FOR r IN
-        SELECT l.* FROM outbox.log l
-         WHERE l.txid = ANY (v_late) AND l.txid >= v_from AND (l.txid > v_from OR l.seq > v_from_seq)
-        UNION ALL
-        SELECT l.* FROM outbox.log l
-         WHERE l.txid >= greatest(pg_snapshot_xmax(c.done), v_from) AND l.txid < pg_snapshot_xmax(v_batch)
-           AND pg_visible_in_snapshot(l.txid, v_batch)
-           AND (l.txid > v_from OR l.seq > v_from_seq)
-         ORDER BY 1, 2
-    LOOP
-        IF v_n >= greatest(p_max, 1) OR v_bytes >= p_max_bytes THEN
-            v_more := true;
-            EXIT;
-        END IF;
-        v_events := v_events || r;
-        v_n := v_n + 1;
-        v_bytes := v_bytes + pg_column_size(r.payload);
-    END LOOP;
-    IF v_n > 0 THEN
-        PERFORM outbox._fan_out(v_events);
+    SELECT * INTO v_part FROM outbox._read_part(c, v_batch, p_max, p_max_bytes);
+    IF cardinality(v_part.events) > 0 THEN
+        PERFORM outbox._fan_out(v_part.events);
         -- The other workers claim too: they were woken by the producers' commits, found
         -- nothing fanned out yet, and would otherwise sleep until their poll interval.
         PERFORM outbox._wake_at_commit();
     END IF;
+    PERFORM outbox._advance_cursor(c, v_batch, v_part.events, v_part.more);
+    RETURN cardinality(v_part.events);
+END
+$$;
 
-    IF v_more THEN
-        -- More of this batch follows: remember where this part ended.
-        INSERT INTO outbox.log_cursor (done, batch, pos_txid, pos_seq, events)
-        VALUES (c.done, v_batch, (v_events[v_n]).txid, (v_events[v_n]).seq, v_n);
-    ELSIF v_n > 0 OR c.batch IS NOT NULL OR c.created_at < now() - interval '10 seconds' THEN
-        -- The batch is read. An empty one is recorded only now and then: what it would
-        -- save the next read is an index probe, and a row per idle cycle is not worth it;
-        -- but `done` must move on for rotation to free old partitions.
-        INSERT INTO outbox.log_cursor (done, events) VALUES (v_batch, v_n);
+-- The worker's read: the next part of the log, as outbox._read_log reads it, with the
+-- first attempts that may go at once returned for sending instead of made into deliveries
+-- — up to p_free of them, to endpoints that are enabled, not ordered, without a rate
+-- limit, with a closed circuit and room under their max_in_flight (counted in their state
+-- row from here on), for events not scheduled later. The part ends before the first event
+-- that would have to wait only for lack of room (p_free or an endpoint's max_in_flight):
+-- it stays in the log for the next read rather than become a delivery claimed later. One
+-- row per attempt, each carrying the cursor row, batch snapshot and part size the part was
+-- read with, which outbox._close_batch takes back together with the outcomes: it reads
+-- the same part again, makes every delivery (those sent as their outcomes left them) and
+-- moves the cursor, in one transaction. Nothing of the part is recorded until then: a
+-- worker that dies meanwhile leaves the part to be read again (its attempts are sent
+-- again, under the same event ids). The caller must hold the reader's lock
+-- (outbox._log_lock) for its session, so that no one reads the part while its attempts
+-- are out. When nothing can go at once the part is fanned out and the cursor moved here,
+-- and no rows are returned.
+CREATE FUNCTION outbox._read_batch(p_free integer, p_max integer, p_max_bytes bigint)
+RETURNS TABLE (cursor_id bigint, batch text, part_events integer, delivery_id uuid, txid bigint, seq bigint,
+               endpoint_id uuid, event_id text, url text, secret text, headers text,
+               timeout_ms double precision, body text, previous_secret text)
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    c       outbox.log_cursor;
+    v_batch pg_snapshot;
+    v_part  record;
+    v_cap   integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
+    v_room  bigint;
+    v_sent  integer;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed'
+       OR NOT pg_try_advisory_xact_lock(outbox._log_lock(), 0) THEN
+        RETURN;
     END IF;
-    RETURN v_n;
+    SELECT * INTO c FROM outbox.log_cursor ORDER BY id DESC LIMIT 1;
+    IF c.id IS NULL THEN
+        RETURN;
+    END IF;
+    -- No more events than could go now, when some can: the rest would only be read again
+    -- next time (the endpoints' room is an upper bound: an event goes to one or more).
+    SELECT sum(greatest(least(coalesce(coalesce(e.max_in_flight, v_cap) - s.in_flight, p_free), p_free), 0))
+      INTO v_room
+      FROM outbox.endpoint e
+      JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
+     WHERE e.enabled AND e.deleted_at IS NULL AND NOT e.ordered AND e.rate_limit IS NULL
+       AND s.circuit = 'closed';
+    IF v_room > 0 AND p_free > 0 THEN
+        p_max := least(p_max, v_room);
+    END IF;
+    v_batch := coalesce(c.batch, pg_current_snapshot());
+    SELECT * INTO v_part FROM outbox._read_part(c, v_batch, p_max, p_max_bytes);
+    IF cardinality(v_part.events) = 0 THEN
+        PERFORM outbox._advance_cursor(c, v_batch, v_part.events, v_part.more);
+        RETURN;
+    END IF;
+
+    RETURN QUERY
+    WITH target AS MATERIALIZED (
+        SELECT * FROM outbox._targets(v_part.events)
+    ),
+    free AS (
+        -- State rows someone holds (an operator, another sender's ack) are passed by: those
+        -- endpoints' events become deliveries, claimed later.
+        SELECT s.endpoint_id, s.in_flight FROM outbox.endpoint_state s
+         WHERE s.endpoint_id IN (SELECT t.endpoint_id FROM target t) AND s.circuit = 'closed'
+         ORDER BY s.endpoint_id
+           FOR UPDATE SKIP LOCKED
+    ),
+    candidate AS (
+        SELECT t.*, e.url, e.secret, e.headers, e.timeout,
+               CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END AS previous_secret,
+               f.in_flight, coalesce(e.max_in_flight, v_cap) AS cap,
+               row_number() OVER (PARTITION BY t.endpoint_id ORDER BY t.n) AS k
+          FROM target t
+          JOIN outbox.endpoint e ON e.id = t.endpoint_id
+          JOIN free f ON f.endpoint_id = t.endpoint_id
+         WHERE e.enabled AND e.deleted_at IS NULL AND NOT e.ordered AND e.rate_limit IS NULL
+           AND (t.deliver_at IS NULL OR t.deliver_at <= now())
+    ),
+    roomy AS (
+        -- Room under the endpoint's max_in_flight (NULL: no limit), then a free request slot.
+        SELECT x.*, coalesce(x.in_flight + x.k <= x.cap, true) AS room
+          FROM candidate x
+    ),
+    ranked AS MATERIALIZED (
+        SELECT y.*,
+               y.room AND row_number() OVER (PARTITION BY y.room ORDER BY y.n, y.endpoint_id) <= p_free AS go,
+               -- The part ends before an attempt that finds no free slot, or none left at an
+               -- endpoint that had room when the part was read. An endpoint full from the
+               -- start (a slow receiver) ends nothing: its events become deliveries claimed
+               -- as it drains, and the others' go on.
+               CASE WHEN y.room THEN row_number() OVER (PARTITION BY y.room ORDER BY y.n, y.endpoint_id) > p_free
+                    ELSE y.in_flight < y.cap END AS ends_part
+          FROM roomy y
+    ),
+    cut AS (
+        -- The first event (after the first) with an attempt that ends the part.
+        SELECT coalesce(min(r.n) FILTER (WHERE r.ends_part AND r.n > 1), cardinality(v_part.events) + 1) AS n
+          FROM ranked r
+    ),
+    chosen AS (
+        SELECT r.* FROM ranked r, cut
+         WHERE r.n < cut.n AND r.go
+    ),
+    counted AS (
+        UPDATE outbox.endpoint_state s SET in_flight = s.in_flight + x.n
+          FROM (SELECT ch.endpoint_id, count(*)::integer AS n FROM chosen ch GROUP BY ch.endpoint_id) x
+         WHERE s.endpoint_id = x.endpoint_id
+    )
+    SELECT c.id, v_batch::text, (cut.n - 1)::integer, gen_random_uuid(), ch.txid::text::bigint, ch.seq,
+           ch.endpoint_id, ch.id, ch.url, ch.secret, ch.headers::text,
+           extract(epoch FROM ch.timeout)::double precision * 1000,
+           outbox._body(ch.event_type, ch.created_at, ch.payload), ch.previous_secret
+      FROM chosen ch, cut
+     ORDER BY ch.n, ch.endpoint_id;
+    GET DIAGNOSTICS v_sent = ROW_COUNT;
+    IF v_sent = 0 THEN
+        -- Nothing can go at once: the whole part becomes deliveries, claimed as they can go.
+        PERFORM outbox._fan_out(v_part.events);
+        PERFORM outbox._wake_at_commit();
+        PERFORM outbox._advance_cursor(c, v_batch, v_part.events, v_part.more);
+    END IF;
 END
 $$;
 
@@ -162,6 +401,32 @@ CREATE FUNCTION outbox._log_lock()
 RETURNS integer
 LANGUAGE sql STABLE PARALLEL SAFE
 RETURN ('outbox.log'::regclass::oid::bigint % 2147483647)::integer;
+
+-- Makes the calling session the log's reader for as long as it lasts (the session lock
+-- of outbox._log_lock), if no one else is; returns whether it is. No batch is open at that
+-- moment (only the reader opens them), so every endpoint's in-flight count is set to its
+-- deliveries in flight: counts a reader that died with a batch open left too high are
+-- corrected (state rows someone holds are left for the claim's own recount).
+CREATE FUNCTION outbox._become_reader()
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    IF NOT pg_try_advisory_lock(outbox._log_lock(), 0) THEN
+        RETURN false;
+    END IF;
+    UPDATE outbox.endpoint_state s
+       SET in_flight = n.n
+      FROM (SELECT l.endpoint_id,
+                   (SELECT count(*) FROM outbox.delivery d
+                     WHERE d.endpoint_id = l.endpoint_id AND d.status = 'in_flight')::integer AS n
+              FROM outbox.endpoint_state l
+               FOR UPDATE SKIP LOCKED) n
+     WHERE s.endpoint_id = n.endpoint_id AND s.in_flight <> n.n;
+    RETURN true;
+END
+$$;
 
 -- Whether a batch is read in part: the worker then comes back at once instead of sleeping.
 CREATE FUNCTION outbox._log_behind()

@@ -32,7 +32,7 @@ RETURNS TABLE (o_delivery_id uuid, o_event_id text, o_attempt integer, o_endpoin
                o_secret text, o_headers jsonb, o_timeout interval, o_event_type text, o_body text,
                o_tenant_id text, o_previous_secret text)
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off SET enable_sort = off SET enable_bitmapscan = off SET jit = off
 AS $$
 DECLARE
@@ -114,9 +114,7 @@ BEGIN
            AND ev.id = d.event_id AND ev.tenant_key = d.tenant_key
         RETURNING d.id, d.event_id, d.attempts, d.endpoint_id, e.url, e.secret, e.headers, e.timeout,
                   ev.event_type,
-                  json_build_object('type', ev.event_type,
-                                    'timestamp', to_char(ev.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-                                    'data', ev.payload)::text,
+                  outbox._body(ev.event_type, ev.created_at, ev.payload),
                   d.tenant_id,
                   CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END;
         GET DIAGNOSTICS v_got = ROW_COUNT;
@@ -165,103 +163,77 @@ AS $$
     SELECT * FROM outbox._claim(claim.batch_size, claim.worker, claim.lease, claim.endpoint_id, claim.tenant_id)
 $$;
 
--- Records the outcomes of many attempts at once and returns the deliveries whose outcome was
--- accepted. An outcome is accepted only from the holder of the current attempt: the delivery
--- must be in_flight with exactly that attempt number; anything else (a lease that expired and
--- was claimed again, a cancelled delivery, a repeated ack) changes nothing.
--- A 'retry' without retry_at is scheduled by outbox.retry_delay(attempt) (the
--- outbox.retry_schedule GUC); when the schedule is exhausted the delivery is dead.
-CREATE FUNCTION outbox.ack_batch(
-    delivery_ids  uuid[],
-    attempts      integer[],
-    outcomes      outbox.attempt_outcome[],
-    status_codes  integer[]          DEFAULT NULL,
-    errors        text[]             DEFAULT NULL,
-    durations_ms  double precision[] DEFAULT NULL,
-    retry_at      timestamptz[]      DEFAULT NULL,
-    response_bodies text[]           DEFAULT NULL,
-    worker        text               DEFAULT NULL
+-- What senders report, made ready to record: texts from receivers and senders bounded
+-- before anything stores or announces them (errors to outbox._max_error_bytes(), bodies to
+-- outbox.max_response_body); a retry's time (the retry schedule counts the attempts since
+-- the last retry_dead; a time a sender asks for stays within the range enqueue allows);
+-- a retry past the schedule's end made 'dead'. An outcome NULL (an attempt still in
+-- flight, from outbox._close_batch) stays NULL. The arrays are outbox.ack_batch's.
+CREATE FUNCTION outbox._decided(
+    ids uuid[], attempts integer[], outcomes outbox.attempt_outcome[], status_codes integer[],
+    errors text[], durations_ms double precision[], retry_at timestamptz[], response_bodies text[]
 )
-RETURNS SETOF uuid
-LANGUAGE plpgsql
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+RETURNS TABLE (id uuid, attempt integer, outcome outbox.attempt_outcome, final_outcome outbox.attempt_outcome,
+               status_code integer, error text, last_error text, duration_ms double precision,
+               response_body text, next_at timestamptz)
+LANGUAGE sql STABLE ROWS 100
+SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
-BEGIN
-    -- The endpoints' state rows first, in endpoint order, before anything else is written:
-    -- the statement below writes them together with other rows (the hourly statistics,
-    -- the deliveries), in an order no one controls, and two ackers of one endpoint (the
-    -- worker and an external sender) that took those in opposite orders would deadlock.
-    PERFORM 1 FROM outbox.endpoint_state s
-     WHERE s.endpoint_id IN (SELECT d.endpoint_id FROM outbox.delivery d WHERE d.id = ANY (ack_batch.delivery_ids))
-     ORDER BY s.endpoint_id
-       FOR UPDATE;
-    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
-    RETURN QUERY
     WITH input AS (
-        -- Texts from receivers and senders are bounded before anything stores or
-        -- announces them: errors to outbox._max_error_bytes(), bodies to
-        -- outbox.max_response_body.
         SELECT i.id, i.attempt, i.outcome, i.status_code,
                CASE WHEN octet_length(i.error) > outbox._max_error_bytes()
                     THEN outbox._truncate(i.error, outbox._max_error_bytes()) ELSE i.error END AS error,
                i.duration_ms, i.retry_at,
                CASE WHEN octet_length(i.response_body) > lim.body_bytes
                     THEN outbox._truncate(i.response_body, lim.body_bytes) ELSE i.response_body END AS response_body
-          FROM unnest(ack_batch.delivery_ids, ack_batch.attempts, ack_batch.outcomes,
-                      ack_batch.status_codes, ack_batch.errors, ack_batch.durations_ms,
-                      ack_batch.retry_at, ack_batch.response_bodies)
+          FROM unnest(_decided.ids, _decided.attempts, _decided.outcomes, _decided.status_codes, _decided.errors,
+                      _decided.durations_ms, _decided.retry_at, _decided.response_bodies)
                AS i(id, attempt, outcome, status_code, error, duration_ms, retry_at, response_body),
                (SELECT outbox._max_response_body() AS body_bytes) lim
          WHERE outbox._check_ack_lengths(ARRAY[
-                   cardinality(ack_batch.delivery_ids), cardinality(ack_batch.attempts),
-                   cardinality(ack_batch.outcomes), cardinality(ack_batch.status_codes),
-                   cardinality(ack_batch.errors), cardinality(ack_batch.durations_ms),
-                   cardinality(ack_batch.retry_at), cardinality(ack_batch.response_bodies)])
+                   cardinality(_decided.ids), cardinality(_decided.attempts), cardinality(_decided.outcomes),
+                   cardinality(_decided.status_codes), cardinality(_decided.errors),
+                   cardinality(_decided.durations_ms), cardinality(_decided.retry_at),
+                   cardinality(_decided.response_bodies)])
     ),
     scheduled AS (
-        -- The retry schedule counts the attempts since the last retry_dead; a retry time a
-        -- sender asks for stays within the range enqueue allows.
         SELECT input.*,
-               CASE WHEN input.outcome <> 'retry' THEN NULL
+               CASE WHEN input.outcome IS DISTINCT FROM 'retry' THEN NULL
                     WHEN input.retry_at IS NOT NULL
                          THEN least(greatest(input.retry_at, now()), now() + outbox._max_schedule_ahead())
                     ELSE now() + outbox.retry_delay(input.attempt - coalesce(d.retry_base, 0)) END AS next_at
           FROM input LEFT JOIN outbox.delivery d ON d.id = input.id
-    ),
-    decided AS (
-        SELECT scheduled.*,
-               CASE WHEN outcome = 'retry' AND next_at IS NULL THEN 'dead'::outbox.attempt_outcome
-                    ELSE outcome END AS final_outcome
-          FROM scheduled
-    ),
-    upd AS (
-        -- Everything later steps need comes out of RETURNING, so they never join back to
-        -- the input (which the planner can only guess the size of).
-        UPDATE outbox.delivery d
-           SET status = CASE x.final_outcome WHEN 'delivered' THEN 'delivered'::outbox.delivery_status
-                                             WHEN 'dead' THEN 'dead'::outbox.delivery_status
-                                             ELSE 'pending'::outbox.delivery_status END,
-               due_at = coalesce(x.next_at, d.due_at),
-               finished_at = CASE WHEN x.final_outcome = 'retry' THEN NULL ELSE now() END,
-               lease_owner = NULL,
-               last_attempt_at = now(),
-               last_status_code = x.status_code,
-               last_error = CASE WHEN x.final_outcome = 'dead' AND x.outcome = 'retry'
-                                 THEN concat_ws(': ', x.error, 'retry schedule exhausted')
-                                 ELSE x.error END
-          FROM decided x, outbox.event ev
-         -- status is compared as text so that no plan can read delivery_in_flight_idx whole
-         -- (a plan cached while few rows were in flight would): each row is found by its id.
-         WHERE d.id = x.id AND d.status::text = 'in_flight' AND d.attempts = x.attempt
-           AND ev.id = d.event_id AND ev.tenant_key = d.tenant_key
-        RETURNING d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at, x.attempt, x.final_outcome,
-                  x.status_code, x.error, x.duration_ms, x.response_body, ev.event_type
+    )
+    SELECT s.id, s.attempt, s.outcome, f.final_outcome, s.status_code, s.error,
+           CASE WHEN f.final_outcome = 'dead' AND s.outcome = 'retry'
+                THEN concat_ws(': ', s.error, 'retry schedule exhausted') ELSE s.error END,
+           s.duration_ms, s.response_body, s.next_at
+      FROM scheduled s
+     CROSS JOIN LATERAL (
+           SELECT CASE WHEN s.outcome = 'retry' AND s.next_at IS NULL THEN 'dead'::outbox.attempt_outcome
+                       ELSE s.outcome END AS final_outcome) f
+$$;
+
+-- Everything that follows finished attempts (p_rows), whoever sent them: their history
+-- rows, their endpoints' health and circuit breakers, auto-disable, the hourly
+-- statistics, the live feed and operator events. Returns the deliveries' ids. The callers
+-- (outbox.ack_batch, outbox._close_batch) have locked the endpoints' state rows first, in
+-- endpoint order.
+CREATE FUNCTION outbox._account(p_rows outbox._settled[], p_worker text)
+RETURNS SETOF uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+BEGIN
+    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
+    RETURN QUERY
+    WITH upd AS (
+        SELECT u.*, u.outcome AS final_outcome FROM unnest(p_rows) u
     ),
     hist AS (
         INSERT INTO outbox.attempt (delivery_id, attempt, outcome, status_code, error, duration_ms, response_body, worker)
         SELECT upd.id, upd.attempt, upd.final_outcome, upd.status_code, upd.error, upd.duration_ms,
-               upd.response_body, ack_batch.worker
+               upd.response_body, p_worker
           FROM upd
     ),
     batch AS (
@@ -366,6 +338,143 @@ BEGIN
                                         'status_code', upd.status_code, 'error', upd.error),
                      upd.endpoint_id)
            WHERE upd.final_outcome = 'dead') dead ON true;
+END
+$$;
+
+-- Records the outcomes of many attempts at once and returns the deliveries whose outcome was
+-- accepted. An outcome is accepted only from the holder of the current attempt: the delivery
+-- must be in_flight with exactly that attempt number; anything else (a lease that expired and
+-- was claimed again, a cancelled delivery, a repeated ack) changes nothing.
+-- A 'retry' without retry_at is scheduled by outbox.retry_delay(attempt) (the
+-- outbox.retry_schedule GUC); when the schedule is exhausted the delivery is dead.
+CREATE FUNCTION outbox.ack_batch(
+    delivery_ids  uuid[],
+    attempts      integer[],
+    outcomes      outbox.attempt_outcome[],
+    status_codes  integer[]          DEFAULT NULL,
+    errors        text[]             DEFAULT NULL,
+    durations_ms  double precision[] DEFAULT NULL,
+    retry_at      timestamptz[]      DEFAULT NULL,
+    response_bodies text[]           DEFAULT NULL,
+    worker        text               DEFAULT NULL
+)
+RETURNS SETOF uuid
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_rows outbox._settled[];
+BEGIN
+    -- The endpoints' state rows first, in endpoint order, before anything else is written:
+    -- the bookkeeping writes them together with other rows (the hourly statistics, the
+    -- deliveries), in an order no one controls, and two ackers of one endpoint (the
+    -- worker and an external sender) that took those in opposite orders would deadlock.
+    PERFORM 1 FROM outbox.endpoint_state s
+     WHERE s.endpoint_id IN (SELECT d.endpoint_id FROM outbox.delivery d WHERE d.id = ANY (ack_batch.delivery_ids))
+     ORDER BY s.endpoint_id
+       FOR UPDATE;
+    WITH x AS (
+        SELECT * FROM outbox._decided(ack_batch.delivery_ids, ack_batch.attempts, ack_batch.outcomes,
+                                      ack_batch.status_codes, ack_batch.errors, ack_batch.durations_ms,
+                                      ack_batch.retry_at, ack_batch.response_bodies)
+    ),
+    upd AS (
+        -- Everything later steps need comes out of RETURNING, so they never join back to
+        -- the input (which the planner can only guess the size of).
+        UPDATE outbox.delivery d
+           SET status = CASE x.final_outcome WHEN 'delivered' THEN 'delivered'::outbox.delivery_status
+                                             WHEN 'dead' THEN 'dead'::outbox.delivery_status
+                                             ELSE 'pending'::outbox.delivery_status END,
+               due_at = coalesce(x.next_at, d.due_at),
+               finished_at = CASE WHEN x.final_outcome = 'retry' THEN NULL ELSE now() END,
+               lease_owner = NULL,
+               last_attempt_at = now(),
+               last_status_code = x.status_code,
+               last_error = x.last_error
+          FROM x, outbox.event ev
+         -- status is compared as text so that no plan can read delivery_in_flight_idx whole
+         -- (a plan cached while few rows were in flight would): each row is found by its id.
+         WHERE d.id = x.id AND d.status::text = 'in_flight' AND d.attempts = x.attempt
+           AND ev.id = d.event_id AND ev.tenant_key = d.tenant_key
+        RETURNING row(d.id, d.endpoint_id, d.event_id, d.tenant_id, d.created_at, x.attempt, x.final_outcome,
+                      x.status_code, x.error, x.duration_ms, x.response_body, ev.event_type)::outbox._settled AS r
+    )
+    SELECT coalesce(array_agg(upd.r), '{}') INTO v_rows FROM upd;
+    RETURN QUERY SELECT a.id FROM outbox._account(v_rows, ack_batch.worker) AS a(id);
+END
+$$;
+
+-- Closes a batch the worker read with outbox._read_batch: reads the same part again
+-- (p_cursor must still be the cursor's newest row, p_batch its snapshot, p_max and
+-- p_max_bytes the read's bounds), makes its deliveries (outbox._fan_out) — those the worker
+-- sent (p_ids, with the event's place p_txids/p_seqs and p_endpoints) as their attempts
+-- left them: the outcome arrays, as outbox.ack_batch's, NULL where the attempt is still in
+-- flight (its delivery is then in flight under p_worker's lease of p_lease, and its outcome
+-- acknowledged as any other) — records the outcomes (outbox._account) and moves the
+-- cursor on, all in the caller's transaction. So a first attempt that succeeds costs one
+-- delivery row, written once. It never waits for a lock: an outcome whose endpoint's state
+-- row someone holds (an operator's open transaction, another sender's ack) is not
+-- recorded now; its delivery is made in flight, and its id returned, for the caller to
+-- acknowledge later with outbox.ack_batch.
+CREATE FUNCTION outbox._close_batch(
+    p_cursor bigint, p_batch pg_snapshot, p_max integer, p_max_bytes bigint,
+    p_ids uuid[], p_txids bigint[], p_seqs bigint[], p_endpoints uuid[],
+    attempts integer[], outcomes outbox.attempt_outcome[], status_codes integer[], errors text[],
+    durations_ms double precision[], retry_at timestamptz[], response_bodies text[],
+    p_worker text, p_lease interval
+)
+RETURNS SETOF uuid
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    c      outbox.log_cursor;
+    v_part record;
+    v_free uuid[];
+    v_sent outbox._sent[];
+    v_rows outbox._settled[];
+BEGIN
+    SELECT * INTO c FROM outbox.log_cursor ORDER BY id DESC LIMIT 1;
+    IF NOT pg_try_advisory_xact_lock(outbox._log_lock(), 0) OR c.id IS DISTINCT FROM p_cursor THEN
+        RAISE EXCEPTION 'the batch read from log cursor % can no longer be closed: the log was read past it', p_cursor
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Only the session holding the reader''s lock may read the log while a batch is open.';
+    END IF;
+    SELECT * INTO v_part FROM outbox._read_part(c, p_batch, p_max, p_max_bytes);
+    -- The endpoints whose outcomes are recorded now: their state rows, in endpoint order.
+    v_free := ARRAY(SELECT s.endpoint_id FROM outbox.endpoint_state s
+                     WHERE s.endpoint_id = ANY (p_endpoints)
+                     ORDER BY s.endpoint_id
+                       FOR UPDATE SKIP LOCKED);
+    SELECT coalesce(array_agg(row(s.id, s.txid, s.seq, s.endpoint_id, x.attempt,
+                                  CASE WHEN f.recorded THEN x.final_outcome END,
+                                  CASE WHEN f.recorded THEN x.status_code END,
+                                  CASE WHEN f.recorded THEN x.error END,
+                                  CASE WHEN f.recorded THEN x.last_error END,
+                                  CASE WHEN f.recorded THEN x.duration_ms END,
+                                  CASE WHEN f.recorded THEN x.response_body END,
+                                  CASE WHEN f.recorded THEN x.next_at END)::outbox._sent), '{}')
+      INTO v_sent
+      FROM unnest(p_ids, p_txids, p_seqs, p_endpoints) AS s(id, txid, seq, endpoint_id)
+      JOIN outbox._decided(p_ids, attempts, outcomes, status_codes, errors, durations_ms, retry_at,
+                           response_bodies) x ON x.id = s.id
+     CROSS JOIN LATERAL (SELECT s.endpoint_id = ANY (v_free) AS recorded) f;
+    PERFORM outbox._fan_out(v_part.events, v_sent, p_worker, p_lease);
+    SELECT coalesce(array_agg(row(s.id, s.endpoint_id, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)),
+                                  e.tenant_id, e.created_at, s.attempt, s.outcome, s.status_code, s.error,
+                                  s.duration_ms, s.response_body, e.event_type)::outbox._settled), '{}')
+      INTO v_rows
+      FROM unnest(v_sent) s
+      JOIN unnest(v_part.events) e ON e.txid::text::bigint = s.txid AND e.seq = s.seq
+     WHERE s.outcome IS NOT NULL;
+    PERFORM outbox._account(v_rows, p_worker);
+    PERFORM outbox._wake_at_commit();
+    PERFORM outbox._advance_cursor(c, p_batch, v_part.events, v_part.more);
+    -- Outcomes left for later.
+    RETURN QUERY
+    SELECT o.id FROM unnest(p_ids, p_endpoints, outcomes) AS o(id, endpoint_id, outcome)
+     WHERE o.outcome IS NOT NULL AND NOT (o.endpoint_id = ANY (v_free));
 END
 $$;
 

@@ -1,10 +1,14 @@
-//! The background worker: claims due deliveries, hands them to the sender's threads, and
-//! records what happened — all SQL on this process's main thread, all HTTP off it.
+//! The background worker: reads the event log and claims due deliveries, hands the
+//! requests to the sender's threads, and records what happened — all SQL on this process's
+//! main thread, all HTTP off it.
 //!
-//! One cycle: take finished outcomes → one transaction that records them and claims as many
-//! new deliveries as there are free request slots → submit those → sleep on the latch and
-//! the sender's eventfd until a commit, an outcome, a retry coming due or the poll interval.
-//! Claiming, sending and recording overlap: the main thread never waits for HTTP.
+//! One cycle: take finished outcomes → one transaction that records those of claimed
+//! deliveries, closes the open batch of the log once its first attempts' outcomes are in
+//! (writing each of its deliveries once, as its attempt left it), claims due retries and
+//! reads the next batch into the free request slots → submit the requests → sleep on the
+//! latch and the sender's eventfd until a commit, an outcome, a retry coming due, the
+//! batch's hold ending or the poll interval. Reading, sending and recording overlap: the
+//! main thread never waits for HTTP.
 
 mod store;
 
@@ -33,6 +37,11 @@ const RETENTION_BATCH: i32 = 1000;
 /// How often the first worker looks for log partitions it can truncate (a look that finds
 /// none costs a few index probes).
 const ROTATE_EVERY: Duration = Duration::from_secs(1);
+/// How long a batch of the log stays open for its first attempts' outcomes. Closed with all
+/// of them in, its successes are written once, as delivered; what is still out by then is
+/// written in flight (and acknowledged later like any claimed delivery), so one slow
+/// receiver holds the reading of the log back by this much at most.
+const BATCH_HOLD: Duration = Duration::from_millis(250);
 
 /// Registers `count` workers; only possible while `shared_preload_libraries` is processed.
 /// Each gets its slot number (for its latch, and so that only the first runs retention).
@@ -137,6 +146,10 @@ struct Worker {
     orphans_taken: bool,
     /// When the log is next rotated.
     next_rotation: std::time::Instant,
+    /// The part of the log whose first attempts are out, if any.
+    batch: Option<store::Batch>,
+    /// The log reader's lock this session holds (its key), if it holds it.
+    reader_key: Option<i32>,
 }
 
 /// What a successful cycle claimed.
@@ -144,10 +157,16 @@ struct Claimed {
     requests: Vec<outbox_sender::Request>,
     claimed: usize,
     next_due: Option<Duration>,
-    /// Outcomes whose rows someone else holds: recorded in a later cycle.
+    /// Outcomes whose rows someone else holds (of claimed deliveries, or of the closed
+    /// batch): recorded in a later cycle.
     held: Vec<Record>,
     /// Deliveries of a dead predecessor taken back, when that was done in this cycle.
     orphans: Option<i64>,
+    /// Whether the open batch was closed.
+    closed: bool,
+    /// A batch read in this cycle, with its first attempts.
+    batch: Option<(store::Batch, Vec<outbox_sender::Request>)>,
+    reader_key: Option<i32>,
 }
 
 /// Consecutive failed cycles after which unrecorded outcomes are dropped.
@@ -199,6 +218,8 @@ impl Worker {
             installed: None,
             orphans_taken: false,
             next_rotation: std::time::Instant::now(),
+            batch: None,
+            reader_key: None,
             slot,
             settings,
         })
@@ -227,7 +248,9 @@ impl Worker {
                 self.settings = new;
             }
 
-            let timeout = match self.cycle() {
+            let cycle = self.cycle();
+            let failed = cycle.is_err();
+            let timeout = match cycle {
                 Ok(r) if !r.ready => {
                     NOT_READY_POLL.min(self.settings.poll_interval.max(Duration::from_secs(1)))
                 }
@@ -243,6 +266,12 @@ impl Worker {
                     log!("webhook_outbox worker: {e}");
                     ERROR_BACKOFF
                 }
+            };
+            // An open batch is closed when its hold ends, even if outcomes are missing (after
+            // a failed cycle, the pause comes first).
+            let timeout = match &self.batch {
+                Some(b) if !failed => timeout.min(BATCH_HOLD.saturating_sub(b.opened.elapsed())),
+                _ => timeout,
             };
             self.rotate();
             let timeout = match self.retention() {
@@ -285,7 +314,9 @@ impl Worker {
         );
     }
 
-    /// Records finished attempts and claims new work, in one transaction.
+    /// Records finished attempts, closes the open batch of the log when its outcomes are in
+    /// (or its hold is over), claims queued deliveries and reads the next batch, all in one
+    /// transaction.
     fn cycle(&mut self) -> Result<CycleResult, String> {
         self.take_records();
         let free = self
@@ -293,7 +324,30 @@ impl Worker {
             .max_in_flight
             .saturating_sub(self.sender.in_flight());
         let requested = free.min(usize::try_from(self.settings.batch_size).unwrap_or(1));
-        let records = std::mem::take(&mut self.unrecorded);
+        let mut records = std::mem::take(&mut self.unrecorded);
+        // The open batch's first attempts are recorded when it closes.
+        let mut open = self.batch.take();
+        if let Some(b) = open.as_mut() {
+            let (first, rest): (Vec<Record>, Vec<Record>) =
+                records.into_iter().partition(|r| b.has(&r.delivery_id));
+            first.into_iter().for_each(|r| b.add_outcome(r));
+            records = rest;
+        }
+        let closing = open
+            .as_ref()
+            .is_some_and(|b| b.complete() || b.opened.elapsed() >= BATCH_HOLD);
+        // While a batch waits for its outcomes there is nothing to read, and retries can
+        // wait for its close: a wake-up (another outcome, a producer's commit) that brings
+        // nothing else to record costs no transaction.
+        if open.is_some() && !closing && records.is_empty() {
+            self.batch = open;
+            return Ok(CycleResult {
+                claimed: 0,
+                requested: 0,
+                next_due: None,
+                ready: true,
+            });
+        }
         report_activity(Some(&format!(
             "webhook_outbox: record {} outcomes, claim up to {requested}",
             records.len()
@@ -301,6 +355,8 @@ impl Worker {
         let mut installed = None;
         let (settings, name) = (&self.settings, self.name.as_str());
         let take_orphans = !self.orphans_taken;
+        let reader_key = self.reader_key;
+        let open_ref = open.as_ref();
         let outcome = in_transaction(|| {
             Spi::connect_mut(|client| -> Result<Option<Claimed>, String> {
                 let Some(version) = store::installed_version(client)? else {
@@ -313,6 +369,12 @@ impl Worker {
                     None
                 };
                 let held = store::record_lockable(client, &records, name, &version)?;
+                let (closed, deferred) = match open_ref {
+                    Some(b) if closing => {
+                        (true, store::close_batch(client, b, name, settings.lease)?)
+                    }
+                    _ => (false, Vec::new()),
+                };
                 let (requests, unsendable) = if requested > 0 {
                     store::claim(client, requested as i32, name, settings, &version)?
                 } else {
@@ -323,7 +385,22 @@ impl Worker {
                     .map(Record::from_unsendable)
                     .collect();
                 store::record(client, &dead, name)?;
-                let claimed = requests.len() + dead.len();
+                // The next batch, into the request slots the claim left free.
+                let left = free.saturating_sub(requests.len());
+                let mut key = reader_key;
+                let mut batch = None;
+                // With no slot free the part is only made into deliveries, so that other
+                // workers and external senders can take them.
+                if store::has_log_batches(&version) && (open_ref.is_none() || closed) {
+                    key = store::hold_reader_lock(client, reader_key)?;
+                    if key.is_some() {
+                        let slots = i32::try_from(left).unwrap_or(i32::MAX);
+                        batch = store::read_batch(client, slots, settings)?;
+                    }
+                }
+                let claimed = requests.len()
+                    + dead.len()
+                    + batch.as_ref().map_or(0, |(_, r): &(_, Vec<_>)| r.len());
                 let next_due = if claimed < requested {
                     store::next_due(client)?
                 } else {
@@ -333,18 +410,24 @@ impl Worker {
                     requests,
                     claimed,
                     next_due,
-                    held,
+                    held: held.into_iter().chain(deferred).collect(),
                     orphans,
+                    closed,
+                    batch,
+                    reader_key: key,
                 }))
             })
-        })
-        .and_then(|r| r);
+        });
         report_activity(None);
         self.note_installed(installed);
         match outcome {
             Ok(Some(c)) => {
                 self.failed_cycles = 0;
                 self.unrecorded = c.held;
+                self.reader_key = c.reader_key;
+                if !c.closed {
+                    self.batch = open;
+                }
                 if let Some(n) = c.orphans {
                     self.orphans_taken = true;
                     if n > 0 {
@@ -353,6 +436,12 @@ impl Worker {
                 }
                 for r in c.requests {
                     self.sender.submit(r);
+                }
+                if let Some((b, requests)) = c.batch {
+                    for r in requests {
+                        self.sender.submit(r);
+                    }
+                    self.batch = Some(b);
                 }
                 Ok(CycleResult {
                     claimed: c.claimed,
@@ -363,16 +452,23 @@ impl Worker {
             }
             // The extension is not (or no longer) there: nothing to record outcomes in, and
             // their deliveries went with it.
-            Ok(None) => Ok(CycleResult {
-                claimed: 0,
-                requested,
-                next_due: None,
-                ready: false,
-            }),
+            Ok(None) => {
+                self.reader_key = None;
+                Ok(CycleResult {
+                    claimed: 0,
+                    requested,
+                    next_due: None,
+                    ready: false,
+                })
+            }
             Err(e) => {
-                // Rolled back: nothing claimed, nothing recorded. Keep the outcomes for the
-                // next cycle, unless they keep failing: then their leases expire and the
-                // deliveries are sent again, which at-least-once allows.
+                // Rolled back: nothing claimed, nothing recorded, no batch closed or read.
+                // Keep the outcomes for the next cycle, unless they keep failing: then their
+                // leases expire and the deliveries are sent again, which at-least-once
+                // allows.
+                // The open batch is never given up: its attempts went out, and only its
+                // close records them (dropped, they would all be sent again).
+                self.batch = open;
                 self.failed_cycles += 1;
                 if self.failed_cycles < MAX_FAILED_CYCLES {
                     self.unrecorded = records;
@@ -440,8 +536,7 @@ impl Worker {
                     Ok(0)
                 }
             })
-        })
-        .and_then(|r| r);
+        });
         report_activity(None);
         let more = match result {
             Ok(n) => n >= i64::from(RETENTION_BATCH),
@@ -454,11 +549,12 @@ impl Worker {
         Some(more)
     }
 
-    /// Truncates the log partitions (and cursor rows) that have been read, on the first
-    /// worker, once a second. Needs this release's SQL, like retention.
+    /// Truncates the log partitions (and cursor rows) that have been read, on the worker
+    /// that reads the log (trimming the cursor's rows takes the reader's lock), once a
+    /// second. Needs this release's SQL, like retention.
     fn rotate(&mut self) {
         let now = std::time::Instant::now();
-        if self.slot != 0
+        if self.reader_key.is_none()
             || now < self.next_rotation
             || self.installed.as_deref() != Some(env!("CARGO_PKG_VERSION"))
         {
@@ -474,44 +570,57 @@ impl Worker {
                     Ok(0)
                 }
             })
-        })
-        .and_then(|r| r);
+        });
         report_activity(None);
         if let Err(e) = result {
             log!("webhook_outbox worker: log rotation: {e}");
         }
     }
 
-    /// Stops taking work, lets requests in flight finish briefly, and records them.
+    /// Stops taking work, lets requests in flight finish briefly, and records them (closing
+    /// the open batch: what is still out is recorded in flight, and the next worker takes
+    /// it back).
     fn stop(self) {
         let Worker {
             sender,
             name,
             mut unrecorded,
+            mut batch,
+            settings,
             ..
         } = self;
         let schedule = guc::retry_schedule();
         let in_flight = sender.in_flight();
         let outcomes = sender.shutdown(SHUTDOWN_GRACE);
-        unrecorded.extend(
-            outcomes
-                .into_iter()
-                .map(|o| Record::from_outcome(o, &schedule)),
-        );
-        if unrecorded.is_empty() {
+        for r in outcomes
+            .into_iter()
+            .map(|o| Record::from_outcome(o, &schedule))
+        {
+            match batch.as_mut() {
+                Some(b) if b.has(&r.delivery_id) => b.add_outcome(r),
+                _ => unrecorded.push(r),
+            }
+        }
+        if unrecorded.is_empty() && batch.is_none() {
             return;
         }
-        let n = unrecorded.len();
+        let n = unrecorded.len() + batch.as_ref().map_or(0, store::Batch::outcomes);
         let result = in_transaction(|| {
             Spi::connect_mut(|client| match store::installed_version(client)? {
-                Some(version) => store::record_lockable(client, &unrecorded, &name, &version),
+                Some(version) => {
+                    let mut held = store::record_lockable(client, &unrecorded, &name, &version)?;
+                    if let Some(b) = &batch {
+                        held.extend(store::close_batch(client, b, &name, settings.lease)?);
+                    }
+                    Ok(held)
+                }
                 None => Ok(Vec::new()),
             })
         });
-        match result.and_then(|r| r) {
+        match result {
             Ok(held) if !held.is_empty() => log!(
                 "webhook_outbox worker stopping: recorded {} attempts; {} wait on rows someone holds and will be sent again after their leases",
-                n - held.len(),
+                n.saturating_sub(held.len()),
                 held.len()
             ),
             Ok(_) => log!("webhook_outbox worker stopping: recorded {n} attempts ({in_flight} were in flight)"),
@@ -533,9 +642,12 @@ fn report_activity(what: Option<&str>) {
     unsafe { pg_sys::pgstat_report_activity(state, text.as_ptr()) };
 }
 
-/// Runs `f` in its own transaction. An ERROR inside rolls the transaction back and comes
-/// back as `Err` with its message, so one bad cycle never takes the worker down.
-fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+/// Runs `f` in its own transaction, committed when `f` returns `Ok` and rolled back when it
+/// returns `Err` (nothing of a cycle that failed halfway is kept: an outcome recorded or a
+/// batch closed in it would otherwise be recorded twice). An ERROR inside rolls the
+/// transaction back too and comes back as `Err` with its message, so one bad cycle never
+/// takes the worker down.
+fn in_transaction<R>(f: impl FnOnce() -> Result<R, String>) -> Result<R, String> {
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
@@ -545,9 +657,13 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
         let r = f();
         unsafe {
             pg_sys::PopActiveSnapshot();
-            pg_sys::CommitTransactionCommand();
+            if r.is_ok() {
+                pg_sys::CommitTransactionCommand();
+            } else {
+                pg_sys::AbortCurrentTransaction();
+            }
         }
-        Ok(r)
+        r
     }))
     .catch_others(|e| {
         unsafe { pg_sys::AbortCurrentTransaction() };

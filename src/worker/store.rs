@@ -17,6 +17,12 @@ pub fn has_lock_free_acks(version: &str) -> bool {
     at_least(version, &[0, 3, 1])
 }
 
+/// Does the installed SQL read the log in batches whose first attempts the worker sends
+/// before anything is recorded (0.4.0)? Older SQL is served through `outbox.claim`.
+pub fn has_log_batches(version: &str) -> bool {
+    at_least(version, &[0, 4, 0])
+}
+
 /// Whether `version` (as in pg_extension.extversion) is `min` or newer.
 fn at_least(version: &str, min: &[u32]) -> bool {
     let parts: Vec<u32> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
@@ -98,13 +104,23 @@ pub fn claim(
     // 0.1.0's claim has no previous_secret (secret rotation came in 0.2.0).
     let previous_secret = if version == "0.1.0" {
         "NULL::text"
+    } else if has_log_batches(version) {
+        "o_previous_secret"
     } else {
         "previous_secret"
     };
+    // From 0.4.0 the worker reads the log itself (`read_batch`), and claims only what is
+    // queued: `outbox.claim` would read the log first, the part a batch holds open included.
+    let claim = if has_log_batches(version) {
+        "outbox._claim($1, $2, $3::pg_catalog.interval, NULL, NULL)"
+    } else {
+        "outbox.claim($1, $2, $3::pg_catalog.interval)"
+    };
     let query = format!(
-        "SELECT delivery_id, event_id, attempt, url, secret, headers::pg_catalog.text,
-                pg_catalog.date_part('epoch', timeout) OPERATOR(pg_catalog.*) 1000, body, {previous_secret}
-           FROM outbox.claim($1, $2, $3::pg_catalog.interval)"
+        "SELECT o_delivery_id, o_event_id, o_attempt, o_url, o_secret, o_headers::pg_catalog.text,
+                pg_catalog.date_part('epoch', o_timeout) OPERATOR(pg_catalog.*) 1000, o_body, {previous_secret}
+           FROM {claim} AS c(o_delivery_id, o_event_id, o_attempt, o_endpoint_id, o_url, o_secret, o_headers,
+                              o_timeout, o_event_type, o_body)"
     );
     let rows = client
         .update(
@@ -118,45 +134,321 @@ pub fn claim(
     for row in rows {
         let get_err = |e: pgrx::spi::SpiError| e.to_string();
         let id: pgrx::Uuid = row.get(1).map_err(get_err)?.ok_or("claim returned no id")?;
-        let delivery_id = *id.as_bytes();
-        let msg_id: String = row.get(2).map_err(get_err)?.unwrap_or_default();
         let attempt: i32 = row.get(3).map_err(get_err)?.unwrap_or(1);
-        let url: String = row.get(4).map_err(get_err)?.unwrap_or_default();
-        let secret: String = row.get(5).map_err(get_err)?.unwrap_or_default();
-        let headers: String = row.get(6).map_err(get_err)?.unwrap_or_else(|| "{}".into());
-        let timeout_ms: Option<f64> = row.get(7).map_err(get_err)?;
-        let body: String = row.get(8).map_err(get_err)?.unwrap_or_default();
-        let previous: Option<String> = row.get(9).map_err(get_err)?;
-
-        let key = match SigningKey::parse(&secret) {
-            Ok(k) => k,
-            Err(e) => {
-                unsendable.push(Unsendable {
-                    delivery_id,
-                    attempt,
-                    error: format!("the endpoint's secret is unusable: {e}"),
-                });
-                continue;
-            }
+        let fields = RequestFields {
+            msg_id: row.get(2).map_err(get_err)?.unwrap_or_default(),
+            url: row.get(4).map_err(get_err)?.unwrap_or_default(),
+            secret: row.get(5).map_err(get_err)?.unwrap_or_default(),
+            headers: row.get(6).map_err(get_err)?.unwrap_or_else(|| "{}".into()),
+            timeout_ms: row.get(7).map_err(get_err)?,
+            body: row.get(8).map_err(get_err)?.unwrap_or_default(),
+            previous_secret: row.get(9).map_err(get_err)?,
         };
-        // During a rotation both secrets sign; receivers accept either signature.
-        let mut keys = vec![key];
-        keys.extend(previous.and_then(|p| SigningKey::parse(&p).ok()));
-        let headers = parse_headers(&headers);
-        let timeout =
-            settings.attempt_limit(timeout_ms.map(|ms| Duration::from_millis(ms.max(0.0) as u64)));
-        requests.push(Request {
-            delivery_id,
-            attempt,
-            msg_id,
-            url,
-            keys,
-            headers,
-            body: body.into(),
-            timeout,
-        });
+        match fields.into_request(*id.as_bytes(), attempt, settings) {
+            Ok(r) => requests.push(r),
+            Err(u) => unsendable.push(u),
+        }
     }
     Ok((requests, unsendable))
+}
+
+/// What a request is made of, as the claim and a batch read return it.
+struct RequestFields {
+    msg_id: String,
+    url: String,
+    secret: String,
+    headers: String,
+    timeout_ms: Option<f64>,
+    body: String,
+    previous_secret: Option<String>,
+}
+
+impl RequestFields {
+    /// The signed request, or why it cannot be sent (a secret edited by hand into
+    /// something unusable).
+    fn into_request(
+        self,
+        delivery_id: [u8; 16],
+        attempt: i32,
+        settings: &crate::guc::WorkerSettings,
+    ) -> Result<Request, Unsendable> {
+        let key = SigningKey::parse(&self.secret).map_err(|e| Unsendable {
+            delivery_id,
+            attempt,
+            error: format!("the endpoint's secret is unusable: {e}"),
+        })?;
+        // During a rotation both secrets sign; receivers accept either signature.
+        let mut keys = vec![key];
+        keys.extend(
+            self.previous_secret
+                .and_then(|p| SigningKey::parse(&p).ok()),
+        );
+        let timeout = settings.attempt_limit(
+            self.timeout_ms
+                .map(|ms| Duration::from_millis(ms.max(0.0) as u64)),
+        );
+        Ok(Request {
+            delivery_id,
+            attempt,
+            msg_id: self.msg_id,
+            url: self.url,
+            keys,
+            headers: parse_headers(&self.headers),
+            body: self.body.into(),
+            timeout,
+        })
+    }
+}
+
+/// Payload bytes a batch part holds at most, as `outbox._read_log`'s default: the worker
+/// passes it and its event bound to `outbox._read_batch` and again to
+/// `outbox._close_batch`, which must read the same part.
+const READ_BYTES: i64 = 64 * 1024 * 1024;
+/// Events a batch part holds at most (`outbox._read_log`'s default too); fewer when the
+/// worker has fewer free request slots.
+const READ_EVENTS: i32 = 5000;
+
+/// Whether this session is the log's reader, becoming it if no one is
+/// (`outbox._become_reader`); `held` is the lock key it took before. Only the reader reads
+/// batches whose first attempts go out before anything is recorded, and no one else reads
+/// the log meanwhile. Returns the key while it is the reader. (The lock is a session lock:
+/// it survives transactions and goes with the worker's process.)
+pub fn hold_reader_lock(
+    client: &mut SpiClient<'_>,
+    held: Option<i32>,
+) -> Result<Option<i32>, StoreError> {
+    let t = client
+        .update(
+            // CASE, not OR: the lock is taken once.
+            "SELECT k, CASE WHEN k OPERATOR(pg_catalog.=) $1 THEN true ELSE outbox._become_reader() END
+               FROM outbox._log_lock() AS k",
+            None,
+            &[held.into()],
+        )
+        .map_err(|e| e.to_string())?;
+    let row = t.first();
+    let key: Option<i32> = row.get(1).map_err(|e| e.to_string())?;
+    let got: Option<bool> = row.get(2).map_err(|e| e.to_string())?;
+    Ok(key.filter(|_| got == Some(true)))
+}
+
+/// Where a first attempt of a batch came from: the event's place in the log and the
+/// endpoint.
+pub struct Pair {
+    txid: i64,
+    seq: i64,
+    endpoint_id: [u8; 16],
+}
+
+/// A part of the log the worker read whose first attempts are out: nothing of it is
+/// recorded until `close_batch`, which makes its deliveries as those attempts left them.
+pub struct Batch {
+    cursor_id: i64,
+    snapshot: String,
+    max_events: i32,
+    pub opened: std::time::Instant,
+    /// The attempts sent, by delivery id.
+    pairs: std::collections::HashMap<[u8; 16], Pair>,
+    /// Their outcomes so far.
+    outcomes: std::collections::HashMap<[u8; 16], Record>,
+}
+
+impl Batch {
+    /// Whether `delivery_id` is one of this batch's first attempts.
+    pub fn has(&self, delivery_id: &[u8; 16]) -> bool {
+        self.pairs.contains_key(delivery_id)
+    }
+
+    pub fn add_outcome(&mut self, r: Record) {
+        self.outcomes.insert(r.delivery_id, r);
+    }
+
+    /// How many of its attempts have their outcome.
+    pub fn outcomes(&self) -> usize {
+        self.outcomes.len()
+    }
+
+    /// Whether every attempt has its outcome.
+    pub fn complete(&self) -> bool {
+        self.outcomes.len() >= self.pairs.len()
+    }
+}
+
+/// Reads the next part of the log (`outbox._read_batch`) with up to `free` first attempts
+/// to send at once. `None` when there was nothing to send now (what was read, if
+/// anything, became deliveries already, as it does when `free` is 0).
+pub fn read_batch(
+    client: &mut SpiClient<'_>,
+    free: i32,
+    settings: &crate::guc::WorkerSettings,
+) -> Result<Option<(Batch, Vec<Request>)>, StoreError> {
+    // A part as large as the free slots (a larger one would mostly be read again next
+    // time); with none free, a whole part, made into deliveries for anyone to claim.
+    let max_events = if free > 0 {
+        free.min(READ_EVENTS)
+    } else {
+        READ_EVENTS
+    };
+    let rows = client
+        .update(
+            "SELECT cursor_id, batch, part_events, delivery_id, txid, seq, endpoint_id, event_id, url,
+                    secret, headers, timeout_ms, body, previous_secret
+               FROM outbox._read_batch($1, $2, $3)",
+            None,
+            &[free.into(), max_events.into(), READ_BYTES.into()],
+        )
+        .map_err(|e| e.to_string())?;
+    let mut batch: Option<Batch> = None;
+    let mut requests = Vec::with_capacity(rows.len());
+    for row in rows {
+        let get_err = |e: pgrx::spi::SpiError| e.to_string();
+        let b = match batch.as_mut() {
+            Some(b) => b,
+            None => batch.insert(Batch {
+                cursor_id: row
+                    .get(1)
+                    .map_err(get_err)?
+                    .ok_or("a batch without a cursor")?,
+                snapshot: row
+                    .get(2)
+                    .map_err(get_err)?
+                    .ok_or("a batch without a snapshot")?,
+                // The part may end before max_events (see outbox._read_batch).
+                max_events: row.get(3).map_err(get_err)?.unwrap_or(max_events),
+                opened: std::time::Instant::now(),
+                pairs: Default::default(),
+                outcomes: Default::default(),
+            }),
+        };
+        let id: pgrx::Uuid = row
+            .get(4)
+            .map_err(get_err)?
+            .ok_or("a batch row without an id")?;
+        let endpoint: pgrx::Uuid = row
+            .get(7)
+            .map_err(get_err)?
+            .ok_or("a batch row without an endpoint")?;
+        let delivery_id = *id.as_bytes();
+        b.pairs.insert(
+            delivery_id,
+            Pair {
+                txid: row.get(5).map_err(get_err)?.unwrap_or(0),
+                seq: row.get(6).map_err(get_err)?.unwrap_or(0),
+                endpoint_id: *endpoint.as_bytes(),
+            },
+        );
+        let fields = RequestFields {
+            msg_id: row.get(8).map_err(get_err)?.unwrap_or_default(),
+            url: row.get(9).map_err(get_err)?.unwrap_or_default(),
+            secret: row.get(10).map_err(get_err)?.unwrap_or_default(),
+            headers: row.get(11).map_err(get_err)?.unwrap_or_else(|| "{}".into()),
+            timeout_ms: row.get(12).map_err(get_err)?,
+            body: row.get(13).map_err(get_err)?.unwrap_or_default(),
+            previous_secret: row.get(14).map_err(get_err)?,
+        };
+        match fields.into_request(delivery_id, 1, settings) {
+            Ok(r) => requests.push(r),
+            // Recorded as its failed attempt when the batch closes.
+            Err(u) => b.add_outcome(Record::from_unsendable(u)),
+        }
+    }
+    Ok(batch.map(|b| (b, requests)))
+}
+
+/// The retry times of `waits` (milliseconds from now, NULL for the retry schedule's), as
+/// the `retry_at` array of `outbox.ack_batch` and `outbox._close_batch`; `$n` is the
+/// parameter holding the waits.
+fn retry_at_of(n: u32) -> String {
+    format!(
+        "(SELECT pg_catalog.array_agg(pg_catalog.now()
+                    OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => w OPERATOR(pg_catalog./) 1000)
+                ORDER BY i)
+           FROM pg_catalog.unnest(${n}::pg_catalog.float8[]) WITH ORDINALITY AS t(w, i))"
+    )
+}
+
+/// Closes `batch` (`outbox._close_batch`): its deliveries are made as its attempts left
+/// them (those still out: in flight under this worker's lease, acknowledged later like any
+/// claimed delivery), its outcomes recorded and the cursor moved on. Returns the outcomes
+/// it could not record without waiting for a lock, to be acknowledged later.
+pub fn close_batch(
+    client: &mut SpiClient<'_>,
+    batch: &Batch,
+    worker: &str,
+    lease: Duration,
+) -> Result<Vec<Record>, StoreError> {
+    let n = batch.pairs.len();
+    let (mut ids, mut txids, mut seqs, mut endpoints) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut attempts, mut outcomes, mut codes, mut errors) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut durations, mut waits, mut bodies) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (id, pair) in &batch.pairs {
+        let r = batch.outcomes.get(id);
+        ids.push(pgrx::Uuid::from_bytes(*id));
+        txids.push(pair.txid);
+        seqs.push(pair.seq);
+        endpoints.push(pgrx::Uuid::from_bytes(pair.endpoint_id));
+        attempts.push(r.map_or(1, |r| r.attempt));
+        outcomes.push(r.map(|r| r.outcome.to_string()));
+        codes.push(r.and_then(|r| r.status_code));
+        errors.push(r.and_then(|r| r.error.clone()));
+        durations.push(r.and_then(|r| r.duration_ms));
+        waits.push(r.and_then(|r| r.retry_after_ms));
+        bodies.push(r.and_then(|r| r.response_body.clone()));
+    }
+    let lease = format!("{} seconds", lease.as_secs());
+    let sql = format!(
+        "SELECT d FROM outbox._close_batch($1, $2::pg_catalog.pg_snapshot, $3, $4, $5, $6, $7, $8, $9,
+             $10::pg_catalog.text[]::outbox.attempt_outcome[], $11, $12, $13, {}, $15, $16,
+             $17::pg_catalog.interval) AS d",
+        retry_at_of(14)
+    );
+    let later = client
+        .update(
+            &sql,
+            None,
+            &[
+                batch.cursor_id.into(),
+                batch.snapshot.as_str().into(),
+                batch.max_events.into(),
+                READ_BYTES.into(),
+                ids.into(),
+                txids.into(),
+                seqs.into(),
+                endpoints.into(),
+                attempts.into(),
+                outcomes.into(),
+                codes.into(),
+                errors.into(),
+                durations.into(),
+                waits.into(),
+                bodies.into(),
+                worker.into(),
+                lease.as_str().into(),
+            ],
+        )
+        .map_err(|e| e.to_string())?;
+    let mut deferred = Vec::new();
+    for row in later {
+        let id: Option<pgrx::Uuid> = row.get(1).map_err(|e| e.to_string())?;
+        if let Some(r) = id.and_then(|id| batch.outcomes.get(id.as_bytes())) {
+            deferred.push(r.clone());
+        }
+    }
+    Ok(deferred)
 }
 
 fn parse_headers(json: &str) -> Vec<(String, String)> {
@@ -327,15 +619,13 @@ pub fn record(
     let bodies: Vec<Option<String>> = records.iter().map(|r| r.response_body.clone()).collect();
     count(
         client,
-            // Qualified throughout, like everything the worker runs: its search_path is
+        // Qualified throughout, like everything the worker runs: its search_path is
         // pinned as well, but a name that needs no lookup cannot be planted.
-        "SELECT pg_catalog.count(*) FROM outbox.ack_batch(
-             $1, $2, $3::pg_catalog.text[]::outbox.attempt_outcome[], $4, $5, $6,
-             (SELECT pg_catalog.array_agg(pg_catalog.now()
-                         OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => w OPERATOR(pg_catalog./) 1000)
-                     ORDER BY i)
-                FROM pg_catalog.unnest($7::pg_catalog.float8[]) WITH ORDINALITY AS t(w, i)),
-             $8, $9)",
+        &format!(
+            "SELECT pg_catalog.count(*) FROM outbox.ack_batch(
+                 $1, $2, $3::pg_catalog.text[]::outbox.attempt_outcome[], $4, $5, $6, {}, $8, $9)",
+            retry_at_of(7)
+        ),
         &[
             ids.into(),
             attempts.into(),
