@@ -1038,9 +1038,13 @@ CREATE OR REPLACE FUNCTION outbox._decided(
 RETURNS TABLE (id uuid, attempt integer, outcome outbox.attempt_outcome, final_outcome outbox.attempt_outcome,
                status_code integer, error text, last_error text, duration_ms double precision,
                response_body text, next_at timestamptz)
-LANGUAGE sql STABLE ROWS 100
+LANGUAGE plpgsql STABLE ROWS 100
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
+BEGIN
+    -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
+    RETURN QUERY
     WITH input AS (
         SELECT i.id, i.attempt, i.outcome, i.status_code,
                CASE WHEN octet_length(i.error) > outbox._max_error_bytes()
@@ -1073,7 +1077,8 @@ AS $$
       FROM scheduled s
      CROSS JOIN LATERAL (
            SELECT CASE WHEN s.outcome = 'retry' AND s.next_at IS NULL THEN 'dead'::outbox.attempt_outcome
-                       ELSE s.outcome END AS final_outcome) f
+                       ELSE s.outcome END AS final_outcome) f;
+END
 $$;
 
 -- Everything that follows finished attempts (p_rows), whoever sent them: their history

@@ -29,10 +29,17 @@ fn concurrent_claimers_never_share_a_delivery() {
     )
     .unwrap();
     read_log(&mut c);
-    let claimers: Vec<_> = (0..3)
-        .map(|w| {
-            let mut c = cluster.client();
+    // Connected first and started together: a claimer still connecting while the others
+    // drain the queue would take no part.
+    let clients: Vec<postgres::Client> = (0..3).map(|_| cluster.client()).collect();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let claimers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(w, mut c)| {
+            let start = start.clone();
             std::thread::spawn(move || {
+                start.wait();
                 let mut mine = Vec::new();
                 loop {
                     let rows = c

@@ -55,8 +55,12 @@ fn late_commits_rollbacks_and_subtransactions_are_read_exactly_once() {
         "{}",
         cluster.log()
     );
-    // Many batches went by; the long transaction's event waits for its commit.
-    assert!(scalar_i64(&mut c, "SELECT count(*) FROM outbox.log_cursor") > 1);
+    // Many batches went by (each closed moments after its events were received); the long
+    // transaction's event waits for its commit.
+    assert!(wait_until(Duration::from_secs(5), || scalar_i64(
+        &mut c,
+        "SELECT count(*) FROM outbox.log_cursor"
+    ) > 1));
     assert!(!arrivals(&rx).contains_key("late"));
 
     // Subtransactions: the event of a rolled-back savepoint is gone, the others stay with

@@ -117,7 +117,7 @@ pub fn claim(
         "outbox.claim($1, $2, $3::pg_catalog.interval)"
     };
     let query = format!(
-        "SELECT o_delivery_id, o_event_id, o_attempt, o_url, o_secret, o_headers::pg_catalog.text,
+        "SELECT o_delivery_id, o_attempt, o_event_id, o_url, o_secret, o_headers::pg_catalog.text,
                 pg_catalog.date_part('epoch', o_timeout) OPERATOR(pg_catalog.*) 1000, o_body, {previous_secret}
            FROM {claim} AS c(o_delivery_id, o_event_id, o_attempt, o_endpoint_id, o_url, o_secret, o_headers,
                               o_timeout, o_event_type, o_body)"
@@ -134,17 +134,8 @@ pub fn claim(
     for row in rows {
         let get_err = |e: pgrx::spi::SpiError| e.to_string();
         let id: pgrx::Uuid = row.get(1).map_err(get_err)?.ok_or("claim returned no id")?;
-        let attempt: i32 = row.get(3).map_err(get_err)?.unwrap_or(1);
-        let fields = RequestFields {
-            msg_id: row.get(2).map_err(get_err)?.unwrap_or_default(),
-            url: row.get(4).map_err(get_err)?.unwrap_or_default(),
-            secret: row.get(5).map_err(get_err)?.unwrap_or_default(),
-            headers: row.get(6).map_err(get_err)?.unwrap_or_else(|| "{}".into()),
-            timeout_ms: row.get(7).map_err(get_err)?,
-            body: row.get(8).map_err(get_err)?.unwrap_or_default(),
-            previous_secret: row.get(9).map_err(get_err)?,
-        };
-        match fields.into_request(*id.as_bytes(), attempt, settings) {
+        let attempt: i32 = row.get(2).map_err(get_err)?.unwrap_or(1);
+        match RequestFields::from_row(&row, 3)?.into_request(*id.as_bytes(), attempt, settings) {
             Ok(r) => requests.push(r),
             Err(u) => unsendable.push(u),
         }
@@ -164,6 +155,24 @@ struct RequestFields {
 }
 
 impl RequestFields {
+    /// The fields from seven columns of `row` starting at `first`: event id, url, secret,
+    /// headers (text), timeout (ms), body, previous secret.
+    fn from_row(row: &pgrx::spi::SpiHeapTupleData<'_>, first: usize) -> Result<Self, StoreError> {
+        let e = |e: pgrx::spi::SpiError| e.to_string();
+        Ok(RequestFields {
+            msg_id: row.get(first).map_err(e)?.unwrap_or_default(),
+            url: row.get(first + 1).map_err(e)?.unwrap_or_default(),
+            secret: row.get(first + 2).map_err(e)?.unwrap_or_default(),
+            headers: row
+                .get(first + 3)
+                .map_err(e)?
+                .unwrap_or_else(|| "{}".into()),
+            timeout_ms: row.get(first + 4).map_err(e)?,
+            body: row.get(first + 5).map_err(e)?.unwrap_or_default(),
+            previous_secret: row.get(first + 6).map_err(e)?,
+        })
+    }
+
     /// The signed request, or why it cannot be sent (a secret edited by hand into
     /// something unusable).
     fn into_request(
@@ -337,16 +346,7 @@ pub fn read_batch(
                 endpoint_id: *endpoint.as_bytes(),
             },
         );
-        let fields = RequestFields {
-            msg_id: row.get(8).map_err(get_err)?.unwrap_or_default(),
-            url: row.get(9).map_err(get_err)?.unwrap_or_default(),
-            secret: row.get(10).map_err(get_err)?.unwrap_or_default(),
-            headers: row.get(11).map_err(get_err)?.unwrap_or_else(|| "{}".into()),
-            timeout_ms: row.get(12).map_err(get_err)?,
-            body: row.get(13).map_err(get_err)?.unwrap_or_default(),
-            previous_secret: row.get(14).map_err(get_err)?,
-        };
-        match fields.into_request(delivery_id, 1, settings) {
+        match RequestFields::from_row(&row, 8)?.into_request(delivery_id, 1, settings) {
             Ok(r) => requests.push(r),
             // Recorded as its failed attempt when the batch closes.
             Err(u) => b.add_outcome(Record::from_unsendable(u)),
