@@ -697,3 +697,42 @@ fn a_batch_closes_into_a_consistent_queue_after_its_endpoints_changed() {
         0
     );
 }
+
+#[test]
+fn a_full_endpoint_holds_back_only_itself_and_no_limit_means_no_limit() {
+    // No worker; endpoints without a max_in_flight of their own have no limit at all.
+    let cluster = Cluster::start(&["outbox.endpoint_max_in_flight = 0"]);
+    let mut c = cluster.client();
+    let full = endpoint(
+        &mut c,
+        "https://full.example.com/hook",
+        ", max_in_flight => 2",
+    );
+    let open = endpoint(&mut c, "https://open.example.com/hook", "");
+    // The full endpoint has its two requests out already (a slow receiver).
+    c.batch_execute(&format!(
+        "UPDATE outbox.endpoint_state SET in_flight = 2 WHERE endpoint_id = '{full}'"
+    ))
+    .unwrap();
+    c.batch_execute("SELECT outbox.enqueue('t.a', '{}') FROM generate_series(1, 5)")
+        .unwrap();
+    c.batch_execute(
+        "SELECT pg_advisory_lock(outbox._log_lock(), 0);
+         CREATE TEMP TABLE b AS SELECT * FROM outbox._read_batch(100, 5000, 67108864);",
+    )
+    .unwrap();
+    // Every event goes at once to the endpoint without a limit, in one part of all five:
+    // the full endpoint, full from the start, ends nothing (its events are queued).
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            &format!("SELECT count(*) FROM b WHERE endpoint_id = '{open}'")
+        ),
+        5
+    );
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM b"), 5);
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT min(part_events)::int8 FROM b"),
+        5
+    );
+}
