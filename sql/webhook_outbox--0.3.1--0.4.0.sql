@@ -5,6 +5,7 @@
 -- the producer committed. outbox.enqueue returns the event id instead of delivery ids.
 -- The worker sends first attempts straight from a batch and writes each delivery once, as
 -- its attempt left it; outbox.ack_batch and the batch's close share their bookkeeping.
+-- A first attempt that succeeds is one row of outbox.history, rotated by TRUNCATE.
 -- Functions that change are restated whole; queued deliveries are kept as they are.
 
 -- The event log: what producers write, and all they write. One row per enqueued event,
@@ -124,6 +125,62 @@ CREATE TYPE outbox._sent AS (
     next_at       timestamptz
 );
 
+-- Deliveries whose first attempt, sent straight from a batch of the log, succeeded: the
+-- bulk of all deliveries, and nothing is left to do with them. Each is this one row,
+-- appended once and never updated: the delivery, its event (for outbox.replay) and its
+-- one attempt together. outbox.deliveries and outbox.attempts show them beside the rows
+-- of outbox.delivery and outbox.attempt. The table is three partitions written in turn
+-- (outbox.history_rotation says which is being written); retention empties the oldest
+-- with TRUNCATE instead of deleting rows (outbox._rotate_history), so it leaves no dead
+-- tuples behind and owes nothing to VACUUM.
+CREATE TABLE outbox.history (
+    part          smallint    NOT NULL,
+    delivery_id   uuid        NOT NULL,
+    event_id      text        NOT NULL,
+    endpoint_id   uuid        NOT NULL,
+    tenant_id     text,
+    event_type    text        NOT NULL,
+    payload       jsonb       NOT NULL,
+    -- When the event was enqueued (a delivery's created_at).
+    created_at    timestamptz NOT NULL,
+    finished_at   timestamptz NOT NULL DEFAULT now(),
+    -- The attempt, numbered like the rows of outbox.attempt.
+    attempt_id    bigint      NOT NULL DEFAULT nextval('outbox.attempt_id_seq'),
+    status_code   integer,
+    duration_ms   double precision,
+    response_body text,
+    worker        text
+) PARTITION BY LIST (part);
+
+CREATE TABLE outbox.history_0 PARTITION OF outbox.history FOR VALUES IN (0);
+CREATE TABLE outbox.history_1 PARTITION OF outbox.history FOR VALUES IN (1);
+CREATE TABLE outbox.history_2 PARTITION OF outbox.history FOR VALUES IN (2);
+-- A delivery by its id, an event's deliveries; rows by age (recent statistics, replay of a
+-- time range): a BRIN index, almost free to keep for rows appended in time order.
+CREATE INDEX history_delivery_idx ON outbox.history (delivery_id);
+CREATE INDEX history_event_idx ON outbox.history (event_id);
+CREATE INDEX history_finished_idx ON outbox.history USING brin (finished_at);
+
+-- Which partition of outbox.history is written (the one with `until` NULL) since when, and
+-- when each of the others stopped being written: a partition is emptied for reuse only
+-- once its newest row is past retention.
+CREATE TABLE outbox.history_rotation (
+    part  smallint    PRIMARY KEY CHECK (part BETWEEN 0 AND 2),
+    since timestamptz NOT NULL,
+    until timestamptz
+);
+CREATE UNIQUE INDEX history_rotation_current_key ON outbox.history_rotation ((true)) WHERE until IS NULL;
+INSERT INTO outbox.history_rotation VALUES (0, now(), NULL), (1, now(), now()), (2, now(), now());
+
+-- Retention finds the events no delivery refers to any more by age (outbox._purge_batch).
+CREATE INDEX event_created_idx ON outbox.event (created_at);
+
+-- The history's partitions hold its rows (which partition is written next is not dumped:
+-- a restored database starts a new turn).
+SELECT pg_catalog.pg_extension_config_dump('outbox.history_0', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.history_1', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.history_2', '');
+
 -- Whether the caller runs inside a transaction block: outbox.claim reads the log only
 -- outside one.
 CREATE FUNCTION outbox._in_transaction_block() RETURNS bool
@@ -140,6 +197,13 @@ SELECT set_config('webhook_outbox_upgrade.producers',
    AND a.grantee NOT IN (0, p.proowner);
 DROP FUNCTION outbox.enqueue(text, jsonb, uuid, text, text, timestamptz);
 
+
+-- The partition of outbox.history written now.
+CREATE OR REPLACE FUNCTION outbox._history_part()
+RETURNS smallint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+RETURN (SELECT r.part FROM outbox.history_rotation r WHERE r.until IS NULL);
 
 -- A new event id (the `webhook-id` of an event enqueued without one): `msg_` and 32 hex
 -- digits of a random UUID.
@@ -404,11 +468,14 @@ $$;
 -- Turns events into deliveries, one per target (outbox._targets); returns how many it
 -- made. Deliveries to ordered endpoints are numbered in the order of p_events. p_sent are
 -- the first attempts the worker already sent from this batch (outbox._read_batch): their
--- deliveries are made as those attempts left them (delivered, dead, retrying, or still in
--- flight under p_worker's lease of p_lease) instead of pending, and are made even if the
--- endpoint no longer takes the event (it was sent: it is recorded).
+-- deliveries are made as those attempts left them (dead, retrying, or still in flight
+-- under p_worker's lease of p_lease) instead of pending, and are made even if the
+-- endpoint no longer takes the event (it was sent: it is recorded). One that was
+-- delivered is a row of outbox.history, in partition p_part, and nothing else: its event
+-- gets no row of outbox.event unless another delivery needs it.
 CREATE OR REPLACE FUNCTION outbox._fan_out(p_events outbox.log[], p_sent outbox._sent[] DEFAULT '{}',
-                                p_worker text DEFAULT NULL, p_lease interval DEFAULT NULL)
+                                p_worker text DEFAULT NULL, p_lease interval DEFAULT NULL,
+                                p_part smallint DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -453,12 +520,25 @@ BEGIN
                     ELSE 'dead' END::outbox.delivery_status AS status
           FROM pair p
     ),
+    stateful AS (
+        SELECT j.* FROM judged j WHERE j.status <> 'delivered'
+    ),
     events AS (
         -- A caller's id already has its row (enqueue claimed the id there).
         INSERT INTO outbox.event (id, event_type, payload, tenant_id, created_at)
         SELECT DISTINCT ON (p.id, coalesce(p.tenant_id, '')) p.id, p.event_type, p.payload, p.tenant_id, p.created_at
-          FROM pair p
+          FROM stateful p
         ON CONFLICT (id, tenant_key) DO NOTHING
+    ),
+    logged AS (
+        INSERT INTO outbox.history (part, delivery_id, event_id, endpoint_id, tenant_id, event_type, payload,
+                                    created_at, status_code, duration_ms, response_body, worker)
+        SELECT p_part, j.d_id, j.id, j.endpoint_id, j.tenant_id, j.event_type, j.payload, j.created_at,
+               j.status_code, s.duration_ms, s.response_body, p_worker
+          FROM judged j
+          JOIN sent s ON s.id = j.d_id
+         WHERE j.status = 'delivered'
+        RETURNING delivery_id AS id, endpoint_id, tenant_id, event_id
     ),
     made AS (
         INSERT INTO outbox.delivery (id, event_id, endpoint_id, tenant_id, status, attempts, due_at, lease_owner,
@@ -479,7 +559,7 @@ BEGIN
                CASE WHEN j.status IN ('delivered', 'dead', 'cancelled') THEN now() END,
                CASE WHEN j.outcome IS NOT NULL THEN now() END,
                j.status_code, j.last_error
-          FROM (SELECT * FROM judged ORDER BY judged.n, judged.endpoint_id) j
+          FROM (SELECT * FROM stateful ORDER BY stateful.n, stateful.endpoint_id) j
         ON CONFLICT (event_id, endpoint_id, replay_of) DO NOTHING
         RETURNING id, endpoint_id, tenant_id, event_id
     )
@@ -487,7 +567,7 @@ BEGIN
     -- a join (an event's id is unique within its tenant), not a lookup per delivery.
     SELECT count(*), count(outbox._feed(m.id, m.endpoint_id, m.tenant_id, e.event_type, 'queued', 0)) FILTER (WHERE v_feed)
       INTO v_made, v_fed
-      FROM made m
+      FROM (SELECT * FROM made UNION ALL SELECT * FROM logged) m
       JOIN (SELECT DISTINCT ON (p.id, p.tenant_id) p.id, p.tenant_id, p.event_type FROM pair p) e
         ON e.id = m.event_id AND e.tenant_id IS NOT DISTINCT FROM m.tenant_id;
     RETURN v_made;
@@ -1085,8 +1165,9 @@ $$;
 -- rows, their endpoints' health and circuit breakers, auto-disable, the hourly
 -- statistics, the live feed and operator events. Returns the deliveries' ids. The callers
 -- (outbox.ack_batch, outbox._close_batch) have locked the endpoints' state rows first, in
--- endpoint order.
-CREATE OR REPLACE FUNCTION outbox._account(p_rows outbox._settled[], p_worker text)
+-- endpoint order. p_logged: the deliveries that were delivered are rows of outbox.history,
+-- which are their attempts' history too.
+CREATE OR REPLACE FUNCTION outbox._account(p_rows outbox._settled[], p_worker text, p_logged boolean DEFAULT false)
 RETURNS SETOF uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
@@ -1102,6 +1183,7 @@ BEGIN
         SELECT upd.id, upd.attempt, upd.final_outcome, upd.status_code, upd.error, upd.duration_ms,
                upd.response_body, p_worker
           FROM upd
+         WHERE NOT (p_logged AND upd.final_outcome = 'delivered')
     ),
     batch AS (
         -- Per endpoint: what this batch finished, and whether any of it succeeded.
@@ -1280,7 +1362,7 @@ $$;
 -- flight (its delivery is then in flight under p_worker's lease of p_lease, and its outcome
 -- acknowledged as any other) — records the outcomes (outbox._account) and moves the
 -- cursor on, all in the caller's transaction. So a first attempt that succeeds costs one
--- delivery row, written once. It never waits for a lock: an outcome whose endpoint's state
+-- row of outbox.history, appended once. It never waits for a lock: an outcome whose endpoint's state
 -- row someone holds (an operator's open transaction, another sender's ack) is not
 -- recorded now; its delivery is made in flight, and its id returned, for the caller to
 -- acknowledge later with outbox.ack_batch.
@@ -1327,7 +1409,7 @@ BEGIN
       JOIN outbox._decided(p_ids, attempts, outcomes, status_codes, errors, durations_ms, retry_at,
                            response_bodies) x ON x.id = s.id
      CROSS JOIN LATERAL (SELECT s.endpoint_id = ANY (v_free) AS recorded) f;
-    PERFORM outbox._fan_out(v_part.events, v_sent, p_worker, p_lease);
+    PERFORM outbox._fan_out(v_part.events, v_sent, p_worker, p_lease, coalesce(outbox._history_part(), 0::smallint));
     SELECT coalesce(array_agg(row(s.id, s.endpoint_id, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)),
                                   e.tenant_id, e.created_at, s.attempt, s.outcome, s.status_code, s.error,
                                   s.duration_ms, s.response_body, e.event_type)::outbox._settled), '{}')
@@ -1335,13 +1417,56 @@ BEGIN
       FROM unnest(v_sent) s
       JOIN unnest(v_part.events) e ON e.txid::text::bigint = s.txid AND e.seq = s.seq
      WHERE s.outcome IS NOT NULL;
-    PERFORM outbox._account(v_rows, p_worker);
+    PERFORM outbox._account(v_rows, p_worker, true);
     PERFORM outbox._wake_at_commit();
     PERFORM outbox._advance_cursor(c, p_batch, v_part.events, v_part.more);
     -- Outcomes left for later.
     RETURN QUERY
     SELECT o.id FROM unnest(p_ids, p_endpoints, outcomes) AS o(id, endpoint_id, outcome)
      WHERE o.outcome IS NOT NULL AND NOT (o.endpoint_id = ANY (v_free));
+END
+$$;
+
+-- Records one attempt's outcome ('delivered', 'retry' or 'dead') and returns the delivery's
+-- new status. Refused with an ERROR when the caller no longer holds the attempt.
+CREATE OR REPLACE FUNCTION outbox.ack(
+    delivery_id   uuid,
+    attempt       integer,
+    outcome       outbox.attempt_outcome,
+    status_code   integer          DEFAULT NULL,
+    error         text             DEFAULT NULL,
+    duration_ms   double precision DEFAULT NULL,
+    retry_at      timestamptz      DEFAULT NULL,
+    response_body text             DEFAULT NULL,
+    worker        text             DEFAULT NULL
+)
+RETURNS outbox.delivery_status
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    d outbox.delivery;
+BEGIN
+    IF ack.delivery_id IS NULL OR ack.attempt IS NULL OR ack.outcome IS NULL THEN
+        RAISE EXCEPTION 'outbox.ack needs delivery_id, attempt and outcome'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM 1 FROM outbox.ack_batch(ARRAY[ack.delivery_id], ARRAY[ack.attempt], ARRAY[ack.outcome],
+                                    ARRAY[ack.status_code], ARRAY[ack.error], ARRAY[ack.duration_ms],
+                                    ARRAY[ack.retry_at], ARRAY[ack.response_body], ack.worker);
+    IF NOT FOUND THEN
+        SELECT dd.status, dd.attempts INTO d.status, d.attempts FROM outbox.deliveries dd WHERE dd.id = ack.delivery_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'delivery % does not exist', ack.delivery_id USING ERRCODE = 'no_data_found';
+        END IF;
+        RAISE EXCEPTION 'delivery % is not held by attempt % (it is % at attempt %)',
+                        ack.delivery_id, ack.attempt, d.status, d.attempts
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Only the sender that claimed the current attempt may acknowledge it; claim it again with outbox.claim().';
+    END IF;
+    SELECT * INTO d FROM outbox.delivery WHERE id = ack.delivery_id;
+    RETURN d.status;
 END
 $$;
 
@@ -1394,6 +1519,349 @@ BEGIN
                                      THEN s.rate_tat - interval '1 second' + interval '1 second' / e.rate_limit END)
                   END AS ready_at) r
      WHERE e.enabled AND e.deleted_at IS NULL);
+END
+$$;
+
+-- Queue health in one row. Every count reads a partial index over the live part of the
+-- table (pending, in flight) or a time-bounded range of the finished index, so the cost does not grow with the
+-- history kept.
+CREATE OR REPLACE FUNCTION outbox.stats(
+    OUT pending               bigint,
+    OUT due                   bigint,
+    OUT in_flight             bigint,
+    OUT retrying              bigint,
+    OUT dead                  bigint,
+    OUT oldest_pending_age    interval,
+    OUT delivered_last_hour   bigint,
+    OUT dead_last_hour        bigint,
+    OUT failed_attempts_last_hour bigint,
+    OUT success_rate_last_hour double precision,
+    OUT delivered_last_minute bigint
+)
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH live AS (
+        SELECT count(*) FILTER (WHERE status = 'pending')                        AS pending,
+               count(*) FILTER (WHERE status = 'pending' AND due_at <= now())    AS due,
+               count(*) FILTER (WHERE status = 'in_flight')                      AS in_flight,
+               count(*) FILTER (WHERE status = 'pending' AND attempts > retry_base) AS retrying,
+               now() - min(created_at) FILTER (WHERE status = 'pending')         AS oldest
+          FROM (SELECT status, due_at, attempts, retry_base, created_at FROM outbox.delivery WHERE status = 'pending'
+                UNION ALL
+                SELECT status, due_at, attempts, retry_base, created_at FROM outbox.delivery WHERE status = 'in_flight') d
+    ),
+    recent AS (
+        SELECT count(*) FILTER (WHERE status = 'delivered') AS delivered,
+               count(*) FILTER (WHERE status = 'dead')      AS dead,
+               count(*) FILTER (WHERE status = 'delivered' AND finished_at >= now() - interval '1 minute') AS last_minute
+          FROM (SELECT status, finished_at FROM outbox.delivery
+                 WHERE finished_at >= now() - interval '1 hour'
+                UNION ALL
+                SELECT 'delivered', finished_at FROM outbox.history
+                 WHERE finished_at >= now() - interval '1 hour') d
+    ),
+    failures AS (
+        SELECT count(*) AS failed
+          FROM outbox.attempt
+         WHERE created_at >= now() - interval '1 hour' AND outcome <> 'delivered'
+    )
+    SELECT live.pending, live.due, live.in_flight, live.retrying,
+           (SELECT count(*) FROM outbox.delivery WHERE status = 'dead'),
+           live.oldest,
+           recent.delivered, recent.dead, failures.failed,
+           CASE WHEN recent.delivered + recent.dead = 0 THEN NULL
+                ELSE recent.delivered::double precision / (recent.delivered + recent.dead) END,
+           recent.last_minute
+      FROM live, recent, failures
+$$;
+
+-- Puts dead deliveries back in the queue, due now, with a fresh retry schedule: one by id,
+-- or every dead one of an endpoint and/or a time window (of death). Returns how many. The
+-- attempt number goes on from where it was (it is the fencing token: an ack for an attempt
+-- before the retry is refused); the schedule counts from the retry (retry_base).
+CREATE OR REPLACE FUNCTION outbox.retry_dead(
+    delivery_id uuid        DEFAULT NULL,
+    endpoint_id uuid        DEFAULT NULL,
+    since       timestamptz DEFAULT NULL,
+    until       timestamptz DEFAULT NULL
+)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+    IF retry_dead.delivery_id IS NULL AND retry_dead.endpoint_id IS NULL
+       AND retry_dead.since IS NULL AND retry_dead.until IS NULL THEN
+        RAISE EXCEPTION 'outbox.retry_dead needs a delivery_id, an endpoint_id or a time window'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'To retry every dead delivery, pass since => ''-infinity''.';
+    END IF;
+    WITH requeued AS (
+        -- On an ordered endpoint it joins the back of the queue.
+        UPDATE outbox.delivery d
+           SET status = 'pending', due_at = now(), finished_at = NULL, retry_base = d.attempts,
+               last_error = NULL, last_status_code = NULL,
+               seq = CASE WHEN (SELECT e.ordered FROM outbox.endpoint e WHERE e.id = d.endpoint_id)
+                          THEN nextval('outbox.delivery_seq') END
+         WHERE d.status = 'dead'
+           AND (retry_dead.delivery_id IS NULL OR d.id = retry_dead.delivery_id)
+           AND (retry_dead.endpoint_id IS NULL OR d.endpoint_id = retry_dead.endpoint_id)
+           AND (retry_dead.since IS NULL OR d.finished_at >= retry_dead.since)
+           AND (retry_dead.until IS NULL OR d.finished_at < retry_dead.until)
+        RETURNING d.id, d.attempts
+    )
+    INSERT INTO outbox.attempt (delivery_id, attempt, outcome, error, worker)
+    SELECT id, attempts, 'requeued', 'retried by operator', session_user FROM requeued;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 0 AND retry_dead.delivery_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM outbox.deliveries WHERE id = retry_dead.delivery_id) THEN
+        RAISE EXCEPTION 'delivery % does not exist', retry_dead.delivery_id USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM outbox._wake_at_commit();
+    RETURN n;
+END
+$$;
+
+-- Sends already delivered events to an endpoint again: one new delivery (same event id, so
+-- receivers can deduplicate on webhook-id) per event delivered to it since `since`.
+-- Returns how many.
+CREATE OR REPLACE FUNCTION outbox.replay(endpoint_id uuid, since timestamptz, until timestamptz DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+    IF replay.since IS NULL THEN
+        RAISE EXCEPTION 'outbox.replay needs since' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM outbox._endpoint_or_raise(replay.endpoint_id, false);
+    -- Deliveries in outbox.history have no event row: the replay needs one.
+    INSERT INTO outbox.event (id, event_type, payload, tenant_id, created_at)
+    SELECT DISTINCT ON (h.event_id, coalesce(h.tenant_id, '')) h.event_id, h.event_type, h.payload, h.tenant_id, h.created_at
+      FROM outbox.history h
+     WHERE h.endpoint_id = replay.endpoint_id
+       AND h.finished_at >= replay.since
+       AND (replay.until IS NULL OR h.finished_at < replay.until)
+    ON CONFLICT (id, tenant_key) DO NOTHING;
+    WITH originals AS (
+        SELECT DISTINCT ON (d.event_id) d.id, d.event_id, d.tenant_id, d.created_at
+          FROM (SELECT d.id, d.event_id, d.tenant_id, d.created_at, d.finished_at
+                  FROM outbox.delivery d
+                 WHERE d.endpoint_id = replay.endpoint_id AND d.status = 'delivered'
+                   AND d.finished_at >= replay.since
+                   AND (replay.until IS NULL OR d.finished_at < replay.until)
+                UNION ALL
+                SELECT h.delivery_id, h.event_id, h.tenant_id, h.created_at, h.finished_at
+                  FROM outbox.history h
+                 WHERE h.endpoint_id = replay.endpoint_id
+                   AND h.finished_at >= replay.since
+                   AND (replay.until IS NULL OR h.finished_at < replay.until)) d
+         ORDER BY d.event_id, d.finished_at DESC
+    ),
+    copies AS (
+        -- An event whose replay is still pending is not replayed twice.
+        INSERT INTO outbox.delivery (event_id, endpoint_id, tenant_id, replay_of, seq)
+        SELECT o.event_id, replay.endpoint_id, o.tenant_id, o.id,
+               CASE WHEN (SELECT e.ordered FROM outbox.endpoint e WHERE e.id = replay.endpoint_id)
+                    THEN nextval('outbox.delivery_seq') END
+          FROM (SELECT * FROM originals ORDER BY created_at, id) o
+         WHERE NOT EXISTS (SELECT 1 FROM outbox.delivery p
+                            WHERE p.event_id = o.event_id AND p.endpoint_id = replay.endpoint_id
+                              AND p.replay_of IS NOT NULL AND p.status IN ('pending', 'in_flight'))
+        RETURNING id, replay_of
+    )
+    INSERT INTO outbox.attempt (delivery_id, attempt, outcome, error, worker)
+    SELECT id, 0, 'replayed', 'replay of delivery ' || replay_of, session_user FROM copies;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM outbox._wake_at_commit();
+    RETURN n;
+END
+$$;
+
+-- Cancels deliveries that are not finished: one by id, or every one of an endpoint.
+-- A sender still holding one of them has its ack refused. Returns how many.
+CREATE OR REPLACE FUNCTION outbox.cancel(delivery_id uuid DEFAULT NULL, endpoint_id uuid DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+    IF cancel.delivery_id IS NULL AND cancel.endpoint_id IS NULL THEN
+        RAISE EXCEPTION 'outbox.cancel needs a delivery_id or an endpoint_id'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH cancelled AS (
+        UPDATE outbox.delivery d
+           SET status = 'cancelled', finished_at = now(), lease_owner = NULL,
+               last_error = 'cancelled by operator'
+          FROM (SELECT q.id, q.status FROM outbox.delivery q
+                 WHERE q.status IN ('pending', 'in_flight')
+                   AND (cancel.delivery_id IS NULL OR q.id = cancel.delivery_id)
+                   AND (cancel.endpoint_id IS NULL OR q.endpoint_id = cancel.endpoint_id)
+                   FOR UPDATE) old
+         WHERE d.id = old.id
+        RETURNING d.id, d.attempts, d.endpoint_id, old.status AS was
+    ),
+    counted AS (
+        UPDATE outbox.endpoint_state s SET in_flight = greatest(s.in_flight - c.n, 0)
+          FROM (SELECT endpoint_id, count(*)::integer AS n FROM cancelled
+                 WHERE was = 'in_flight' GROUP BY endpoint_id) c
+         WHERE s.endpoint_id = c.endpoint_id
+    )
+    INSERT INTO outbox.attempt (delivery_id, attempt, outcome, error, worker)
+    SELECT id, attempts, 'cancelled', 'cancelled by operator', session_user FROM cancelled;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 0 AND cancel.delivery_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM outbox.deliveries WHERE id = cancel.delivery_id) THEN
+        RAISE EXCEPTION 'delivery % does not exist', cancel.delivery_id USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- Empties the oldest partition of outbox.history for reuse, when its turn has come: the
+-- partition written now has been for half of p_age, and every row of the next one is older
+-- than p_age (rows are kept from p_age to one and a half times it). TRUNCATE, never DELETE:
+-- nothing is left for VACUUM. A partition someone is reading (a lock held) is not waited
+-- for: the next call tries again. Returns whether it rotated.
+CREATE OR REPLACE FUNCTION outbox._rotate_history(p_age interval)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_cur  outbox.history_rotation;
+    v_next outbox.history_rotation;
+BEGIN
+    SELECT * INTO v_cur FROM outbox.history_rotation WHERE until IS NULL FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND OR v_cur.since > now() - p_age / 2 THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO v_next FROM outbox.history_rotation WHERE part = (v_cur.part + 1) % 3 FOR UPDATE;
+    IF v_next.until > now() - p_age THEN
+        RETURN false;
+    END IF;
+    BEGIN
+        EXECUTE format('LOCK TABLE outbox.%I IN ACCESS EXCLUSIVE MODE NOWAIT', 'history_' || v_next.part);
+        EXECUTE format('TRUNCATE outbox.%I', 'history_' || v_next.part);
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
+    UPDATE outbox.history_rotation SET until = now() WHERE part = v_cur.part;
+    UPDATE outbox.history_rotation SET since = now(), until = NULL WHERE part = v_next.part;
+    RETURN true;
+END
+$$;
+
+-- Cancels what is left for deleted endpoints, then deletes up to batch_size finished
+-- deliveries (delivered or cancelled older than
+-- delivered_age, dead older than dead_age) with their attempts, then events no delivery
+-- refers to any more, and rollup hours older than 90 days. Small batches keep each
+-- transaction short, so the hot path never waits on it. Returns the deliveries deleted.
+CREATE OR REPLACE FUNCTION outbox._purge_batch(delivered_age interval, dead_age interval, batch_size integer)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+    event_ids text[];
+    tenant_keys text[];
+BEGIN
+    -- A fan-out enqueue that raced delete_endpoint may have left work for a deleted
+    -- endpoint; it can never be sent, so it is cancelled like the rest of that endpoint's.
+    -- Rows someone holds are left for the next run: retention never waits.
+    UPDATE outbox.delivery d
+       SET status = 'cancelled', finished_at = now(), lease_owner = NULL,
+           last_error = 'cancelled: endpoint deleted'
+      FROM (SELECT q.id FROM outbox.endpoint e JOIN outbox.delivery q ON q.endpoint_id = e.id
+             WHERE e.deleted_at IS NOT NULL AND q.status IN ('pending', 'in_flight')
+               FOR UPDATE OF q SKIP LOCKED) x
+     WHERE d.id = x.id;
+    -- A rotation's old secret stops signing when its overlap ends; then it goes.
+    UPDATE outbox.endpoint e
+       SET previous_secret = NULL, previous_secret_expires_at = NULL
+      FROM (SELECT q.id FROM outbox.endpoint q
+             WHERE q.previous_secret_expires_at <= now()
+               FOR NO KEY UPDATE SKIP LOCKED) x
+     WHERE e.id = x.id;
+    WITH doomed AS (
+        (SELECT d.id FROM outbox.delivery d
+          WHERE d.finished_at < now() - delivered_age AND d.status IN ('delivered', 'cancelled')
+          LIMIT batch_size)
+        UNION ALL
+        (SELECT d.id FROM outbox.delivery d
+          WHERE d.finished_at < now() - dead_age AND d.status = 'dead'
+          LIMIT batch_size)
+    ),
+    gone AS (
+        DELETE FROM outbox.delivery d USING doomed WHERE d.id = doomed.id
+        RETURNING d.event_id, d.tenant_key
+    )
+    SELECT (SELECT count(*) FROM gone), array_agg(g.event_id), array_agg(g.tenant_key)
+      INTO n, event_ids, tenant_keys
+      FROM (SELECT DISTINCT event_id, tenant_key FROM gone) g;
+    -- Events whose last delivery just went (a new statement: it sees the deletions).
+    DELETE FROM outbox.event e
+     USING unnest(event_ids, tenant_keys) AS k(id, tenant_key)
+     WHERE e.id = k.id AND e.tenant_key = k.tenant_key
+       AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id AND d.tenant_key = e.tenant_key);
+    -- A caller's event id, kept so that enqueueing it again does nothing, is kept as long
+    -- as a delivered delivery: its deliveries may all have gone to outbox.history, where
+    -- nothing refers to it.
+    WITH stale AS (
+        DELETE FROM outbox.event e
+         WHERE (e.id, e.tenant_key) IN (
+               SELECT x.id, x.tenant_key FROM outbox.event x
+                WHERE x.created_at < now() - delivered_age
+                  AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = x.id AND d.tenant_key = x.tenant_key)
+                LIMIT batch_size)
+        RETURNING 1
+    )
+    SELECT n + count(*) INTO n FROM stale;
+    PERFORM outbox._rotate_history(delivered_age);
+    DELETE FROM outbox.stats_hourly WHERE hour < now() - interval '90 days';
+    RETURN n;
+END
+$$;
+
+-- Removes finished deliveries (and their attempts and orphaned events, and deliveries of
+-- outbox.history) older than older_than, now; dead ones older than dead_older_than (default: the same). For manual
+-- use; the worker does this continuously per outbox.retention_delivered / _dead.
+-- Returns how many deliveries were deleted.
+CREATE OR REPLACE FUNCTION outbox.purge(older_than interval, dead_older_than interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    total bigint := 0;
+    n bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' OR dead_older_than < interval '0' THEN
+        RAISE EXCEPTION 'outbox.purge needs a non-negative age, e.g. outbox.purge(''7 days'')'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    LOOP
+        n := outbox._purge_batch(older_than, coalesce(dead_older_than, older_than), 10000);
+        total := total + n;
+        EXIT WHEN n = 0;
+    END LOOP;
+    -- The worker empties outbox.history a partition at a time; asked for an age now, this
+    -- deletes (VACUUM reclaims the space).
+    DELETE FROM outbox.history WHERE finished_at < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN total + n;
 END
 $$;
 
@@ -1506,6 +1974,38 @@ UNION ALL
 SELECT 'outbox_endpoint_circuit_open', st.circuit::text, st.endpoint_id::text,
        CASE WHEN st.circuit = 'closed' THEN 0 ELSE 1 END
   FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL;
+
+-- Every delivery: those with state (outbox.delivery) and those delivered at their first
+-- attempt straight from the log (outbox.history).
+CREATE OR REPLACE VIEW outbox.deliveries AS
+SELECT d.id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url, d.tenant_id,
+       d.status,
+       (d.status = 'pending' AND d.attempts > d.retry_base) AS retrying,
+       d.attempts,
+       CASE WHEN d.status = 'pending' THEN d.due_at END AS next_attempt_at,
+       CASE WHEN d.status = 'in_flight' THEN d.due_at END AS lease_expires_at,
+       d.lease_owner, d.created_at, d.last_attempt_at, d.finished_at,
+       d.last_status_code, d.last_error, ev.payload
+  FROM outbox.delivery d
+  JOIN outbox.event ev ON ev.id = d.event_id AND ev.tenant_key = d.tenant_key
+  JOIN outbox.endpoint e ON e.id = d.endpoint_id
+UNION ALL
+SELECT h.delivery_id, h.event_id, h.event_type, h.endpoint_id, e.url, h.tenant_id,
+       'delivered'::outbox.delivery_status, false, 1, NULL::timestamptz, NULL::timestamptz,
+       NULL::text, h.created_at, h.finished_at, h.finished_at,
+       h.status_code, NULL::text, h.payload
+  FROM outbox.history h
+  JOIN outbox.endpoint e ON e.id = h.endpoint_id;
+
+CREATE OR REPLACE VIEW outbox.attempts AS
+SELECT a.id, a.delivery_id, d.event_id, d.endpoint_id, a.attempt, a.outcome, a.status_code,
+       a.error, a.duration_ms, a.response_body, a.worker, a.created_at
+  FROM outbox.attempt a
+  JOIN outbox.delivery d ON d.id = a.delivery_id
+UNION ALL
+SELECT h.attempt_id, h.delivery_id, h.event_id, h.endpoint_id, 1, 'delivered'::outbox.attempt_outcome,
+       h.status_code, NULL::text, h.duration_ms, h.response_body, h.worker, h.finished_at
+  FROM outbox.history h;
 
 
 -- Producers get the new enqueue back, and the insert into the log outbox.trigger makes as

@@ -129,7 +129,7 @@ fn every_delivery_ends_as_the_retry_policy_says_whatever_the_receiver_does() {
         .query(
             "SELECT d.event_id, d.status::text, d.attempts,
                     array_agg(a.outcome::text ORDER BY a.attempt), array_agg(a.attempt ORDER BY a.attempt)
-               FROM outbox.delivery d JOIN outbox.attempt a ON a.delivery_id = d.id
+               FROM outbox.deliveries d JOIN outbox.attempts a ON a.delivery_id = d.id
               WHERE d.event_id LIKE 'chaos-%'
               GROUP BY d.event_id, d.status, d.attempts",
             &[],

@@ -231,7 +231,7 @@ fn producers_operators_and_two_senders_at_once() {
                     SELECT delivery_id, attempt, outcome,
                            count(*) FILTER (WHERE outcome = 'requeued')
                                OVER (PARTITION BY delivery_id ORDER BY id) AS run
-                      FROM outbox.attempt) h
+                      FROM outbox.attempts) h
                  WHERE outcome IN ('delivered', 'retry', 'dead')
                  GROUP BY 1, 2, 3 HAVING count(*) > 1) twice"
         ),
@@ -240,7 +240,7 @@ fn producers_operators_and_two_senders_at_once() {
     assert!(
         scalar_i64(
             &mut c,
-            "SELECT count(*) FROM outbox.attempt WHERE outcome = 'requeued'"
+            "SELECT count(*) FROM outbox.attempts WHERE outcome = 'requeued'"
         ) > 0,
         "retry_dead never requeued anything: the runs above were not exercised"
     );
@@ -248,7 +248,7 @@ fn producers_operators_and_two_senders_at_once() {
     assert_eq!(
         scalar_i64(
             &mut c,
-            "SELECT count(*) FROM (SELECT delivery_id FROM outbox.attempt WHERE outcome = 'delivered'
+            "SELECT count(*) FROM (SELECT delivery_id FROM outbox.attempts WHERE outcome = 'delivered'
                GROUP BY 1 HAVING count(*) > 1) twice"
         ),
         0
@@ -256,7 +256,7 @@ fn producers_operators_and_two_senders_at_once() {
     // Both senders served the shared endpoint, and the external one's acks all counted.
     let external = scalar_i64(
         &mut c,
-        "SELECT count(*) FROM outbox.attempt WHERE worker = 'external'",
+        "SELECT count(*) FROM outbox.attempts WHERE worker = 'external'",
     );
     let acked = acked.lock().unwrap().clone();
     assert_eq!(external as usize, acked.len());
@@ -291,8 +291,8 @@ fn producers_operators_and_two_senders_at_once() {
     for (path, ep) in [("/stable", &stable), ("/shared", &shared)] {
         let history: HashMap<String, i64> = c
             .query(
-                "SELECT d.event_id, count(*) FROM outbox.attempt a
-                   JOIN outbox.delivery d ON d.id = a.delivery_id
+                "SELECT d.event_id, count(*) FROM outbox.attempts a
+                   JOIN outbox.deliveries d ON d.id = a.delivery_id
                   WHERE d.endpoint_id = $1::text::uuid AND a.worker LIKE 'worker:%'
                     AND a.outcome IN ('delivered', 'retry', 'dead')
                   GROUP BY 1",
@@ -324,7 +324,7 @@ fn producers_operators_and_two_senders_at_once() {
         scalar_i64(
             &mut c,
             &format!(
-                "SELECT count(*) FROM outbox.attempt a JOIN outbox.delivery d ON d.id = a.delivery_id
+                "SELECT count(*) FROM outbox.attempts a JOIN outbox.deliveries d ON d.id = a.delivery_id
                   WHERE d.endpoint_id = '{shared}' AND a.worker LIKE 'worker:%'"
             )
         ) > 0,
@@ -335,9 +335,9 @@ fn producers_operators_and_two_senders_at_once() {
         scalar_text(
             &mut c,
             "SELECT format('%s deliveries, %s attempts recorded (%s by the external sender), %s requeued by retry_dead, %s replays, %s cancelled',
-                    (SELECT count(*) FROM outbox.delivery), (SELECT count(*) FROM outbox.attempt WHERE outcome IN ('delivered', 'retry', 'dead')),
-                    (SELECT count(*) FROM outbox.attempt WHERE worker = 'external'),
-                    (SELECT count(*) FROM outbox.attempt WHERE outcome = 'requeued'),
+                    (SELECT count(*) FROM outbox.deliveries), (SELECT count(*) FROM outbox.attempts WHERE outcome IN ('delivered', 'retry', 'dead')),
+                    (SELECT count(*) FROM outbox.attempts WHERE worker = 'external'),
+                    (SELECT count(*) FROM outbox.attempts WHERE outcome = 'requeued'),
                     (SELECT count(*) FROM outbox.delivery WHERE replay_of IS NOT NULL),
                     (SELECT count(*) FROM outbox.delivery WHERE status = 'cancelled'))"
         )

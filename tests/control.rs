@@ -105,7 +105,7 @@ fn a_failing_endpoint_opens_its_circuit_and_a_probe_closes_it_while_a_healthy_on
     assert_eq!(
         scalar_i64(
             &mut c,
-            &format!("SELECT count(*) FROM outbox.delivery WHERE endpoint_id = '{bad}' AND status = 'delivered'")
+            &format!("SELECT count(*) FROM outbox.deliveries WHERE endpoint_id = '{bad}' AND status = 'delivered'")
         ),
         120
     );
@@ -231,7 +231,7 @@ fn an_endpoint_failing_for_too_long_is_disabled_and_enabling_it_resumes_its_queu
     assert_eq!(
         scalar_i64(
             &mut c,
-            "SELECT count(*) FROM outbox.delivery WHERE status = 'delivered'"
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'"
         ),
         5
     );

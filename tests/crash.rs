@@ -333,7 +333,7 @@ fn explain(
         let history: Vec<String> = c
             .query(
                 "SELECT concat_ws(' ', a.attempt, a.outcome, a.worker, a.created_at, a.error)
-                   FROM outbox.attempt a JOIN outbox.delivery d ON d.id = a.delivery_id
+                   FROM outbox.attempts a JOIN outbox.deliveries d ON d.id = a.delivery_id
                   WHERE d.event_id = $1 ORDER BY a.id",
                 &[id],
             )

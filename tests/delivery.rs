@@ -123,7 +123,7 @@ fn a_thousand_events_in_one_transaction_are_all_delivered() {
     assert_eq!(
         scalar_i64(
             &mut c,
-            "SELECT count(*) FROM outbox.delivery WHERE status = 'delivered'"
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'"
         ),
         1000
     );
@@ -329,7 +329,7 @@ fn deliveries_pending_at_a_restart_are_delivered_afterwards() {
     assert_eq!(
         scalar_i64(
             &mut c,
-            "SELECT count(*) FROM outbox.delivery WHERE status = 'delivered'"
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'"
         ),
         60
     );
@@ -511,11 +511,11 @@ fn several_workers_share_the_queue_and_send_each_delivery_once() {
     assert_eq!(received.len(), ids.len(), "and none twice");
     // Both workers took part.
     assert_eq!(
-        scalar_i64(&mut c, "SELECT count(DISTINCT worker) FROM outbox.attempt"),
+        scalar_i64(&mut c, "SELECT count(DISTINCT worker) FROM outbox.attempts"),
         2
     );
     assert_eq!(
-        scalar_i64(&mut c, "SELECT max(attempt)::bigint FROM outbox.attempt"),
+        scalar_i64(&mut c, "SELECT max(attempt)::bigint FROM outbox.attempts"),
         1
     );
 }

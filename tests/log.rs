@@ -353,7 +353,7 @@ fn an_event_goes_to_the_endpoints_subscribed_when_it_is_read() {
 }
 
 #[test]
-fn first_attempts_leave_with_the_read_and_each_delivery_is_written_once() {
+fn first_attempts_leave_with_the_read_and_a_success_is_one_history_row() {
     let cluster = Cluster::start(FAST);
     let rx = receiver();
     let mut c = cluster.client();
@@ -378,39 +378,48 @@ fn first_attempts_leave_with_the_read_and_each_delivery_is_written_once() {
     );
     assert!(wait_until(Duration::from_secs(20), || scalar_i64(
         &mut c,
-        "SELECT count(*) FROM outbox.delivery WHERE status = 'delivered'"
+        "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered' AND attempts = 1"
     ) == 200));
-    // Each delivery row was inserted delivered and never updated: the statistics the
-    // worker reports (at most a second late) count 200 inserts and no update. The first
-    // 150 events came in one transaction, more than the endpoint's max_in_flight (64):
-    // they went in parts, each ending where the endpoint had no room left, instead of
-    // queueing the rest to be claimed.
+    // Each success is one row of outbox.history, inserted and never updated, and nothing
+    // else: no delivery, attempt or event row (but for the 50 events enqueued under the
+    // caller's ids, which keep theirs so that enqueueing them again does nothing). The
+    // statistics the worker reports (at most a second late) count 200 inserts and no
+    // update. The first 150 events came in one transaction, more than the endpoint's
+    // max_in_flight (64): they went in parts, each ending where the endpoint had no room
+    // left, instead of queueing the rest to be claimed.
+    let history_stat = |c: &mut postgres::Client, column: &str| {
+        scalar_i64(
+            c,
+            &format!(
+                "SELECT coalesce(sum({column}), 0)::int8 FROM pg_stat_user_tables
+                  WHERE relid IN ('outbox.history_0'::regclass, 'outbox.history_1'::regclass,
+                                  'outbox.history_2'::regclass)"
+            ),
+        )
+    };
     assert!(
-        wait_until(Duration::from_secs(20), || scalar_i64(
+        wait_until(Duration::from_secs(20), || history_stat(
             &mut c,
-            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'outbox.delivery'::regclass"
+            "n_tup_ins"
         ) == 200),
         "{}",
         cluster.log()
     );
+    assert_eq!(history_stat(&mut c, "n_tup_upd"), 0);
+    assert_eq!(history_stat(&mut c, "n_tup_del"), 0);
     assert_eq!(
         scalar_i64(
             &mut c,
-            "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'outbox.delivery'::regclass"
+            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'outbox.delivery'::regclass"
         ),
         0
     );
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox.attempt"), 0);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox.event"), 50);
     assert_eq!(
         scalar_i64(
             &mut c,
-            "SELECT count(*) FROM outbox.delivery WHERE attempts = 1"
-        ),
-        200
-    );
-    assert_eq!(
-        scalar_i64(
-            &mut c,
-            "SELECT count(*) FROM outbox.attempt WHERE outcome = 'delivered'"
+            "SELECT count(*) FROM outbox.attempts WHERE outcome = 'delivered' AND attempt = 1"
         ),
         200
     );
@@ -433,11 +442,12 @@ fn first_attempts_leave_with_the_read_and_each_delivery_is_written_once() {
     assert_eq!(seen.len(), 200);
     assert!(seen.values().all(|n| *n == 1));
     let ids: Vec<String> = c
-        .query("SELECT event_id FROM outbox.delivery", &[])
+        .query("SELECT event_id FROM outbox.deliveries", &[])
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
+    assert_eq!(ids.len(), 200);
     assert!(ids.iter().all(|id| seen.contains_key(id)));
 }
 
@@ -484,7 +494,7 @@ fn a_batch_read_but_never_closed_is_read_again_under_the_same_ids() {
         5
     );
     assert_eq!(
-        scalar_i64(&mut c, "SELECT count(*) FROM outbox.delivery"),
+        scalar_i64(&mut c, "SELECT count(*) FROM outbox.deliveries"),
         0
     );
     // ...so the next reader reads it again, and the trigger's events keep their ids.
@@ -513,7 +523,7 @@ fn a_batch_read_but_never_closed_is_read_again_under_the_same_ids() {
     assert_eq!(scalar_i64(&mut c, close), 0);
     let states: Vec<(String, i32)> = c
         .query(
-            "SELECT d.status::text, d.attempts FROM b JOIN outbox.delivery d ON d.id = b.delivery_id ORDER BY b.seq",
+            "SELECT d.status::text, d.attempts FROM b JOIN outbox.deliveries d ON d.id = b.delivery_id ORDER BY b.seq",
             &[],
         )
         .unwrap()
@@ -530,7 +540,13 @@ fn a_batch_read_but_never_closed_is_read_again_under_the_same_ids() {
             ("delivered".into(), 1),
         ]
     );
-    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox.attempt"), 4);
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM outbox.attempts"),
+        4
+    );
+    // The two successes are rows of the history, the attempts of the others rows of their own.
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox.history"), 2);
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox.attempt"), 2);
     // The one still out counts against its endpoint; the others left it.
     assert_eq!(
         scalar_i64(
@@ -597,7 +613,7 @@ fn closing_a_batch_never_waits_for_an_endpoint_someone_holds() {
     let status = |c: &mut postgres::Client, ep: &str| {
         scalar_text(
             c,
-            &format!("SELECT status::text FROM outbox.delivery WHERE endpoint_id = '{ep}'"),
+            &format!("SELECT status::text FROM outbox.deliveries WHERE endpoint_id = '{ep}'"),
         )
     };
     assert_eq!(status(&mut c, &idle), "delivered");
@@ -735,4 +751,113 @@ fn a_full_endpoint_holds_back_only_itself_and_no_limit_means_no_limit() {
         scalar_i64(&mut c, "SELECT min(part_events)::int8 FROM b"),
         5
     );
+}
+
+#[test]
+fn deliveries_in_the_history_are_seen_replayed_refused_and_purged_like_the_others() {
+    let cluster = Cluster::start(FAST);
+    let rx = receiver();
+    let mut c = cluster.client();
+    let ep = endpoint(&mut c, &rx.url("/hook"), "");
+    c.batch_execute(
+        "SELECT outbox.enqueue('t.h', jsonb_build_object('n', g)) FROM generate_series(1, 5) g;
+         SELECT outbox.enqueue('t.h', '{\"n\": 6}', event_id => 'mine-6');",
+    )
+    .unwrap();
+    assert!(rx.wait_for(6, Duration::from_secs(30)), "{}", cluster.log());
+    assert!(wait_until(Duration::from_secs(20), || scalar_i64(
+        &mut c,
+        "SELECT count(*) FROM outbox.history"
+    ) == 6));
+    // The views show them as any delivered delivery, payload and attempt included.
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM outbox.deliveries
+              WHERE status = 'delivered' AND attempts = 1 AND NOT retrying AND payload ? 'n'
+                AND finished_at IS NOT NULL AND last_status_code = 200"
+        ),
+        6
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM outbox.attempts a JOIN outbox.history h ON h.attempt_id = a.id
+              WHERE a.outcome = 'delivered' AND a.delivery_id = h.delivery_id AND a.status_code = 200"
+        ),
+        6
+    );
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT delivered_last_hour FROM outbox.stats()"),
+        6
+    );
+    // Acknowledging one is refused as for any finished delivery; there is nothing to cancel
+    // or retry; each says so instead of claiming it does not exist.
+    let id = scalar_text(
+        &mut c,
+        "SELECT delivery_id::text FROM outbox.history WHERE event_id = 'mine-6'",
+    );
+    let err = c
+        .execute(&format!("SELECT outbox.ack('{id}', 1, 'delivered')"), &[])
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&err), "55000", "{err}");
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("it is delivered at attempt 1")),
+        "{err:?}"
+    );
+    assert_eq!(
+        scalar_i64(&mut c, &format!("SELECT outbox.cancel('{id}')")),
+        0
+    );
+    assert_eq!(
+        scalar_i64(&mut c, &format!("SELECT outbox.retry_dead('{id}')")),
+        0
+    );
+    // A replay sends each again under its event id, as new deliveries.
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            &format!("SELECT outbox.replay('{ep}', now() - interval '1 hour')")
+        ),
+        6
+    );
+    assert!(
+        rx.wait_for(12, Duration::from_secs(30)),
+        "{}",
+        cluster.log()
+    );
+    let seen = arrivals(&rx);
+    assert_eq!(seen.len(), 6);
+    assert!(seen.values().all(|n| *n == 2), "{seen:?}");
+    assert!(wait_until(Duration::from_secs(20), || scalar_i64(
+        &mut c,
+        "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'"
+    ) == 12));
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM outbox.delivery d JOIN outbox.history h ON h.delivery_id = d.replay_of"
+        ),
+        6
+    );
+    // The caller's id is still known: enqueueing it again sends nothing.
+    c.batch_execute("SELECT outbox.enqueue('t.h', '{\"n\": 6}', event_id => 'mine-6')")
+        .unwrap();
+    // Purged, everything goes, the caller's id with it: then it is a new event.
+    assert_eq!(scalar_i64(&mut c, "SELECT outbox.purge('0 seconds')"), 12);
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM outbox.deliveries"),
+        0
+    );
+    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox.event"), 0);
+    assert_eq!(rx.count(), 12);
+    c.batch_execute("SELECT outbox.enqueue('t.h', '{\"n\": 6}', event_id => 'mine-6')")
+        .unwrap();
+    assert!(
+        rx.wait_for(13, Duration::from_secs(30)),
+        "{}",
+        cluster.log()
+    );
+    assert_eq!(arrivals(&rx)["mine-6"], 3);
 }

@@ -24,6 +24,14 @@ fn row_level_security_confines_a_role_to_its_tenant() {
             "SELECT outbox.ack(delivery_id, attempt, 'dead', 400) FROM outbox.claim(100);",
         )
         .unwrap();
+    // A delivery of each tenant in the history, as the worker writes them.
+    admin
+        .batch_execute(
+            "INSERT INTO outbox.history (part, delivery_id, event_id, endpoint_id, tenant_id, event_type, payload, created_at)
+             SELECT outbox._history_part(), gen_random_uuid(), 'h-' || e.tenant_id, e.id, e.tenant_id, 'a.b', '{}', now()
+               FROM outbox.endpoint e",
+        )
+        .unwrap();
     admin
         .batch_execute(include_str!("../contrib/tenant_rls.sql"))
         .unwrap();
@@ -44,8 +52,18 @@ fn row_level_security_confines_a_role_to_its_tenant() {
     assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.event"), 3);
     assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.attempt"), 3);
     assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.endpoint"), 1);
+    assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.log"), 3);
+    assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.history"), 1);
     app.batch_execute("SET app.tenant_id = 'globex'").unwrap();
     assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.delivery"), 2);
+    assert_eq!(count(&mut app, "SELECT count(*) FROM outbox.log"), 2);
+    assert_eq!(
+        count(
+            &mut app,
+            "SELECT count(*) FROM outbox.history WHERE event_id = 'h-globex'"
+        ),
+        1
+    );
     let err = app
         .batch_execute("SELECT secret FROM outbox.endpoint")
         .unwrap_err();
@@ -54,6 +72,34 @@ fn row_level_security_confines_a_role_to_its_tenant() {
         .batch_execute("UPDATE outbox.delivery SET status = 'pending'")
         .unwrap_err();
     assert_eq!(sqlstate(&err), "42501");
+    // Producers still append through outbox.trigger, which inserts as the writing role.
+    admin
+        .batch_execute(
+            "CREATE ROLE app_writer LOGIN;
+             SELECT outbox.grant_producer('app_writer');
+             CREATE TABLE orders (id int PRIMARY KEY);
+             GRANT INSERT ON orders TO app_writer;
+             CREATE TRIGGER orders_outbox AFTER INSERT ON orders
+                 FOR EACH ROW EXECUTE FUNCTION outbox.trigger('order');",
+        )
+        .unwrap();
+    let mut writer = postgres::Client::connect(
+        &cluster
+            .conninfo()
+            .replace("user=postgres", "user=app_writer"),
+        postgres::NoTls,
+    )
+    .unwrap();
+    writer
+        .batch_execute("INSERT INTO orders VALUES (1)")
+        .unwrap();
+    assert_eq!(
+        count(
+            &mut admin,
+            "SELECT count(*) FROM outbox.log WHERE event_type = 'order.created'"
+        ),
+        1
+    );
     // Statistics filter by tenant too.
     let dead: i64 = admin
         .query_one(

@@ -132,7 +132,7 @@ fn a_standby_has_the_queue_sends_nothing_and_delivers_after_promotion() {
     let mut s = standby.client();
     assert!(wait_until(Duration::from_secs(20), || scalar_i64(
         &mut s,
-        "SELECT count(*) FROM outbox.delivery WHERE status = 'delivered'"
+        "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'"
     ) == 25));
     assert_eq!(worker_pids(&mut s).len(), 1);
     // The promoted server is a primary like any other: a new commit is delivered too.

@@ -46,7 +46,7 @@ fn path(i: usize) -> String {
 /// until each healthy endpoint has had all of its own; then checked in the table.
 fn healthy_run(bench: &Bench, healthy: &[(String, String)], events: u32) -> Result<HealthyRun> {
     let mut c = bench.client();
-    let delivered_sql = "SELECT count(*) FROM outbox.delivery
+    let delivered_sql = "SELECT count(*) FROM outbox.deliveries
                           WHERE status = 'delivered' AND endpoint_id::text = ANY ($1)";
     let ids: Vec<String> = healthy.iter().map(|(_, id)| id.clone()).collect();
     let before: i64 = c.query_one(delivered_sql, &[&ids])?.get(0);

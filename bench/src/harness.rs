@@ -150,9 +150,8 @@ impl Bench {
     /// type leaves the warm-up delivery out).
     pub fn delivered(&self, event_type: &str) -> Result<i64> {
         let row = self.client().query_one(
-            "SELECT count(*) FROM outbox.delivery d
-               JOIN outbox.event e ON e.id = d.event_id AND e.tenant_key = d.tenant_key
-              WHERE d.status = 'delivered' AND e.event_type = $1::text",
+            "SELECT count(*) FROM outbox.deliveries
+              WHERE status = 'delivered' AND event_type = $1::text",
             &[&event_type],
         )?;
         Ok(row.get(0))
@@ -163,7 +162,14 @@ impl Bench {
     pub fn relation_sizes(&self) -> Result<Vec<RelationSize>> {
         let mut c = self.client();
         let mut sizes = Vec::new();
-        for table in ["outbox.delivery", "outbox.event", "outbox.attempt"] {
+        for table in [
+            "outbox.delivery",
+            "outbox.event",
+            "outbox.attempt",
+            "outbox.history_0",
+            "outbox.history_1",
+            "outbox.history_2",
+        ] {
             let row = c.query_one(
                 "SELECT pg_total_relation_size($1::text::regclass),
                         pg_indexes_size($1::text::regclass)",

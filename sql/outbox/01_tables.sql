@@ -196,6 +196,8 @@ CREATE TABLE outbox.event (
     tenant_key  text        NOT NULL GENERATED ALWAYS AS (coalesce(tenant_id, '')) STORED,
     CONSTRAINT event_pkey PRIMARY KEY (id, tenant_key)
 );
+-- Retention finds the events no delivery refers to any more by age (outbox._purge_batch).
+CREATE INDEX event_created_idx ON outbox.event (created_at);
 
 -- One row per (event, endpoint): the unit that is claimed, sent, retried and acknowledged.
 CREATE TABLE outbox.delivery (
@@ -266,6 +268,60 @@ CREATE INDEX attempt_delivery_idx ON outbox.attempt (delivery_id, attempt);
 -- last hour). Successes, the bulk of the history, stay out of it: one index fewer to write
 -- per delivery.
 CREATE INDEX attempt_failed_idx ON outbox.attempt (created_at) WHERE outcome <> 'delivered';
+
+-- Deliveries whose first attempt, sent straight from a batch of the log, succeeded: the
+-- bulk of all deliveries, and nothing is left to do with them. Each is this one row,
+-- appended once and never updated: the delivery, its event (for outbox.replay) and its
+-- one attempt together. outbox.deliveries and outbox.attempts show them beside the rows
+-- of outbox.delivery and outbox.attempt. The table is three partitions written in turn
+-- (outbox.history_rotation says which is being written); retention empties the oldest
+-- with TRUNCATE instead of deleting rows (outbox._rotate_history), so it leaves no dead
+-- tuples behind and owes nothing to VACUUM.
+CREATE TABLE outbox.history (
+    part          smallint    NOT NULL,
+    delivery_id   uuid        NOT NULL,
+    event_id      text        NOT NULL,
+    endpoint_id   uuid        NOT NULL,
+    tenant_id     text,
+    event_type    text        NOT NULL,
+    payload       jsonb       NOT NULL,
+    -- When the event was enqueued (a delivery's created_at).
+    created_at    timestamptz NOT NULL,
+    finished_at   timestamptz NOT NULL DEFAULT now(),
+    -- The attempt, numbered like the rows of outbox.attempt.
+    attempt_id    bigint      NOT NULL DEFAULT nextval('outbox.attempt_id_seq'),
+    status_code   integer,
+    duration_ms   double precision,
+    response_body text,
+    worker        text
+) PARTITION BY LIST (part);
+
+CREATE TABLE outbox.history_0 PARTITION OF outbox.history FOR VALUES IN (0);
+CREATE TABLE outbox.history_1 PARTITION OF outbox.history FOR VALUES IN (1);
+CREATE TABLE outbox.history_2 PARTITION OF outbox.history FOR VALUES IN (2);
+-- A delivery by its id, an event's deliveries; rows by age (recent statistics, replay of a
+-- time range): a BRIN index, almost free to keep for rows appended in time order.
+CREATE INDEX history_delivery_idx ON outbox.history (delivery_id);
+CREATE INDEX history_event_idx ON outbox.history (event_id);
+CREATE INDEX history_finished_idx ON outbox.history USING brin (finished_at);
+
+-- Which partition of outbox.history is written (the one with `until` NULL) since when, and
+-- when each of the others stopped being written: a partition is emptied for reuse only
+-- once its newest row is past retention.
+CREATE TABLE outbox.history_rotation (
+    part  smallint    PRIMARY KEY CHECK (part BETWEEN 0 AND 2),
+    since timestamptz NOT NULL,
+    until timestamptz
+);
+CREATE UNIQUE INDEX history_rotation_current_key ON outbox.history_rotation ((true)) WHERE until IS NULL;
+INSERT INTO outbox.history_rotation VALUES (0, now(), NULL), (1, now(), now()), (2, now(), now());
+
+-- The partition of outbox.history written now.
+CREATE FUNCTION outbox._history_part()
+RETURNS smallint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+RETURN (SELECT r.part FROM outbox.history_rotation r WHERE r.until IS NULL);
 
 -- What senders learned about each endpoint, kept apart from outbox.endpoint so that the
 -- worker's updates never wait on (or block) producers and operators using the endpoint row.

@@ -50,11 +50,14 @@ $$;
 -- Turns events into deliveries, one per target (outbox._targets); returns how many it
 -- made. Deliveries to ordered endpoints are numbered in the order of p_events. p_sent are
 -- the first attempts the worker already sent from this batch (outbox._read_batch): their
--- deliveries are made as those attempts left them (delivered, dead, retrying, or still in
--- flight under p_worker's lease of p_lease) instead of pending, and are made even if the
--- endpoint no longer takes the event (it was sent: it is recorded).
+-- deliveries are made as those attempts left them (dead, retrying, or still in flight
+-- under p_worker's lease of p_lease) instead of pending, and are made even if the
+-- endpoint no longer takes the event (it was sent: it is recorded). One that was
+-- delivered is a row of outbox.history, in partition p_part, and nothing else: its event
+-- gets no row of outbox.event unless another delivery needs it.
 CREATE FUNCTION outbox._fan_out(p_events outbox.log[], p_sent outbox._sent[] DEFAULT '{}',
-                                p_worker text DEFAULT NULL, p_lease interval DEFAULT NULL)
+                                p_worker text DEFAULT NULL, p_lease interval DEFAULT NULL,
+                                p_part smallint DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -99,12 +102,25 @@ BEGIN
                     ELSE 'dead' END::outbox.delivery_status AS status
           FROM pair p
     ),
+    stateful AS (
+        SELECT j.* FROM judged j WHERE j.status <> 'delivered'
+    ),
     events AS (
         -- A caller's id already has its row (enqueue claimed the id there).
         INSERT INTO outbox.event (id, event_type, payload, tenant_id, created_at)
         SELECT DISTINCT ON (p.id, coalesce(p.tenant_id, '')) p.id, p.event_type, p.payload, p.tenant_id, p.created_at
-          FROM pair p
+          FROM stateful p
         ON CONFLICT (id, tenant_key) DO NOTHING
+    ),
+    logged AS (
+        INSERT INTO outbox.history (part, delivery_id, event_id, endpoint_id, tenant_id, event_type, payload,
+                                    created_at, status_code, duration_ms, response_body, worker)
+        SELECT p_part, j.d_id, j.id, j.endpoint_id, j.tenant_id, j.event_type, j.payload, j.created_at,
+               j.status_code, s.duration_ms, s.response_body, p_worker
+          FROM judged j
+          JOIN sent s ON s.id = j.d_id
+         WHERE j.status = 'delivered'
+        RETURNING delivery_id AS id, endpoint_id, tenant_id, event_id
     ),
     made AS (
         INSERT INTO outbox.delivery (id, event_id, endpoint_id, tenant_id, status, attempts, due_at, lease_owner,
@@ -125,7 +141,7 @@ BEGIN
                CASE WHEN j.status IN ('delivered', 'dead', 'cancelled') THEN now() END,
                CASE WHEN j.outcome IS NOT NULL THEN now() END,
                j.status_code, j.last_error
-          FROM (SELECT * FROM judged ORDER BY judged.n, judged.endpoint_id) j
+          FROM (SELECT * FROM stateful ORDER BY stateful.n, stateful.endpoint_id) j
         ON CONFLICT (event_id, endpoint_id, replay_of) DO NOTHING
         RETURNING id, endpoint_id, tenant_id, event_id
     )
@@ -133,7 +149,7 @@ BEGIN
     -- a join (an event's id is unique within its tenant), not a lookup per delivery.
     SELECT count(*), count(outbox._feed(m.id, m.endpoint_id, m.tenant_id, e.event_type, 'queued', 0)) FILTER (WHERE v_feed)
       INTO v_made, v_fed
-      FROM made m
+      FROM (SELECT * FROM made UNION ALL SELECT * FROM logged) m
       JOIN (SELECT DISTINCT ON (p.id, p.tenant_id) p.id, p.tenant_id, p.event_type FROM pair p) e
         ON e.id = m.event_id AND e.tenant_id IS NOT DISTINCT FROM m.tenant_id;
     RETURN v_made;

@@ -223,8 +223,9 @@ $$;
 -- rows, their endpoints' health and circuit breakers, auto-disable, the hourly
 -- statistics, the live feed and operator events. Returns the deliveries' ids. The callers
 -- (outbox.ack_batch, outbox._close_batch) have locked the endpoints' state rows first, in
--- endpoint order.
-CREATE FUNCTION outbox._account(p_rows outbox._settled[], p_worker text)
+-- endpoint order. p_logged: the deliveries that were delivered are rows of outbox.history,
+-- which are their attempts' history too.
+CREATE FUNCTION outbox._account(p_rows outbox._settled[], p_worker text, p_logged boolean DEFAULT false)
 RETURNS SETOF uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
@@ -240,6 +241,7 @@ BEGIN
         SELECT upd.id, upd.attempt, upd.final_outcome, upd.status_code, upd.error, upd.duration_ms,
                upd.response_body, p_worker
           FROM upd
+         WHERE NOT (p_logged AND upd.final_outcome = 'delivered')
     ),
     batch AS (
         -- Per endpoint: what this batch finished, and whether any of it succeeded.
@@ -418,7 +420,7 @@ $$;
 -- flight (its delivery is then in flight under p_worker's lease of p_lease, and its outcome
 -- acknowledged as any other) — records the outcomes (outbox._account) and moves the
 -- cursor on, all in the caller's transaction. So a first attempt that succeeds costs one
--- delivery row, written once. It never waits for a lock: an outcome whose endpoint's state
+-- row of outbox.history, appended once. It never waits for a lock: an outcome whose endpoint's state
 -- row someone holds (an operator's open transaction, another sender's ack) is not
 -- recorded now; its delivery is made in flight, and its id returned, for the caller to
 -- acknowledge later with outbox.ack_batch.
@@ -465,7 +467,7 @@ BEGIN
       JOIN outbox._decided(p_ids, attempts, outcomes, status_codes, errors, durations_ms, retry_at,
                            response_bodies) x ON x.id = s.id
      CROSS JOIN LATERAL (SELECT s.endpoint_id = ANY (v_free) AS recorded) f;
-    PERFORM outbox._fan_out(v_part.events, v_sent, p_worker, p_lease);
+    PERFORM outbox._fan_out(v_part.events, v_sent, p_worker, p_lease, coalesce(outbox._history_part(), 0::smallint));
     SELECT coalesce(array_agg(row(s.id, s.endpoint_id, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)),
                                   e.tenant_id, e.created_at, s.attempt, s.outcome, s.status_code, s.error,
                                   s.duration_ms, s.response_body, e.event_type)::outbox._settled), '{}')
@@ -473,7 +475,7 @@ BEGIN
       FROM unnest(v_sent) s
       JOIN unnest(v_part.events) e ON e.txid::text::bigint = s.txid AND e.seq = s.seq
      WHERE s.outcome IS NOT NULL;
-    PERFORM outbox._account(v_rows, p_worker);
+    PERFORM outbox._account(v_rows, p_worker, true);
     PERFORM outbox._wake_at_commit();
     PERFORM outbox._advance_cursor(c, p_batch, v_part.events, v_part.more);
     -- Outcomes left for later.
@@ -512,7 +514,7 @@ BEGIN
                                     ARRAY[ack.status_code], ARRAY[ack.error], ARRAY[ack.duration_ms],
                                     ARRAY[ack.retry_at], ARRAY[ack.response_body], ack.worker);
     IF NOT FOUND THEN
-        SELECT * INTO d FROM outbox.delivery WHERE id = ack.delivery_id;
+        SELECT dd.status, dd.attempts INTO d.status, d.attempts FROM outbox.deliveries dd WHERE dd.id = ack.delivery_id;
         IF NOT FOUND THEN
             RAISE EXCEPTION 'delivery % does not exist', ack.delivery_id USING ERRCODE = 'no_data_found';
         END IF;

@@ -14,6 +14,8 @@ SELECT e.id, e.url, e.event_types, e.enabled, e.disabled_reason, e.timeout,
   FROM outbox.endpoint e
  WHERE e.deleted_at IS NULL;
 
+-- Every delivery: those with state (outbox.delivery) and those delivered at their first
+-- attempt straight from the log (outbox.history).
 CREATE VIEW outbox.deliveries AS
 SELECT d.id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url, d.tenant_id,
        d.status,
@@ -25,13 +27,24 @@ SELECT d.id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url, d.
        d.last_status_code, d.last_error, ev.payload
   FROM outbox.delivery d
   JOIN outbox.event ev ON ev.id = d.event_id AND ev.tenant_key = d.tenant_key
-  JOIN outbox.endpoint e ON e.id = d.endpoint_id;
+  JOIN outbox.endpoint e ON e.id = d.endpoint_id
+UNION ALL
+SELECT h.delivery_id, h.event_id, h.event_type, h.endpoint_id, e.url, h.tenant_id,
+       'delivered'::outbox.delivery_status, false, 1, NULL::timestamptz, NULL::timestamptz,
+       NULL::text, h.created_at, h.finished_at, h.finished_at,
+       h.status_code, NULL::text, h.payload
+  FROM outbox.history h
+  JOIN outbox.endpoint e ON e.id = h.endpoint_id;
 
 CREATE VIEW outbox.attempts AS
 SELECT a.id, a.delivery_id, d.event_id, d.endpoint_id, a.attempt, a.outcome, a.status_code,
        a.error, a.duration_ms, a.response_body, a.worker, a.created_at
   FROM outbox.attempt a
-  JOIN outbox.delivery d ON d.id = a.delivery_id;
+  JOIN outbox.delivery d ON d.id = a.delivery_id
+UNION ALL
+SELECT h.attempt_id, h.delivery_id, h.event_id, h.endpoint_id, 1, 'delivered'::outbox.attempt_outcome,
+       h.status_code, NULL::text, h.duration_ms, h.response_body, h.worker, h.finished_at
+  FROM outbox.history h;
 
 CREATE VIEW outbox.dead_letters AS
 SELECT d.id, d.event_id, ev.event_type, d.endpoint_id, e.url AS endpoint_url, d.tenant_id,

@@ -35,8 +35,11 @@ AS $$
         SELECT count(*) FILTER (WHERE status = 'delivered') AS delivered,
                count(*) FILTER (WHERE status = 'dead')      AS dead,
                count(*) FILTER (WHERE status = 'delivered' AND finished_at >= now() - interval '1 minute') AS last_minute
-          FROM outbox.delivery
-         WHERE finished_at >= now() - interval '1 hour'
+          FROM (SELECT status, finished_at FROM outbox.delivery
+                 WHERE finished_at >= now() - interval '1 hour'
+                UNION ALL
+                SELECT 'delivered', finished_at FROM outbox.history
+                 WHERE finished_at >= now() - interval '1 hour') d
     ),
     failures AS (
         SELECT count(*) AS failed

@@ -44,7 +44,7 @@ BEGIN
     SELECT id, attempts, 'requeued', 'retried by operator', session_user FROM requeued;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n = 0 AND retry_dead.delivery_id IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM outbox.delivery WHERE id = retry_dead.delivery_id) THEN
+       AND NOT EXISTS (SELECT 1 FROM outbox.deliveries WHERE id = retry_dead.delivery_id) THEN
         RAISE EXCEPTION 'delivery % does not exist', retry_dead.delivery_id USING ERRCODE = 'no_data_found';
     END IF;
     PERFORM outbox._wake_at_commit();
@@ -68,12 +68,27 @@ BEGIN
         RAISE EXCEPTION 'outbox.replay needs since' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     PERFORM outbox._endpoint_or_raise(replay.endpoint_id, false);
+    -- Deliveries in outbox.history have no event row: the replay needs one.
+    INSERT INTO outbox.event (id, event_type, payload, tenant_id, created_at)
+    SELECT DISTINCT ON (h.event_id, coalesce(h.tenant_id, '')) h.event_id, h.event_type, h.payload, h.tenant_id, h.created_at
+      FROM outbox.history h
+     WHERE h.endpoint_id = replay.endpoint_id
+       AND h.finished_at >= replay.since
+       AND (replay.until IS NULL OR h.finished_at < replay.until)
+    ON CONFLICT (id, tenant_key) DO NOTHING;
     WITH originals AS (
         SELECT DISTINCT ON (d.event_id) d.id, d.event_id, d.tenant_id, d.created_at
-          FROM outbox.delivery d
-         WHERE d.endpoint_id = replay.endpoint_id AND d.status = 'delivered'
-           AND d.finished_at >= replay.since
-           AND (replay.until IS NULL OR d.finished_at < replay.until)
+          FROM (SELECT d.id, d.event_id, d.tenant_id, d.created_at, d.finished_at
+                  FROM outbox.delivery d
+                 WHERE d.endpoint_id = replay.endpoint_id AND d.status = 'delivered'
+                   AND d.finished_at >= replay.since
+                   AND (replay.until IS NULL OR d.finished_at < replay.until)
+                UNION ALL
+                SELECT h.delivery_id, h.event_id, h.tenant_id, h.created_at, h.finished_at
+                  FROM outbox.history h
+                 WHERE h.endpoint_id = replay.endpoint_id
+                   AND h.finished_at >= replay.since
+                   AND (replay.until IS NULL OR h.finished_at < replay.until)) d
          ORDER BY d.event_id, d.finished_at DESC
     ),
     copies AS (
@@ -133,7 +148,7 @@ BEGIN
     SELECT id, attempts, 'cancelled', 'cancelled by operator', session_user FROM cancelled;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n = 0 AND cancel.delivery_id IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM outbox.delivery WHERE id = cancel.delivery_id) THEN
+       AND NOT EXISTS (SELECT 1 FROM outbox.deliveries WHERE id = cancel.delivery_id) THEN
         RAISE EXCEPTION 'delivery % does not exist', cancel.delivery_id USING ERRCODE = 'no_data_found';
     END IF;
     RETURN n;
@@ -143,6 +158,40 @@ $$;
 -------------------------------------------------------------------------------------------
 -- Retention
 -------------------------------------------------------------------------------------------
+
+-- Empties the oldest partition of outbox.history for reuse, when its turn has come: the
+-- partition written now has been for half of p_age, and every row of the next one is older
+-- than p_age (rows are kept from p_age to one and a half times it). TRUNCATE, never DELETE:
+-- nothing is left for VACUUM. A partition someone is reading (a lock held) is not waited
+-- for: the next call tries again. Returns whether it rotated.
+CREATE FUNCTION outbox._rotate_history(p_age interval)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_cur  outbox.history_rotation;
+    v_next outbox.history_rotation;
+BEGIN
+    SELECT * INTO v_cur FROM outbox.history_rotation WHERE until IS NULL FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND OR v_cur.since > now() - p_age / 2 THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO v_next FROM outbox.history_rotation WHERE part = (v_cur.part + 1) % 3 FOR UPDATE;
+    IF v_next.until > now() - p_age THEN
+        RETURN false;
+    END IF;
+    BEGIN
+        EXECUTE format('LOCK TABLE outbox.%I IN ACCESS EXCLUSIVE MODE NOWAIT', 'history_' || v_next.part);
+        EXECUTE format('TRUNCATE outbox.%I', 'history_' || v_next.part);
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
+    UPDATE outbox.history_rotation SET until = now() WHERE part = v_cur.part;
+    UPDATE outbox.history_rotation SET since = now(), until = NULL WHERE part = v_next.part;
+    RETURN true;
+END
+$$;
 
 -- Cancels what is left for deleted endpoints, then deletes up to batch_size finished
 -- deliveries (delivered or cancelled older than
@@ -197,13 +246,27 @@ BEGIN
      USING unnest(event_ids, tenant_keys) AS k(id, tenant_key)
      WHERE e.id = k.id AND e.tenant_key = k.tenant_key
        AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id AND d.tenant_key = e.tenant_key);
+    -- A caller's event id, kept so that enqueueing it again does nothing, is kept as long
+    -- as a delivered delivery: its deliveries may all have gone to outbox.history, where
+    -- nothing refers to it.
+    WITH stale AS (
+        DELETE FROM outbox.event e
+         WHERE (e.id, e.tenant_key) IN (
+               SELECT x.id, x.tenant_key FROM outbox.event x
+                WHERE x.created_at < now() - delivered_age
+                  AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = x.id AND d.tenant_key = x.tenant_key)
+                LIMIT batch_size)
+        RETURNING 1
+    )
+    SELECT n + count(*) INTO n FROM stale;
+    PERFORM outbox._rotate_history(delivered_age);
     DELETE FROM outbox.stats_hourly WHERE hour < now() - interval '90 days';
     RETURN n;
 END
 $$;
 
--- Removes finished deliveries (and their attempts and orphaned events) older than
--- older_than, now; dead ones older than dead_older_than (default: the same). For manual
+-- Removes finished deliveries (and their attempts and orphaned events, and deliveries of
+-- outbox.history) older than older_than, now; dead ones older than dead_older_than (default: the same). For manual
 -- use; the worker does this continuously per outbox.retention_delivered / _dead.
 -- Returns how many deliveries were deleted.
 CREATE FUNCTION outbox.purge(older_than interval, dead_older_than interval DEFAULT NULL)
@@ -224,6 +287,10 @@ BEGIN
         total := total + n;
         EXIT WHEN n = 0;
     END LOOP;
-    RETURN total;
+    -- The worker empties outbox.history a partition at a time; asked for an age now, this
+    -- deletes (VACUUM reclaims the space).
+    DELETE FROM outbox.history WHERE finished_at < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN total + n;
 END
 $$;

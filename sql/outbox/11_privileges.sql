@@ -17,6 +17,11 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.delivery_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.attempt', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.attempt_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.stats_hourly', '');
+-- The history's partitions hold its rows (which partition is written next is not dumped:
+-- a restored database starts a new turn).
+SELECT pg_catalog.pg_extension_config_dump('outbox.history_0', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.history_1', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.history_2', '');
 
 -------------------------------------------------------------------------------------------
 -- Privileges
