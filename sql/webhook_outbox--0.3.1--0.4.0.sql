@@ -705,8 +705,10 @@ $$;
 -- The worker's read: the next part of the log, as outbox._read_log reads it, with the
 -- first attempts that may go at once returned for sending instead of made into deliveries
 -- — up to p_free of them, to endpoints that are enabled, not ordered, without a rate
--- limit, with a closed circuit and room under their max_in_flight (counted in their state
--- row from here on), for events not scheduled later. The part ends before the first event
+-- limit, with a closed circuit and room under their max_in_flight, for events not
+-- scheduled later. They are not counted in the endpoints' state rows (which would then be
+-- updated twice per batch, and an old snapshot keeps every version): the worker claims
+-- nothing while its batch is open, and the close counts those still in flight. The part ends before the first event
 -- that would have to wait only for lack of room (p_free or an endpoint's max_in_flight):
 -- it stays in the log for the next read rather than become a delivery claimed later. One
 -- row per attempt, each carrying the cursor row, batch snapshot and part size the part was
@@ -807,11 +809,6 @@ BEGIN
     chosen AS (
         SELECT r.* FROM ranked r, cut
          WHERE r.n < cut.n AND r.go
-    ),
-    counted AS (
-        UPDATE outbox.endpoint_state s SET in_flight = s.in_flight + x.n
-          FROM (SELECT ch.endpoint_id, count(*)::integer AS n FROM chosen ch GROUP BY ch.endpoint_id) x
-         WHERE s.endpoint_id = x.endpoint_id
     )
     SELECT c.id, v_batch::text, (cut.n - 1)::integer, gen_random_uuid(), ch.txid::text::bigint, ch.seq,
            ch.endpoint_id, ch.id, ch.url, ch.secret, ch.headers::text,
@@ -836,11 +833,37 @@ RETURNS integer
 LANGUAGE sql STABLE PARALLEL SAFE
 RETURN ('outbox.log'::regclass::oid::bigint % 2147483647)::integer;
 
+-- Sets every endpoint's in-flight count to its deliveries in flight where the two differ;
+-- returns how many it corrected. The reader runs it when it starts and once a second: an
+-- attempt from a batch whose endpoint's state row someone held when the batch closed is
+-- written in flight without being counted (outbox._close_batch never waits), and its
+-- acknowledgement later takes one off. State rows someone holds are passed by; a row is
+-- written only when its count is wrong.
+CREATE OR REPLACE FUNCTION outbox._recount_endpoints()
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    UPDATE outbox.endpoint_state s
+       SET in_flight = n.n
+      FROM (SELECT l.endpoint_id,
+                   (SELECT count(*) FROM outbox.delivery d
+                     WHERE d.endpoint_id = l.endpoint_id AND d.status = 'in_flight')::integer AS n
+              FROM outbox.endpoint_state l
+               FOR UPDATE SKIP LOCKED) n
+     WHERE s.endpoint_id = n.endpoint_id AND s.in_flight <> n.n;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+
 -- Makes the calling session the log's reader for as long as it lasts (the session lock
--- of outbox._log_lock), if no one else is; returns whether it is. No batch is open at that
--- moment (only the reader opens them), so every endpoint's in-flight count is set to its
--- deliveries in flight: counts a reader that died with a batch open left too high are
--- corrected (state rows someone holds are left for the claim's own recount).
+-- of outbox._log_lock), if no one else is; returns whether it is. Every endpoint's
+-- in-flight count is set to its deliveries in flight then, correcting any count left wrong
+-- (state rows someone holds are left for the claim's own recount).
 CREATE OR REPLACE FUNCTION outbox._become_reader()
 RETURNS boolean
 LANGUAGE plpgsql
@@ -850,14 +873,7 @@ BEGIN
     IF NOT pg_try_advisory_lock(outbox._log_lock(), 0) THEN
         RETURN false;
     END IF;
-    UPDATE outbox.endpoint_state s
-       SET in_flight = n.n
-      FROM (SELECT l.endpoint_id,
-                   (SELECT count(*) FROM outbox.delivery d
-                     WHERE d.endpoint_id = l.endpoint_id AND d.status = 'in_flight')::integer AS n
-              FROM outbox.endpoint_state l
-               FOR UPDATE SKIP LOCKED) n
-     WHERE s.endpoint_id = n.endpoint_id AND s.in_flight <> n.n;
+    PERFORM outbox._recount_endpoints();
     RETURN true;
 END
 $$;
@@ -1165,8 +1181,12 @@ $$;
 -- rows, their endpoints' health and circuit breakers, auto-disable, the hourly
 -- statistics, the live feed and operator events. Returns the deliveries' ids. The callers
 -- (outbox.ack_batch, outbox._close_batch) have locked the endpoints' state rows first, in
--- endpoint order. p_logged: the deliveries that were delivered are rows of outbox.history,
--- which are their attempts' history too.
+-- endpoint order. p_logged: the rows are first attempts sent from a batch of the log
+-- (outbox._close_batch): those that were delivered are rows of outbox.history, which are
+-- their attempts' history too, and none was counted in its endpoint's in-flight count.
+-- Then an endpoint whose state would only learn of another success is left alone if it
+-- learnt of one less than a second ago: under a steady flow its state row is written once
+-- a second instead of once a batch (an old snapshot keeps every version of it).
 CREATE OR REPLACE FUNCTION outbox._account(p_rows outbox._settled[], p_worker text, p_logged boolean DEFAULT false)
 RETURNS SETOF uuid
 LANGUAGE plpgsql
@@ -1201,7 +1221,7 @@ BEGIN
         -- when the circuit opens or closes again; the finished attempts leave the in-flight
         -- count.
         UPDATE outbox.endpoint_state s
-           SET in_flight = greatest(s.in_flight - b.finished, 0),
+           SET in_flight = CASE WHEN p_logged THEN s.in_flight ELSE greatest(s.in_flight - b.finished, 0) END,
                consecutive_failures = CASE WHEN b.succeeded THEN b.failures
                                            ELSE s.consecutive_failures + b.failures END,
                last_success_at = CASE WHEN b.succeeded THEN now() ELSE s.last_success_at END,
@@ -1216,6 +1236,8 @@ BEGIN
                                                 b.succeeded) n)
           FROM batch b
          WHERE s.endpoint_id = b.endpoint_id
+           AND NOT (p_logged AND b.failures = 0 AND s.consecutive_failures = 0 AND s.circuit = 'closed'
+                    AND s.failing_since IS NULL AND coalesce(s.last_success_at > now() - interval '1 second', false))
         RETURNING s.endpoint_id, s.failing_since,
                   CASE WHEN s.circuit_changed_at = now()
                             AND (s.circuit = 'closed' OR s.circuit_opened_at = now()) THEN
@@ -1365,7 +1387,8 @@ $$;
 -- row of outbox.history, appended once. It never waits for a lock: an outcome whose endpoint's state
 -- row someone holds (an operator's open transaction, another sender's ack) is not
 -- recorded now; its delivery is made in flight, and its id returned, for the caller to
--- acknowledge later with outbox.ack_batch.
+-- acknowledge later with outbox.ack_batch (its endpoint's in-flight count, which cannot be
+-- raised then, is one low until outbox._recount_endpoints corrects it).
 CREATE OR REPLACE FUNCTION outbox._close_batch(
     p_cursor bigint, p_batch pg_snapshot, p_max integer, p_max_bytes bigint,
     p_ids uuid[], p_txids bigint[], p_seqs bigint[], p_endpoints uuid[],
@@ -1410,6 +1433,15 @@ BEGIN
                            response_bodies) x ON x.id = s.id
      CROSS JOIN LATERAL (SELECT s.endpoint_id = ANY (v_free) AS recorded) f;
     PERFORM outbox._fan_out(v_part.events, v_sent, p_worker, p_lease, coalesce(outbox._history_part(), 0::smallint));
+    -- Attempts still out become deliveries in flight: from now on they count against their
+    -- endpoint's max_in_flight like any claimed one (outbox._read_batch counted none).
+    UPDATE outbox.endpoint_state s SET in_flight = s.in_flight + x.n
+      FROM (SELECT v.endpoint_id, count(*)::integer AS n
+              FROM unnest(v_sent) v
+              JOIN outbox.endpoint e ON e.id = v.endpoint_id AND e.deleted_at IS NULL
+             WHERE v.outcome IS NULL AND v.endpoint_id = ANY (v_free)
+             GROUP BY v.endpoint_id) x
+     WHERE s.endpoint_id = x.endpoint_id;
     SELECT coalesce(array_agg(row(s.id, s.endpoint_id, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)),
                                   e.tenant_id, e.created_at, s.attempt, s.outcome, s.status_code, s.error,
                                   s.duration_ms, s.response_body, e.event_type)::outbox._settled), '{}')
@@ -1915,7 +1947,7 @@ BEGIN
         outbox._next_due(), outbox._purge_batch(interval, interval, integer),
         outbox._requeue_orphaned(), outbox._lock_for_ack(uuid[]), outbox._read_log(integer, bigint), outbox._rotate_log(),
         outbox._claim(integer, text, interval, uuid, text), outbox._log_lock(), outbox._become_reader(),
-        outbox._read_batch(integer, integer, bigint),
+        outbox._read_batch(integer, integer, bigint), outbox._recount_endpoints(),
         outbox._close_batch(bigint, pg_snapshot, integer, bigint, uuid[], bigint[], bigint[], uuid[], integer[],
                             outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[],
                             text, interval)
@@ -2026,7 +2058,7 @@ BEGIN
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._read_log(integer, bigint), outbox._rotate_log(),
             outbox._claim(integer, text, interval, uuid, text), outbox._log_lock(), outbox._become_reader(),
-            outbox._read_batch(integer, integer, bigint),
+            outbox._read_batch(integer, integer, bigint), outbox._recount_endpoints(),
             outbox._close_batch(bigint, pg_snapshot, integer, bigint, uuid[], bigint[], bigint[], uuid[], integer[],
                                 outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[],
                                 text, interval)

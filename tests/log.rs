@@ -547,14 +547,14 @@ fn a_batch_read_but_never_closed_is_read_again_under_the_same_ids() {
     // The two successes are rows of the history, the attempts of the others rows of their own.
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox.history"), 2);
     assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM outbox.attempt"), 2);
-    // The one still out counts against its endpoint; the others left it.
+    // The one still out counts against its endpoint from the close on; attempts of a
+    // batch, out or finished, were never counted (nor were the dead reader's).
     assert_eq!(
         scalar_i64(
             &mut c,
             "SELECT sum(in_flight)::int8 FROM outbox.endpoint_state"
         ),
-        // The dead reader's attempts were counted too: the claim recounts a full endpoint.
-        1 + 5
+        1
     );
     assert_eq!(
         scalar_i64(&mut c, "SELECT unread FROM outbox.log_status"),
@@ -860,4 +860,70 @@ fn deliveries_in_the_history_are_seen_replayed_refused_and_purged_like_the_other
         cluster.log()
     );
     assert_eq!(arrivals(&rx)["mine-6"], 3);
+}
+
+#[test]
+fn a_flow_of_successes_writes_its_endpoints_state_row_about_once_a_second() {
+    let cluster = Cluster::start(FAST);
+    let rx = receiver();
+    let mut c = cluster.client();
+    endpoint(&mut c, &rx.url("/hook"), "");
+    let updates = |c: &mut postgres::Client| {
+        scalar_i64(
+            c,
+            "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'outbox.endpoint_state'::regclass",
+        )
+    };
+    let batches = |c: &mut postgres::Client| {
+        scalar_i64(c, "SELECT count(*) FROM outbox.log_cursor WHERE events > 0")
+    };
+    // Statistics settle (they are reported at most a second late).
+    std::thread::sleep(Duration::from_millis(1500));
+    let (updates_before, batches_before) = (updates(&mut c), batches(&mut c));
+    let started = std::time::Instant::now();
+    for i in 0..300 {
+        c.batch_execute(&format!(
+            "SELECT outbox.enqueue('t.flow', '{{\"n\": {i}}}')"
+        ))
+        .unwrap();
+        if i % 10 == 9 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(
+        rx.wait_for(300, Duration::from_secs(30)),
+        "{}",
+        cluster.log()
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (updated, closed) = (
+        updates(&mut c) - updates_before,
+        batches(&mut c) - batches_before,
+    );
+    // Each batch used to update the row twice (in-flight count up at the read, down at the
+    // close): now a batch of successes leaves it alone unless its last success is a second
+    // old.
+    eprintln!("{updated} updates of the state row for {closed} batches in {seconds:.1} s");
+    assert!(
+        closed >= 20,
+        "only {closed} batches: the flow was not spread out"
+    );
+    assert!(
+        (updated as f64) <= seconds + 3.0,
+        "{updated} updates of the state row for {closed} batches in {seconds:.1} s"
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT sum(in_flight)::int8 FROM outbox.endpoint_state"
+        ),
+        0
+    );
+    assert!(
+        scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM outbox.endpoint_state WHERE last_success_at > now() - interval '10 seconds'"
+        ) == 1
+    );
 }

@@ -287,8 +287,10 @@ $$;
 -- The worker's read: the next part of the log, as outbox._read_log reads it, with the
 -- first attempts that may go at once returned for sending instead of made into deliveries
 -- — up to p_free of them, to endpoints that are enabled, not ordered, without a rate
--- limit, with a closed circuit and room under their max_in_flight (counted in their state
--- row from here on), for events not scheduled later. The part ends before the first event
+-- limit, with a closed circuit and room under their max_in_flight, for events not
+-- scheduled later. They are not counted in the endpoints' state rows (which would then be
+-- updated twice per batch, and an old snapshot keeps every version): the worker claims
+-- nothing while its batch is open, and the close counts those still in flight. The part ends before the first event
 -- that would have to wait only for lack of room (p_free or an endpoint's max_in_flight):
 -- it stays in the log for the next read rather than become a delivery claimed later. One
 -- row per attempt, each carrying the cursor row, batch snapshot and part size the part was
@@ -389,11 +391,6 @@ BEGIN
     chosen AS (
         SELECT r.* FROM ranked r, cut
          WHERE r.n < cut.n AND r.go
-    ),
-    counted AS (
-        UPDATE outbox.endpoint_state s SET in_flight = s.in_flight + x.n
-          FROM (SELECT ch.endpoint_id, count(*)::integer AS n FROM chosen ch GROUP BY ch.endpoint_id) x
-         WHERE s.endpoint_id = x.endpoint_id
     )
     SELECT c.id, v_batch::text, (cut.n - 1)::integer, gen_random_uuid(), ch.txid::text::bigint, ch.seq,
            ch.endpoint_id, ch.id, ch.url, ch.secret, ch.headers::text,
@@ -419,10 +416,9 @@ LANGUAGE sql STABLE PARALLEL SAFE
 RETURN ('outbox.log'::regclass::oid::bigint % 2147483647)::integer;
 
 -- Makes the calling session the log's reader for as long as it lasts (the session lock
--- of outbox._log_lock), if no one else is; returns whether it is. No batch is open at that
--- moment (only the reader opens them), so every endpoint's in-flight count is set to its
--- deliveries in flight: counts a reader that died with a batch open left too high are
--- corrected (state rows someone holds are left for the claim's own recount).
+-- of outbox._log_lock), if no one else is; returns whether it is. Every endpoint's
+-- in-flight count is set to its deliveries in flight then, correcting any count left wrong
+-- (state rows someone holds are left for the claim's own recount).
 CREATE FUNCTION outbox._become_reader()
 RETURNS boolean
 LANGUAGE plpgsql
@@ -432,6 +428,25 @@ BEGIN
     IF NOT pg_try_advisory_lock(outbox._log_lock(), 0) THEN
         RETURN false;
     END IF;
+    PERFORM outbox._recount_endpoints();
+    RETURN true;
+END
+$$;
+
+-- Sets every endpoint's in-flight count to its deliveries in flight where the two differ;
+-- returns how many it corrected. The reader runs it when it starts and once a second: an
+-- attempt from a batch whose endpoint's state row someone held when the batch closed is
+-- written in flight without being counted (outbox._close_batch never waits), and its
+-- acknowledgement later takes one off. State rows someone holds are passed by; a row is
+-- written only when its count is wrong.
+CREATE FUNCTION outbox._recount_endpoints()
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
     UPDATE outbox.endpoint_state s
        SET in_flight = n.n
       FROM (SELECT l.endpoint_id,
@@ -440,7 +455,8 @@ BEGIN
               FROM outbox.endpoint_state l
                FOR UPDATE SKIP LOCKED) n
      WHERE s.endpoint_id = n.endpoint_id AND s.in_flight <> n.n;
-    RETURN true;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
 END
 $$;
 

@@ -223,8 +223,12 @@ $$;
 -- rows, their endpoints' health and circuit breakers, auto-disable, the hourly
 -- statistics, the live feed and operator events. Returns the deliveries' ids. The callers
 -- (outbox.ack_batch, outbox._close_batch) have locked the endpoints' state rows first, in
--- endpoint order. p_logged: the deliveries that were delivered are rows of outbox.history,
--- which are their attempts' history too.
+-- endpoint order. p_logged: the rows are first attempts sent from a batch of the log
+-- (outbox._close_batch): those that were delivered are rows of outbox.history, which are
+-- their attempts' history too, and none was counted in its endpoint's in-flight count.
+-- Then an endpoint whose state would only learn of another success is left alone if it
+-- learnt of one less than a second ago: under a steady flow its state row is written once
+-- a second instead of once a batch (an old snapshot keeps every version of it).
 CREATE FUNCTION outbox._account(p_rows outbox._settled[], p_worker text, p_logged boolean DEFAULT false)
 RETURNS SETOF uuid
 LANGUAGE plpgsql
@@ -259,7 +263,7 @@ BEGIN
         -- when the circuit opens or closes again; the finished attempts leave the in-flight
         -- count.
         UPDATE outbox.endpoint_state s
-           SET in_flight = greatest(s.in_flight - b.finished, 0),
+           SET in_flight = CASE WHEN p_logged THEN s.in_flight ELSE greatest(s.in_flight - b.finished, 0) END,
                consecutive_failures = CASE WHEN b.succeeded THEN b.failures
                                            ELSE s.consecutive_failures + b.failures END,
                last_success_at = CASE WHEN b.succeeded THEN now() ELSE s.last_success_at END,
@@ -274,6 +278,8 @@ BEGIN
                                                 b.succeeded) n)
           FROM batch b
          WHERE s.endpoint_id = b.endpoint_id
+           AND NOT (p_logged AND b.failures = 0 AND s.consecutive_failures = 0 AND s.circuit = 'closed'
+                    AND s.failing_since IS NULL AND coalesce(s.last_success_at > now() - interval '1 second', false))
         RETURNING s.endpoint_id, s.failing_since,
                   CASE WHEN s.circuit_changed_at = now()
                             AND (s.circuit = 'closed' OR s.circuit_opened_at = now()) THEN
@@ -423,7 +429,8 @@ $$;
 -- row of outbox.history, appended once. It never waits for a lock: an outcome whose endpoint's state
 -- row someone holds (an operator's open transaction, another sender's ack) is not
 -- recorded now; its delivery is made in flight, and its id returned, for the caller to
--- acknowledge later with outbox.ack_batch.
+-- acknowledge later with outbox.ack_batch (its endpoint's in-flight count, which cannot be
+-- raised then, is one low until outbox._recount_endpoints corrects it).
 CREATE FUNCTION outbox._close_batch(
     p_cursor bigint, p_batch pg_snapshot, p_max integer, p_max_bytes bigint,
     p_ids uuid[], p_txids bigint[], p_seqs bigint[], p_endpoints uuid[],
@@ -468,6 +475,15 @@ BEGIN
                            response_bodies) x ON x.id = s.id
      CROSS JOIN LATERAL (SELECT s.endpoint_id = ANY (v_free) AS recorded) f;
     PERFORM outbox._fan_out(v_part.events, v_sent, p_worker, p_lease, coalesce(outbox._history_part(), 0::smallint));
+    -- Attempts still out become deliveries in flight: from now on they count against their
+    -- endpoint's max_in_flight like any claimed one (outbox._read_batch counted none).
+    UPDATE outbox.endpoint_state s SET in_flight = s.in_flight + x.n
+      FROM (SELECT v.endpoint_id, count(*)::integer AS n
+              FROM unnest(v_sent) v
+              JOIN outbox.endpoint e ON e.id = v.endpoint_id AND e.deleted_at IS NULL
+             WHERE v.outcome IS NULL AND v.endpoint_id = ANY (v_free)
+             GROUP BY v.endpoint_id) x
+     WHERE s.endpoint_id = x.endpoint_id;
     SELECT coalesce(array_agg(row(s.id, s.endpoint_id, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)),
                                   e.tenant_id, e.created_at, s.attempt, s.outcome, s.status_code, s.error,
                                   s.duration_ms, s.response_body, e.event_type)::outbox._settled), '{}')

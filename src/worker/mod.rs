@@ -375,7 +375,9 @@ impl Worker {
                     }
                     _ => (false, Vec::new()),
                 };
-                let (requests, unsendable) = if requested > 0 {
+                // Claims wait while a batch stays open: its attempts count against their
+                // endpoints' max_in_flight only in this worker's memory until it closes.
+                let (requests, unsendable) = if requested > 0 && (open_ref.is_none() || closed) {
                     store::claim(client, requested as i32, name, settings, &version)?
                 } else {
                     (Vec::new(), Vec::new())
@@ -551,7 +553,8 @@ impl Worker {
 
     /// Truncates the log partitions (and cursor rows) that have been read, on the worker
     /// that reads the log (trimming the cursor's rows takes the reader's lock), once a
-    /// second. Needs this release's SQL, like retention.
+    /// second; and corrects endpoints' in-flight counts that drifted. Needs this release's
+    /// SQL, like retention.
     fn rotate(&mut self) {
         let now = std::time::Instant::now();
         if self.reader_key.is_none()
@@ -565,6 +568,7 @@ impl Worker {
         let result = in_transaction(|| {
             Spi::connect_mut(|client| {
                 if store::extension_ready(client)? {
+                    store::recount_endpoints(client)?;
                     store::rotate_log(client)
                 } else {
                     Ok(0)

@@ -678,3 +678,9 @@ pub fn purge_batch(
 pub fn rotate_log(client: &mut SpiClient<'_>) -> Result<i64, StoreError> {
     count(client, "SELECT outbox._rotate_log()::int8", &[])
 }
+
+/// Corrects the endpoints' in-flight counts that differ from their deliveries in flight
+/// (see `outbox._recount_endpoints`); returns how many it corrected.
+pub fn recount_endpoints(client: &mut SpiClient<'_>) -> Result<i64, StoreError> {
+    count(client, "SELECT outbox._recount_endpoints()::int8", &[])
+}
