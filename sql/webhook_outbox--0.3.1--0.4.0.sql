@@ -181,6 +181,21 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.history_0', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.history_1', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.history_2', '');
 
+-- Endpoints get the caller's key (uid) that makes creating them idempotent.
+ALTER TABLE outbox.endpoint ADD COLUMN uid text;
+ALTER TABLE outbox.endpoint ADD CONSTRAINT endpoint_uid_length CHECK (length(uid) BETWEEN 1 AND 256);
+CREATE UNIQUE INDEX endpoint_uid_key ON outbox.endpoint ((coalesce(tenant_id, '')), uid)
+    WHERE uid IS NOT NULL AND deleted_at IS NULL;
+
+-- outbox.create_endpoint takes uid: a new signature, so it is dropped and made again, and
+-- whoever could run it gets it back.
+SELECT set_config('webhook_outbox_upgrade.admins',
+                  coalesce(string_agg(DISTINCT a.grantee::regrole::text, ','), ''), true)
+  FROM pg_proc p, aclexplode(p.proacl) a
+ WHERE p.oid = 'outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer)'::regprocedure
+   AND a.grantee NOT IN (0, p.proowner);
+DROP FUNCTION outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer);
+
 -- Whether the caller runs inside a transaction block: outbox.claim reads the log only
 -- outside one.
 CREATE FUNCTION outbox._in_transaction_block() RETURNS bool
@@ -227,6 +242,85 @@ LANGUAGE sql STABLE PARALLEL SAFE
 RETURN json_build_object('type', p_event_type,
                          'timestamp', to_char(p_created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
                          'data', p_payload)::text;
+
+-- Creates an endpoint and returns its id. With uid (the caller's key for it, unique per
+-- tenant among live endpoints) it can run again, as a deploy script does: the endpoint the
+-- key made before is returned, if the arguments describe it (its secret is compared only
+-- when one is given, enabled not at all: operators and auto-disable change it); other
+-- arguments are refused, for outbox.update_endpoint to apply.
+CREATE OR REPLACE FUNCTION outbox.create_endpoint(
+    url         text,
+    event_types text[]   DEFAULT NULL,
+    secret      text     DEFAULT NULL,
+    headers     jsonb    DEFAULT '{}',
+    timeout     interval DEFAULT NULL,
+    tenant_id   text     DEFAULT NULL,
+    description text     DEFAULT NULL,
+    enabled     boolean  DEFAULT true,
+    ordered     boolean  DEFAULT false,
+    rate_limit  integer  DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL,
+    uid         text     DEFAULT NULL
+)
+RETURNS uuid
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    new_id  uuid;
+    v_known outbox.endpoint;
+    -- Checked (and normalised) once: what is stored, and what a known endpoint must match.
+    v_url     text     := outbox._check_url(create_endpoint.url);
+    v_types   text[]   := outbox._check_event_types(create_endpoint.event_types);
+    v_headers jsonb    := outbox._check_headers(coalesce(create_endpoint.headers, '{}'));
+    v_timeout interval := outbox._check_timeout(create_endpoint.timeout);
+    v_tenant  text     := outbox._check_tenant(create_endpoint.tenant_id);
+    v_rate    integer  := outbox._check_limit('rate_limit', create_endpoint.rate_limit, 100000);
+    v_max     integer  := outbox._check_limit('max_in_flight', create_endpoint.max_in_flight, 10000);
+BEGIN
+    IF create_endpoint.uid IS NOT NULL AND length(create_endpoint.uid) NOT BETWEEN 1 AND 256 THEN
+        RAISE EXCEPTION 'an endpoint uid is 1 to 256 characters, not %', length(create_endpoint.uid)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A concurrent create under the same key makes this wait for it, then do nothing.
+    INSERT INTO outbox.endpoint (url, secret, event_types, headers, timeout, tenant_id, description, enabled,
+                                 ordered, rate_limit, max_in_flight, uid)
+    VALUES (
+        v_url,
+        CASE WHEN create_endpoint.secret IS NULL THEN outbox.generate_secret()
+             ELSE outbox._check_secret(create_endpoint.secret) END,
+        v_types, v_headers, v_timeout, v_tenant,
+        create_endpoint.description,
+        coalesce(create_endpoint.enabled, true),
+        coalesce(create_endpoint.ordered, false),
+        v_rate, v_max, create_endpoint.uid
+    )
+    ON CONFLICT ((coalesce(tenant_id, '')), uid) WHERE uid IS NOT NULL AND deleted_at IS NULL DO NOTHING
+    RETURNING id INTO new_id;
+    IF new_id IS NOT NULL THEN
+        RETURN new_id;
+    END IF;
+    SELECT * INTO v_known FROM outbox.endpoint e
+     WHERE coalesce(e.tenant_id, '') = coalesce(v_tenant, '') AND e.uid = create_endpoint.uid
+       AND e.deleted_at IS NULL;
+    IF v_known.url IS DISTINCT FROM v_url
+       OR v_known.event_types IS DISTINCT FROM v_types
+       OR (create_endpoint.secret IS NOT NULL AND v_known.secret IS DISTINCT FROM create_endpoint.secret)
+       OR v_known.headers IS DISTINCT FROM v_headers
+       OR v_known.timeout IS DISTINCT FROM v_timeout
+       OR v_known.description IS DISTINCT FROM create_endpoint.description
+       OR v_known.ordered IS DISTINCT FROM coalesce(create_endpoint.ordered, false)
+       OR v_known.rate_limit IS DISTINCT FROM v_rate
+       OR v_known.max_in_flight IS DISTINCT FROM v_max THEN
+        RAISE EXCEPTION 'endpoint uid % exists with other settings', quote_literal(create_endpoint.uid)
+            USING ERRCODE = 'unique_violation',
+                  DETAIL = format('Its id is %s.', v_known.id),
+                  HINT = 'Change it with outbox.update_endpoint(endpoint_id, ...), or create another under a new uid.';
+    END IF;
+    RETURN v_known.id;
+END
+$$;
 
 -- Appends one event to the log, in the caller's transaction, and returns its id (the
 -- `webhook-id`). Nothing else happens here: after the transaction commits, the worker (or
@@ -1932,6 +2026,30 @@ BEGIN
 END
 $$;
 
+-- Administrators manage endpoints (and their secrets), and may act as a sender with
+-- outbox.claim / outbox.ack; they get everything an operator and a producer get.
+CREATE OR REPLACE FUNCTION outbox.grant_admin(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM outbox.grant_producer(role);
+    PERFORM outbox.grant_operator(role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION
+        outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer, text),
+        outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text, boolean, integer, integer),
+        outbox.delete_endpoint(uuid), outbox.endpoint_secret(uuid), outbox.generate_secret(),
+        outbox.rotate_secret(uuid, text, interval),
+        outbox.purge(interval, interval),
+        outbox.sign(text, text, bigint, text), outbox.retry_delay(integer),
+        outbox.claim(integer, text, interval, uuid, text),
+        outbox.ack(uuid, integer, outbox.attempt_outcome, integer, text, double precision, timestamptz, text, text),
+        outbox.ack_batch(uuid[], integer[], outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[], text)
+        TO %s', role);
+END
+$$;
+
 -- The role the background worker connects as (outbox.worker_role): exactly what a sender
 -- needs, through the same SECURITY DEFINER functions, and no table privilege at all.
 CREATE OR REPLACE FUNCTION outbox.grant_worker(role regrole)
@@ -1954,6 +2072,18 @@ BEGIN
         TO %s', role);
 END
 $$;
+
+-- Header values are often credentials: only roles that may read the endpoints' secrets
+-- (administrators) see them; others see which headers are set, with masked values.
+CREATE OR REPLACE VIEW outbox.endpoints AS
+SELECT e.id, e.url, e.event_types, e.enabled, e.disabled_reason, e.timeout,
+       CASE WHEN pg_catalog.has_function_privilege('outbox.endpoint_secret(uuid)', 'EXECUTE') THEN e.headers
+            ELSE (SELECT coalesce(jsonb_object_agg(h.key, '********'), '{}') FROM jsonb_each(e.headers) h)
+       END AS headers,
+       e.tenant_id, e.description, e.created_at, e.updated_at,
+       e.ordered, e.rate_limit, e.max_in_flight, e.uid
+  FROM outbox.endpoint e
+ WHERE e.deleted_at IS NULL;
 
 -- How far reading the log has come: events committed but not yet read (so not yet
 -- deliveries), how long the oldest of them has waited, when the log was last read, and
@@ -2046,6 +2176,10 @@ DO $upgrade$
 DECLARE
     g text;
 BEGIN
+    FOR g IN SELECT r FROM unnest(string_to_array(current_setting('webhook_outbox_upgrade.admins'), ',')) r
+              WHERE r <> '' LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer, text) TO %s', g);
+    END LOOP;
     FOR g IN SELECT r FROM unnest(string_to_array(current_setting('webhook_outbox_upgrade.producers'), ',')) r
               WHERE r <> '' LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.enqueue(text, jsonb, uuid, text, text, timestamptz) TO %s', g);

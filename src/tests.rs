@@ -79,6 +79,48 @@ fn create_endpoint_generates_a_standard_secret() {
 }
 
 #[pg_test]
+fn create_endpoint_with_a_uid_can_run_again() {
+    let create = "SELECT outbox.create_endpoint('https://Example.com/hooks', event_types => '{order.*}', \
+                  uid => 'orders-hook')::text";
+    let id = text(create);
+    // Run again (a deploy script run twice): the same endpoint, not a second one; the URL
+    // compares as stored (normalised), the generated secret is not compared.
+    assert_eq!(text(create), id);
+    assert_eq!(count("SELECT count(*) FROM outbox.endpoints WHERE uid = 'orders-hook'"), 1);
+    // Other settings under the same key are refused, with the id to update.
+    assert_refused(
+        "SELECT outbox.create_endpoint('https://example.com/other', event_types => '{order.*}', uid => 'orders-hook')",
+        "23505",
+    );
+    assert_refused(
+        "SELECT outbox.create_endpoint('https://example.com/hooks', event_types => '{order.*}', uid => 'orders-hook', \
+                                       secret => 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')",
+        "23505",
+    );
+    // Disabled since (by an operator or auto-disable): still the same endpoint.
+    Spi::run(&format!("SELECT outbox.disable_endpoint('{id}')")).unwrap();
+    assert_eq!(text(create), id);
+    // The key is the tenant's own; a deleted endpoint's key is free again.
+    let acme = text(
+        "SELECT outbox.create_endpoint('https://example.com/hooks', event_types => '{order.*}', \
+                uid => 'orders-hook', tenant_id => 'acme')::text",
+    );
+    assert_ne!(acme, id);
+    Spi::run(&format!("SELECT outbox.delete_endpoint('{id}')")).unwrap();
+    let again = text(create);
+    assert_ne!(again, id);
+    assert_eq!(count("SELECT count(*) FROM outbox.endpoints WHERE uid = 'orders-hook'"), 2);
+    // Without a uid every call makes an endpoint; a uid must be 1 to 256 characters.
+    let plain = "SELECT outbox.create_endpoint('https://example.com/plain')::text";
+    assert_ne!(text(plain), text(plain));
+    assert_refused("SELECT outbox.create_endpoint('https://example.com/x', uid => '')", "22023");
+    assert_refused(
+        "SELECT outbox.create_endpoint('https://example.com/x', uid => repeat('u', 257))",
+        "22023",
+    );
+}
+
+#[pg_test]
 fn create_endpoint_keeps_given_settings() {
     let id = endpoint(
         "https://Example.com:8443/a?b=c",

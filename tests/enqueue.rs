@@ -99,3 +99,32 @@ fn concurrent_enqueues_of_one_event_id_create_one_delivery() {
 fn an_enqueue_waiting_on_a_rolled_back_twin_creates_the_delivery() {
     race(false);
 }
+
+/// Endpoints get the same treatment: two deploys creating one under the same uid at once
+/// end with one endpoint, whichever commits first.
+#[test]
+fn concurrent_creates_of_one_endpoint_uid_make_one_endpoint() {
+    let cluster = Cluster::start(&[]);
+    let mut a = cluster.client();
+    let mut b = cluster.client();
+    let q = "SELECT outbox.create_endpoint('http://127.0.0.1:9/hook', event_types => '{order.*}', uid => 'orders')::text";
+    let mut ta = a.transaction().unwrap();
+    let first: String = ta.query_one(q, &[]).unwrap().get(0);
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let second = b.query_one(q, &[]).map(|r| r.get::<_, String>(0));
+        tx.send(()).unwrap();
+        second.unwrap()
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "the second create did not wait for the first"
+    );
+    ta.commit().unwrap();
+    assert_eq!(waiter.join().unwrap(), first);
+    let endpoints: i64 = a
+        .query_one("SELECT count(*) FROM outbox.endpoints", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(endpoints, 1);
+}

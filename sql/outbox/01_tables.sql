@@ -94,14 +94,20 @@ CREATE TABLE outbox.endpoint (
     ordered         boolean     NOT NULL DEFAULT false,
     rate_limit      integer,
     max_in_flight   integer,
+    -- The caller's key for the endpoint (unique per tenant among live endpoints): creating
+    -- it again under the same key returns it instead of making a second one.
+    uid             text,
     CONSTRAINT endpoint_headers_object CHECK (jsonb_typeof(headers) = 'object'),
     CONSTRAINT endpoint_timeout_range CHECK (timeout IS NULL OR (timeout >= interval '100 milliseconds' AND timeout <= interval '5 minutes')),
     CONSTRAINT endpoint_rate_limit_range CHECK (rate_limit BETWEEN 1 AND 100000),
     CONSTRAINT endpoint_max_in_flight_range CHECK (max_in_flight BETWEEN 1 AND 10000),
-    CONSTRAINT endpoint_secret_present CHECK (secret IS NOT NULL OR deleted_at IS NOT NULL)
+    CONSTRAINT endpoint_secret_present CHECK (secret IS NOT NULL OR deleted_at IS NOT NULL),
+    CONSTRAINT endpoint_uid_length CHECK (length(uid) BETWEEN 1 AND 256)
 );
 
 CREATE INDEX endpoint_tenant_idx ON outbox.endpoint (tenant_id) WHERE deleted_at IS NULL;
+CREATE UNIQUE INDEX endpoint_uid_key ON outbox.endpoint ((coalesce(tenant_id, '')), uid)
+    WHERE uid IS NOT NULL AND deleted_at IS NULL;
 
 -- The event log: what producers write, and all they write. One row per enqueued event,
 -- stamped with the producer's top-level transaction id; the worker reads it in batches

@@ -2,6 +2,11 @@
 -- Endpoints
 -------------------------------------------------------------------------------------------
 
+-- Creates an endpoint and returns its id. With uid (the caller's key for it, unique per
+-- tenant among live endpoints) it can run again, as a deploy script does: the endpoint the
+-- key made before is returned, if the arguments describe it (its secret is compared only
+-- when one is given, enabled not at all: operators and auto-disable change it); other
+-- arguments are refused, for outbox.update_endpoint to apply.
 CREATE FUNCTION outbox.create_endpoint(
     url         text,
     event_types text[]   DEFAULT NULL,
@@ -13,7 +18,8 @@ CREATE FUNCTION outbox.create_endpoint(
     enabled     boolean  DEFAULT true,
     ordered     boolean  DEFAULT false,
     rate_limit  integer  DEFAULT NULL,
-    max_in_flight integer DEFAULT NULL
+    max_in_flight integer DEFAULT NULL,
+    uid         text     DEFAULT NULL
 )
 RETURNS uuid
 LANGUAGE plpgsql
@@ -21,26 +27,57 @@ SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    new_id uuid;
+    new_id  uuid;
+    v_known outbox.endpoint;
+    -- Checked (and normalised) once: what is stored, and what a known endpoint must match.
+    v_url     text     := outbox._check_url(create_endpoint.url);
+    v_types   text[]   := outbox._check_event_types(create_endpoint.event_types);
+    v_headers jsonb    := outbox._check_headers(coalesce(create_endpoint.headers, '{}'));
+    v_timeout interval := outbox._check_timeout(create_endpoint.timeout);
+    v_tenant  text     := outbox._check_tenant(create_endpoint.tenant_id);
+    v_rate    integer  := outbox._check_limit('rate_limit', create_endpoint.rate_limit, 100000);
+    v_max     integer  := outbox._check_limit('max_in_flight', create_endpoint.max_in_flight, 10000);
 BEGIN
+    IF create_endpoint.uid IS NOT NULL AND length(create_endpoint.uid) NOT BETWEEN 1 AND 256 THEN
+        RAISE EXCEPTION 'an endpoint uid is 1 to 256 characters, not %', length(create_endpoint.uid)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- A concurrent create under the same key makes this wait for it, then do nothing.
     INSERT INTO outbox.endpoint (url, secret, event_types, headers, timeout, tenant_id, description, enabled,
-                                 ordered, rate_limit, max_in_flight)
+                                 ordered, rate_limit, max_in_flight, uid)
     VALUES (
-        outbox._check_url(create_endpoint.url),
+        v_url,
         CASE WHEN create_endpoint.secret IS NULL THEN outbox.generate_secret()
              ELSE outbox._check_secret(create_endpoint.secret) END,
-        outbox._check_event_types(create_endpoint.event_types),
-        outbox._check_headers(coalesce(create_endpoint.headers, '{}')),
-        outbox._check_timeout(create_endpoint.timeout),
-        outbox._check_tenant(create_endpoint.tenant_id),
+        v_types, v_headers, v_timeout, v_tenant,
         create_endpoint.description,
         coalesce(create_endpoint.enabled, true),
         coalesce(create_endpoint.ordered, false),
-        outbox._check_limit('rate_limit', create_endpoint.rate_limit, 100000),
-        outbox._check_limit('max_in_flight', create_endpoint.max_in_flight, 10000)
+        v_rate, v_max, create_endpoint.uid
     )
+    ON CONFLICT ((coalesce(tenant_id, '')), uid) WHERE uid IS NOT NULL AND deleted_at IS NULL DO NOTHING
     RETURNING id INTO new_id;
-    RETURN new_id;
+    IF new_id IS NOT NULL THEN
+        RETURN new_id;
+    END IF;
+    SELECT * INTO v_known FROM outbox.endpoint e
+     WHERE coalesce(e.tenant_id, '') = coalesce(v_tenant, '') AND e.uid = create_endpoint.uid
+       AND e.deleted_at IS NULL;
+    IF v_known.url IS DISTINCT FROM v_url
+       OR v_known.event_types IS DISTINCT FROM v_types
+       OR (create_endpoint.secret IS NOT NULL AND v_known.secret IS DISTINCT FROM create_endpoint.secret)
+       OR v_known.headers IS DISTINCT FROM v_headers
+       OR v_known.timeout IS DISTINCT FROM v_timeout
+       OR v_known.description IS DISTINCT FROM create_endpoint.description
+       OR v_known.ordered IS DISTINCT FROM coalesce(create_endpoint.ordered, false)
+       OR v_known.rate_limit IS DISTINCT FROM v_rate
+       OR v_known.max_in_flight IS DISTINCT FROM v_max THEN
+        RAISE EXCEPTION 'endpoint uid % exists with other settings', quote_literal(create_endpoint.uid)
+            USING ERRCODE = 'unique_violation',
+                  DETAIL = format('Its id is %s.', v_known.id),
+                  HINT = 'Change it with outbox.update_endpoint(endpoint_id, ...), or create another under a new uid.';
+    END IF;
+    RETURN v_known.id;
 END
 $$;
 

@@ -10,7 +10,7 @@ SELECT e.id, e.url, e.event_types, e.enabled, e.disabled_reason, e.timeout,
             ELSE (SELECT coalesce(jsonb_object_agg(h.key, '********'), '{}') FROM jsonb_each(e.headers) h)
        END AS headers,
        e.tenant_id, e.description, e.created_at, e.updated_at,
-       e.ordered, e.rate_limit, e.max_in_flight
+       e.ordered, e.rate_limit, e.max_in_flight, e.uid
   FROM outbox.endpoint e
  WHERE e.deleted_at IS NULL;
 

@@ -83,7 +83,7 @@ BEGIN
     PERFORM outbox.grant_producer(role);
     PERFORM outbox.grant_operator(role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION
-        outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer),
+        outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer, text),
         outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text, boolean, integer, integer),
         outbox.delete_endpoint(uuid), outbox.endpoint_secret(uuid), outbox.generate_secret(),
         outbox.rotate_secret(uuid, text, interval),
