@@ -283,27 +283,35 @@ BEGIN
         RAISE EXCEPTION 'an endpoint uid is 1 to 256 characters, not %', length(create_endpoint.uid)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- A concurrent create under the same key makes this wait for it, then do nothing.
-    INSERT INTO outbox.endpoint (url, secret, event_types, headers, timeout, tenant_id, description, enabled,
-                                 ordered, rate_limit, max_in_flight, uid)
-    VALUES (
-        v_url,
-        CASE WHEN create_endpoint.secret IS NULL THEN outbox.generate_secret()
-             ELSE outbox._check_secret(create_endpoint.secret) END,
-        v_types, v_headers, v_timeout, v_tenant,
-        create_endpoint.description,
-        coalesce(create_endpoint.enabled, true),
-        coalesce(create_endpoint.ordered, false),
-        v_rate, v_max, create_endpoint.uid
-    )
-    ON CONFLICT ((coalesce(tenant_id, '')), uid) WHERE uid IS NOT NULL AND deleted_at IS NULL DO NOTHING
-    RETURNING id INTO new_id;
-    IF new_id IS NOT NULL THEN
-        RETURN new_id;
+    -- A concurrent create under the same key makes this wait for it, then do nothing; an
+    -- endpoint deleted in between frees the key, and the insert is tried again.
+    FOR i IN 1 .. 3 LOOP
+        INSERT INTO outbox.endpoint (url, secret, event_types, headers, timeout, tenant_id, description, enabled,
+                                     ordered, rate_limit, max_in_flight, uid)
+        VALUES (
+            v_url,
+            CASE WHEN create_endpoint.secret IS NULL THEN outbox.generate_secret()
+                 ELSE outbox._check_secret(create_endpoint.secret) END,
+            v_types, v_headers, v_timeout, v_tenant,
+            create_endpoint.description,
+            coalesce(create_endpoint.enabled, true),
+            coalesce(create_endpoint.ordered, false),
+            v_rate, v_max, create_endpoint.uid
+        )
+        ON CONFLICT ((coalesce(tenant_id, '')), uid) WHERE uid IS NOT NULL AND deleted_at IS NULL DO NOTHING
+        RETURNING id INTO new_id;
+        IF new_id IS NOT NULL THEN
+            RETURN new_id;
+        END IF;
+        SELECT * INTO v_known FROM outbox.endpoint e
+         WHERE coalesce(e.tenant_id, '') = coalesce(v_tenant, '') AND e.uid = create_endpoint.uid
+           AND e.deleted_at IS NULL;
+        EXIT WHEN FOUND;
+    END LOOP;
+    IF v_known.id IS NULL THEN
+        RAISE EXCEPTION 'endpoint uid % is being created and deleted concurrently', quote_literal(create_endpoint.uid)
+            USING ERRCODE = 'serialization_failure', HINT = 'Try again.';
     END IF;
-    SELECT * INTO v_known FROM outbox.endpoint e
-     WHERE coalesce(e.tenant_id, '') = coalesce(v_tenant, '') AND e.uid = create_endpoint.uid
-       AND e.deleted_at IS NULL;
     IF v_known.url IS DISTINCT FROM v_url
        OR v_known.event_types IS DISTINCT FROM v_types
        OR (create_endpoint.secret IS NOT NULL AND v_known.secret IS DISTINCT FROM create_endpoint.secret)
@@ -796,13 +804,27 @@ BEGIN
 END
 $$;
 
+-- Whether the attempts of the reader's open batch count in their endpoints' state rows
+-- (outbox._read_batch, outbox._close_batch, outbox._account): only when other workers
+-- claim beside it. A single worker keeps them in its memory, claims nothing while the
+-- batch is open, and so writes an endpoint's state row about once a second under a flow
+-- of successes. (An external outbox.claim of the same endpoint meanwhile does not see
+-- them.)
+CREATE OR REPLACE FUNCTION outbox._batches_counted()
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+RETURN coalesce(nullif(current_setting('outbox.workers', true), '')::integer, 1) > 1;
+
 -- The worker's read: the next part of the log, as outbox._read_log reads it, with the
 -- first attempts that may go at once returned for sending instead of made into deliveries
 -- — up to p_free of them, to endpoints that are enabled, not ordered, without a rate
 -- limit, with a closed circuit and room under their max_in_flight, for events not
--- scheduled later. They are not counted in the endpoints' state rows (which would then be
--- updated twice per batch, and an old snapshot keeps every version): the worker claims
--- nothing while its batch is open, and the close counts those still in flight. The part ends before the first event
+-- scheduled later. With one worker they are not counted in the endpoints' state rows
+-- (which would then be written twice a batch, and an old snapshot keeps every version):
+-- the worker claims nothing while its batch is open, and the close counts those still in
+-- flight. With several (outbox._batches_counted), the others claim meanwhile: they are
+-- counted from here on. The part ends before the first event
 -- that would have to wait only for lack of room (p_free or an endpoint's max_in_flight):
 -- it stays in the log for the next read rather than become a delivery claimed later. One
 -- row per attempt, each carrying the cursor row, batch snapshot and part size the part was
@@ -903,6 +925,11 @@ BEGIN
     chosen AS (
         SELECT r.* FROM ranked r, cut
          WHERE r.n < cut.n AND r.go
+    ),
+    counted AS (
+        UPDATE outbox.endpoint_state s SET in_flight = s.in_flight + x.n
+          FROM (SELECT ch.endpoint_id, count(*)::integer AS n FROM chosen ch GROUP BY ch.endpoint_id) x
+         WHERE s.endpoint_id = x.endpoint_id AND outbox._batches_counted()
     )
     SELECT c.id, v_batch::text, (cut.n - 1)::integer, gen_random_uuid(), ch.txid::text::bigint, ch.seq,
            ch.endpoint_id, ch.id, ch.url, ch.secret, ch.headers::text,
@@ -939,17 +966,25 @@ LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
-    v_n integer;
+    v_n  integer := 0;
+    v_id uuid;
 BEGIN
-    UPDATE outbox.endpoint_state s
-       SET in_flight = n.n
-      FROM (SELECT l.endpoint_id,
-                   (SELECT count(*) FROM outbox.delivery d
-                     WHERE d.endpoint_id = l.endpoint_id AND d.status = 'in_flight')::integer AS n
-              FROM outbox.endpoint_state l
-               FOR UPDATE SKIP LOCKED) n
-     WHERE s.endpoint_id = n.endpoint_id AND s.in_flight <> n.n;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
+    -- Candidates first, without locking anything; each is then locked (passed by if
+    -- someone holds it) and counted again by a statement that starts after the lock: a
+    -- claim or ack that committed in between is in that count, and later ones wait.
+    FOR v_id IN
+        SELECT s.endpoint_id FROM outbox.endpoint_state s
+         WHERE s.in_flight <> (SELECT count(*) FROM outbox.delivery d
+                                WHERE d.endpoint_id = s.endpoint_id AND d.status = 'in_flight')
+    LOOP
+        PERFORM 1 FROM outbox.endpoint_state s WHERE s.endpoint_id = v_id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        UPDATE outbox.endpoint_state s
+           SET in_flight = (SELECT count(*) FROM outbox.delivery d
+                             WHERE d.endpoint_id = v_id AND d.status = 'in_flight')
+         WHERE s.endpoint_id = v_id;
+        v_n := v_n + 1;
+    END LOOP;
     RETURN v_n;
 END
 $$;
@@ -1277,15 +1312,18 @@ $$;
 -- (outbox.ack_batch, outbox._close_batch) have locked the endpoints' state rows first, in
 -- endpoint order. p_logged: the rows are first attempts sent from a batch of the log
 -- (outbox._close_batch): those that were delivered are rows of outbox.history, which are
--- their attempts' history too, and none was counted in its endpoint's in-flight count.
--- Then an endpoint whose state would only learn of another success is left alone if it
--- learnt of one less than a second ago: under a steady flow its state row is written once
--- a second instead of once a batch (an old snapshot keeps every version of it).
+-- their attempts' history too; and unless outbox._batches_counted, none was counted in
+-- its endpoint's in-flight count. Then an endpoint whose state would only learn of another
+-- success is left alone if it learnt of one less than a second ago: under a steady flow
+-- its state row is written once a second instead of once a batch (an old snapshot keeps
+-- every version of it).
 CREATE OR REPLACE FUNCTION outbox._account(p_rows outbox._settled[], p_worker text, p_logged boolean DEFAULT false)
 RETURNS SETOF uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
+DECLARE
+    v_uncounted boolean := p_logged AND NOT outbox._batches_counted();
 BEGIN
     -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
     RETURN QUERY
@@ -1315,7 +1353,7 @@ BEGIN
         -- when the circuit opens or closes again; the finished attempts leave the in-flight
         -- count.
         UPDATE outbox.endpoint_state s
-           SET in_flight = CASE WHEN p_logged THEN s.in_flight ELSE greatest(s.in_flight - b.finished, 0) END,
+           SET in_flight = CASE WHEN v_uncounted THEN s.in_flight ELSE greatest(s.in_flight - b.finished, 0) END,
                consecutive_failures = CASE WHEN b.succeeded THEN b.failures
                                            ELSE s.consecutive_failures + b.failures END,
                last_success_at = CASE WHEN b.succeeded THEN now() ELSE s.last_success_at END,
@@ -1330,7 +1368,7 @@ BEGIN
                                                 b.succeeded) n)
           FROM batch b
          WHERE s.endpoint_id = b.endpoint_id
-           AND NOT (p_logged AND b.failures = 0 AND s.consecutive_failures = 0 AND s.circuit = 'closed'
+           AND NOT (v_uncounted AND b.failures = 0 AND s.consecutive_failures = 0 AND s.circuit = 'closed'
                     AND s.failing_since IS NULL AND coalesce(s.last_success_at > now() - interval '1 second', false))
         RETURNING s.endpoint_id, s.failing_since,
                   CASE WHEN s.circuit_changed_at = now()
@@ -1528,14 +1566,15 @@ BEGIN
      CROSS JOIN LATERAL (SELECT s.endpoint_id = ANY (v_free) AS recorded) f;
     PERFORM outbox._fan_out(v_part.events, v_sent, p_worker, p_lease, coalesce(outbox._history_part(), 0::smallint));
     -- Attempts still out become deliveries in flight: from now on they count against their
-    -- endpoint's max_in_flight like any claimed one (outbox._read_batch counted none).
+    -- endpoint's max_in_flight like any claimed one (unless outbox._read_batch counted
+    -- them already).
     UPDATE outbox.endpoint_state s SET in_flight = s.in_flight + x.n
       FROM (SELECT v.endpoint_id, count(*)::integer AS n
               FROM unnest(v_sent) v
               JOIN outbox.endpoint e ON e.id = v.endpoint_id AND e.deleted_at IS NULL
              WHERE v.outcome IS NULL AND v.endpoint_id = ANY (v_free)
              GROUP BY v.endpoint_id) x
-     WHERE s.endpoint_id = x.endpoint_id;
+     WHERE s.endpoint_id = x.endpoint_id AND NOT outbox._batches_counted();
     SELECT coalesce(array_agg(row(s.id, s.endpoint_id, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)),
                                   e.tenant_id, e.created_at, s.attempt, s.outcome, s.status_code, s.error,
                                   s.duration_ms, s.response_body, e.event_type)::outbox._settled), '{}')
@@ -1869,8 +1908,13 @@ DECLARE
     v_cur  outbox.history_rotation;
     v_next outbox.history_rotation;
 BEGIN
+    IF p_age IS NULL THEN
+        RETURN false;
+    END IF;
+    -- Once a transaction at most (outbox.purge('0') calls it in a loop): the partition it
+    -- has just made current may be the one the worker writes to next.
     SELECT * INTO v_cur FROM outbox.history_rotation WHERE until IS NULL FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND OR v_cur.since > now() - p_age / 2 THEN
+    IF NOT FOUND OR v_cur.since > now() - p_age / 2 OR v_cur.since = now() THEN
         RETURN false;
     END IF;
     SELECT * INTO v_next FROM outbox.history_rotation WHERE part = (v_cur.part + 1) % 3 FOR UPDATE;

@@ -927,3 +927,42 @@ fn a_flow_of_successes_writes_its_endpoints_state_row_about_once_a_second() {
         ) == 1
     );
 }
+
+#[test]
+fn an_open_batch_counts_in_its_endpoints_state_only_when_other_workers_claim() {
+    for (workers, counted) in [(1, false), (2, true)] {
+        let mut settings = FAST.to_vec();
+        let workers_setting = format!("outbox.workers = {workers}");
+        settings.push(&workers_setting);
+        let cluster = Cluster::start(&settings);
+        let rx = receiver();
+        let mut c = cluster.client();
+        assert_eq!(
+            c.query_one("SELECT outbox._batches_counted()", &[])
+                .unwrap()
+                .get::<_, bool>(0),
+            counted,
+            "outbox.workers = {workers}"
+        );
+        endpoint(&mut c, &rx.url("/hook"), "");
+        for i in 0..100 {
+            c.batch_execute(&format!(
+                "SELECT outbox.enqueue('t.open', '{{\"n\": {i}}}')"
+            ))
+            .unwrap();
+        }
+        assert!(
+            rx.wait_for(100, Duration::from_secs(30)),
+            "{}",
+            cluster.log()
+        );
+        // Counted at the read or not, the count comes back to what is in flight: none.
+        assert!(
+            wait_until(Duration::from_secs(10), || scalar_i64(
+                &mut c,
+                "SELECT sum(in_flight)::int8 FROM outbox.endpoint_state"
+            ) == 0),
+            "outbox.workers = {workers}"
+        );
+    }
+}

@@ -42,27 +42,35 @@ BEGIN
         RAISE EXCEPTION 'an endpoint uid is 1 to 256 characters, not %', length(create_endpoint.uid)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- A concurrent create under the same key makes this wait for it, then do nothing.
-    INSERT INTO outbox.endpoint (url, secret, event_types, headers, timeout, tenant_id, description, enabled,
-                                 ordered, rate_limit, max_in_flight, uid)
-    VALUES (
-        v_url,
-        CASE WHEN create_endpoint.secret IS NULL THEN outbox.generate_secret()
-             ELSE outbox._check_secret(create_endpoint.secret) END,
-        v_types, v_headers, v_timeout, v_tenant,
-        create_endpoint.description,
-        coalesce(create_endpoint.enabled, true),
-        coalesce(create_endpoint.ordered, false),
-        v_rate, v_max, create_endpoint.uid
-    )
-    ON CONFLICT ((coalesce(tenant_id, '')), uid) WHERE uid IS NOT NULL AND deleted_at IS NULL DO NOTHING
-    RETURNING id INTO new_id;
-    IF new_id IS NOT NULL THEN
-        RETURN new_id;
+    -- A concurrent create under the same key makes this wait for it, then do nothing; an
+    -- endpoint deleted in between frees the key, and the insert is tried again.
+    FOR i IN 1 .. 3 LOOP
+        INSERT INTO outbox.endpoint (url, secret, event_types, headers, timeout, tenant_id, description, enabled,
+                                     ordered, rate_limit, max_in_flight, uid)
+        VALUES (
+            v_url,
+            CASE WHEN create_endpoint.secret IS NULL THEN outbox.generate_secret()
+                 ELSE outbox._check_secret(create_endpoint.secret) END,
+            v_types, v_headers, v_timeout, v_tenant,
+            create_endpoint.description,
+            coalesce(create_endpoint.enabled, true),
+            coalesce(create_endpoint.ordered, false),
+            v_rate, v_max, create_endpoint.uid
+        )
+        ON CONFLICT ((coalesce(tenant_id, '')), uid) WHERE uid IS NOT NULL AND deleted_at IS NULL DO NOTHING
+        RETURNING id INTO new_id;
+        IF new_id IS NOT NULL THEN
+            RETURN new_id;
+        END IF;
+        SELECT * INTO v_known FROM outbox.endpoint e
+         WHERE coalesce(e.tenant_id, '') = coalesce(v_tenant, '') AND e.uid = create_endpoint.uid
+           AND e.deleted_at IS NULL;
+        EXIT WHEN FOUND;
+    END LOOP;
+    IF v_known.id IS NULL THEN
+        RAISE EXCEPTION 'endpoint uid % is being created and deleted concurrently', quote_literal(create_endpoint.uid)
+            USING ERRCODE = 'serialization_failure', HINT = 'Try again.';
     END IF;
-    SELECT * INTO v_known FROM outbox.endpoint e
-     WHERE coalesce(e.tenant_id, '') = coalesce(v_tenant, '') AND e.uid = create_endpoint.uid
-       AND e.deleted_at IS NULL;
     IF v_known.url IS DISTINCT FROM v_url
        OR v_known.event_types IS DISTINCT FROM v_types
        OR (create_endpoint.secret IS NOT NULL AND v_known.secret IS DISTINCT FROM create_endpoint.secret)

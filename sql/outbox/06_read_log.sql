@@ -288,9 +288,11 @@ $$;
 -- first attempts that may go at once returned for sending instead of made into deliveries
 -- — up to p_free of them, to endpoints that are enabled, not ordered, without a rate
 -- limit, with a closed circuit and room under their max_in_flight, for events not
--- scheduled later. They are not counted in the endpoints' state rows (which would then be
--- updated twice per batch, and an old snapshot keeps every version): the worker claims
--- nothing while its batch is open, and the close counts those still in flight. The part ends before the first event
+-- scheduled later. With one worker they are not counted in the endpoints' state rows
+-- (which would then be written twice a batch, and an old snapshot keeps every version):
+-- the worker claims nothing while its batch is open, and the close counts those still in
+-- flight. With several (outbox._batches_counted), the others claim meanwhile: they are
+-- counted from here on. The part ends before the first event
 -- that would have to wait only for lack of room (p_free or an endpoint's max_in_flight):
 -- it stays in the log for the next read rather than become a delivery claimed later. One
 -- row per attempt, each carrying the cursor row, batch snapshot and part size the part was
@@ -391,6 +393,11 @@ BEGIN
     chosen AS (
         SELECT r.* FROM ranked r, cut
          WHERE r.n < cut.n AND r.go
+    ),
+    counted AS (
+        UPDATE outbox.endpoint_state s SET in_flight = s.in_flight + x.n
+          FROM (SELECT ch.endpoint_id, count(*)::integer AS n FROM chosen ch GROUP BY ch.endpoint_id) x
+         WHERE s.endpoint_id = x.endpoint_id AND outbox._batches_counted()
     )
     SELECT c.id, v_batch::text, (cut.n - 1)::integer, gen_random_uuid(), ch.txid::text::bigint, ch.seq,
            ch.endpoint_id, ch.id, ch.url, ch.secret, ch.headers::text,
@@ -414,6 +421,18 @@ CREATE FUNCTION outbox._log_lock()
 RETURNS integer
 LANGUAGE sql STABLE PARALLEL SAFE
 RETURN ('outbox.log'::regclass::oid::bigint % 2147483647)::integer;
+
+-- Whether the attempts of the reader's open batch count in their endpoints' state rows
+-- (outbox._read_batch, outbox._close_batch, outbox._account): only when other workers
+-- claim beside it. A single worker keeps them in its memory, claims nothing while the
+-- batch is open, and so writes an endpoint's state row about once a second under a flow
+-- of successes. (An external outbox.claim of the same endpoint meanwhile does not see
+-- them.)
+CREATE FUNCTION outbox._batches_counted()
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+RETURN coalesce(nullif(current_setting('outbox.workers', true), '')::integer, 1) > 1;
 
 -- Makes the calling session the log's reader for as long as it lasts (the session lock
 -- of outbox._log_lock), if no one else is; returns whether it is. Every endpoint's
@@ -445,17 +464,25 @@ LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
-    v_n integer;
+    v_n  integer := 0;
+    v_id uuid;
 BEGIN
-    UPDATE outbox.endpoint_state s
-       SET in_flight = n.n
-      FROM (SELECT l.endpoint_id,
-                   (SELECT count(*) FROM outbox.delivery d
-                     WHERE d.endpoint_id = l.endpoint_id AND d.status = 'in_flight')::integer AS n
-              FROM outbox.endpoint_state l
-               FOR UPDATE SKIP LOCKED) n
-     WHERE s.endpoint_id = n.endpoint_id AND s.in_flight <> n.n;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
+    -- Candidates first, without locking anything; each is then locked (passed by if
+    -- someone holds it) and counted again by a statement that starts after the lock: a
+    -- claim or ack that committed in between is in that count, and later ones wait.
+    FOR v_id IN
+        SELECT s.endpoint_id FROM outbox.endpoint_state s
+         WHERE s.in_flight <> (SELECT count(*) FROM outbox.delivery d
+                                WHERE d.endpoint_id = s.endpoint_id AND d.status = 'in_flight')
+    LOOP
+        PERFORM 1 FROM outbox.endpoint_state s WHERE s.endpoint_id = v_id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        UPDATE outbox.endpoint_state s
+           SET in_flight = (SELECT count(*) FROM outbox.delivery d
+                             WHERE d.endpoint_id = v_id AND d.status = 'in_flight')
+         WHERE s.endpoint_id = v_id;
+        v_n := v_n + 1;
+    END LOOP;
     RETURN v_n;
 END
 $$;

@@ -225,15 +225,18 @@ $$;
 -- (outbox.ack_batch, outbox._close_batch) have locked the endpoints' state rows first, in
 -- endpoint order. p_logged: the rows are first attempts sent from a batch of the log
 -- (outbox._close_batch): those that were delivered are rows of outbox.history, which are
--- their attempts' history too, and none was counted in its endpoint's in-flight count.
--- Then an endpoint whose state would only learn of another success is left alone if it
--- learnt of one less than a second ago: under a steady flow its state row is written once
--- a second instead of once a batch (an old snapshot keeps every version of it).
+-- their attempts' history too; and unless outbox._batches_counted, none was counted in
+-- its endpoint's in-flight count. Then an endpoint whose state would only learn of another
+-- success is left alone if it learnt of one less than a second ago: under a steady flow
+-- its state row is written once a second instead of once a batch (an old snapshot keeps
+-- every version of it).
 CREATE FUNCTION outbox._account(p_rows outbox._settled[], p_worker text, p_logged boolean DEFAULT false)
 RETURNS SETOF uuid
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
+DECLARE
+    v_uncounted boolean := p_logged AND NOT outbox._batches_counted();
 BEGIN
     -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
     RETURN QUERY
@@ -263,7 +266,7 @@ BEGIN
         -- when the circuit opens or closes again; the finished attempts leave the in-flight
         -- count.
         UPDATE outbox.endpoint_state s
-           SET in_flight = CASE WHEN p_logged THEN s.in_flight ELSE greatest(s.in_flight - b.finished, 0) END,
+           SET in_flight = CASE WHEN v_uncounted THEN s.in_flight ELSE greatest(s.in_flight - b.finished, 0) END,
                consecutive_failures = CASE WHEN b.succeeded THEN b.failures
                                            ELSE s.consecutive_failures + b.failures END,
                last_success_at = CASE WHEN b.succeeded THEN now() ELSE s.last_success_at END,
@@ -278,7 +281,7 @@ BEGIN
                                                 b.succeeded) n)
           FROM batch b
          WHERE s.endpoint_id = b.endpoint_id
-           AND NOT (p_logged AND b.failures = 0 AND s.consecutive_failures = 0 AND s.circuit = 'closed'
+           AND NOT (v_uncounted AND b.failures = 0 AND s.consecutive_failures = 0 AND s.circuit = 'closed'
                     AND s.failing_since IS NULL AND coalesce(s.last_success_at > now() - interval '1 second', false))
         RETURNING s.endpoint_id, s.failing_since,
                   CASE WHEN s.circuit_changed_at = now()
@@ -476,14 +479,15 @@ BEGIN
      CROSS JOIN LATERAL (SELECT s.endpoint_id = ANY (v_free) AS recorded) f;
     PERFORM outbox._fan_out(v_part.events, v_sent, p_worker, p_lease, coalesce(outbox._history_part(), 0::smallint));
     -- Attempts still out become deliveries in flight: from now on they count against their
-    -- endpoint's max_in_flight like any claimed one (outbox._read_batch counted none).
+    -- endpoint's max_in_flight like any claimed one (unless outbox._read_batch counted
+    -- them already).
     UPDATE outbox.endpoint_state s SET in_flight = s.in_flight + x.n
       FROM (SELECT v.endpoint_id, count(*)::integer AS n
               FROM unnest(v_sent) v
               JOIN outbox.endpoint e ON e.id = v.endpoint_id AND e.deleted_at IS NULL
              WHERE v.outcome IS NULL AND v.endpoint_id = ANY (v_free)
              GROUP BY v.endpoint_id) x
-     WHERE s.endpoint_id = x.endpoint_id;
+     WHERE s.endpoint_id = x.endpoint_id AND NOT outbox._batches_counted();
     SELECT coalesce(array_agg(row(s.id, s.endpoint_id, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)),
                                   e.tenant_id, e.created_at, s.attempt, s.outcome, s.status_code, s.error,
                                   s.duration_ms, s.response_body, e.event_type)::outbox._settled), '{}')

@@ -173,8 +173,13 @@ DECLARE
     v_cur  outbox.history_rotation;
     v_next outbox.history_rotation;
 BEGIN
+    IF p_age IS NULL THEN
+        RETURN false;
+    END IF;
+    -- Once a transaction at most (outbox.purge('0') calls it in a loop): the partition it
+    -- has just made current may be the one the worker writes to next.
     SELECT * INTO v_cur FROM outbox.history_rotation WHERE until IS NULL FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND OR v_cur.since > now() - p_age / 2 THEN
+    IF NOT FOUND OR v_cur.since > now() - p_age / 2 OR v_cur.since = now() THEN
         RETURN false;
     END IF;
     SELECT * INTO v_next FROM outbox.history_rotation WHERE part = (v_cur.part + 1) % 3 FOR UPDATE;

@@ -375,8 +375,9 @@ impl Worker {
                     }
                     _ => (false, Vec::new()),
                 };
-                // Claims wait while a batch stays open: its attempts count against their
-                // endpoints' max_in_flight only in this worker's memory until it closes.
+                // Claims wait while a batch stays open: with one worker its attempts count
+                // against their endpoints' max_in_flight only in its memory until it closes
+                // (outbox._batches_counted).
                 let (requests, unsendable) = if requested > 0 && (open_ref.is_none() || closed) {
                     store::claim(client, requested as i32, name, settings, &version)?
                 } else {
