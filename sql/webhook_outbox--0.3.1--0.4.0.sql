@@ -235,6 +235,13 @@ RETURNS text
 LANGUAGE c STABLE STRICT PARALLEL SAFE
 AS 'MODULE_PATHNAME', 'log_event_id_wrapper';
 
+-- An event's `webhook-id`, wherever the log is read: the one it was appended with (the
+-- caller's, or the one outbox.enqueue made up), else the one derived from its place.
+CREATE OR REPLACE FUNCTION outbox._event_id(id text, txid xid8, seq bigint, created_at timestamptz)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN coalesce(id, outbox._log_event_id(txid, seq, created_at));
+
 -- The request body of an event, as every sender sends it (Standard Webhooks' shape).
 CREATE OR REPLACE FUNCTION outbox._body(p_event_type text, p_created_at timestamptz, p_payload jsonb)
 RETURNS text
@@ -549,7 +556,7 @@ BEGIN
     -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
     RETURN QUERY
     WITH ev AS MATERIALIZED (
-        SELECT e.n, e.txid, e.seq, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)) AS id, e.event_type,
+        SELECT e.n, e.txid, e.seq, outbox._event_id(e.id, e.txid, e.seq, e.created_at) AS id, e.event_type,
                e.payload, e.tenant_id, e.endpoint_id, e.deliver_at, e.created_at
           FROM unnest(p_events) WITH ORDINALITY
             AS e(txid, seq, id, event_type, payload, tenant_id, endpoint_id, deliver_at, created_at, n)
@@ -598,7 +605,7 @@ BEGIN
           FROM target t
           LEFT JOIN sent s ON s.txid = t.txid::text::bigint AND s.seq = t.seq AND s.endpoint_id = t.endpoint_id
         UNION ALL
-        SELECT e.n, e.txid, e.seq, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)), e.event_type,
+        SELECT e.n, e.txid, e.seq, outbox._event_id(e.id, e.txid, e.seq, e.created_at), e.event_type,
                e.payload, e.tenant_id, e.deliver_at, e.created_at, s.endpoint_id, ep.ordered,
                s.id, s.outcome, s.status_code, s.last_error, s.next_at
           FROM sent s
@@ -1575,7 +1582,7 @@ BEGIN
              WHERE v.outcome IS NULL AND v.endpoint_id = ANY (v_free)
              GROUP BY v.endpoint_id) x
      WHERE s.endpoint_id = x.endpoint_id AND NOT outbox._batches_counted();
-    SELECT coalesce(array_agg(row(s.id, s.endpoint_id, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)),
+    SELECT coalesce(array_agg(row(s.id, s.endpoint_id, outbox._event_id(e.id, e.txid, e.seq, e.created_at),
                                   e.tenant_id, e.created_at, s.attempt, s.outcome, s.status_code, s.error,
                                   s.duration_ms, s.response_body, e.event_type)::outbox._settled), '{}')
       INTO v_rows

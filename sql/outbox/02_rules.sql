@@ -390,6 +390,13 @@ RETURNS text
 LANGUAGE c STABLE STRICT PARALLEL SAFE
 AS 'MODULE_PATHNAME', 'log_event_id_wrapper';
 
+-- An event's `webhook-id`, wherever the log is read: the one it was appended with (the
+-- caller's, or the one outbox.enqueue made up), else the one derived from its place.
+CREATE FUNCTION outbox._event_id(id text, txid xid8, seq bigint, created_at timestamptz)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN coalesce(id, outbox._log_event_id(txid, seq, created_at));
+
 -- The request body of an event, as every sender sends it (Standard Webhooks' shape).
 CREATE FUNCTION outbox._body(p_event_type text, p_created_at timestamptz, p_payload jsonb)
 RETURNS text

@@ -29,7 +29,7 @@ BEGIN
     -- plpgsql, not sql: its plan is prepared once per session instead of on every call.
     RETURN QUERY
     WITH ev AS MATERIALIZED (
-        SELECT e.n, e.txid, e.seq, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)) AS id, e.event_type,
+        SELECT e.n, e.txid, e.seq, outbox._event_id(e.id, e.txid, e.seq, e.created_at) AS id, e.event_type,
                e.payload, e.tenant_id, e.endpoint_id, e.deliver_at, e.created_at
           FROM unnest(p_events) WITH ORDINALITY
             AS e(txid, seq, id, event_type, payload, tenant_id, endpoint_id, deliver_at, created_at, n)
@@ -78,7 +78,7 @@ BEGIN
           FROM target t
           LEFT JOIN sent s ON s.txid = t.txid::text::bigint AND s.seq = t.seq AND s.endpoint_id = t.endpoint_id
         UNION ALL
-        SELECT e.n, e.txid, e.seq, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)), e.event_type,
+        SELECT e.n, e.txid, e.seq, outbox._event_id(e.id, e.txid, e.seq, e.created_at), e.event_type,
                e.payload, e.tenant_id, e.deliver_at, e.created_at, s.endpoint_id, ep.ordered,
                s.id, s.outcome, s.status_code, s.last_error, s.next_at
           FROM sent s

@@ -488,7 +488,7 @@ BEGIN
              WHERE v.outcome IS NULL AND v.endpoint_id = ANY (v_free)
              GROUP BY v.endpoint_id) x
      WHERE s.endpoint_id = x.endpoint_id AND NOT outbox._batches_counted();
-    SELECT coalesce(array_agg(row(s.id, s.endpoint_id, coalesce(e.id, outbox._log_event_id(e.txid, e.seq, e.created_at)),
+    SELECT coalesce(array_agg(row(s.id, s.endpoint_id, outbox._event_id(e.id, e.txid, e.seq, e.created_at),
                                   e.tenant_id, e.created_at, s.attempt, s.outcome, s.status_code, s.error,
                                   s.duration_ms, s.response_body, e.event_type)::outbox._settled), '{}')
       INTO v_rows
