@@ -600,21 +600,30 @@ BEGIN
     sent AS (
         SELECT * FROM unnest(p_sent)
     ),
-    pair AS (
-        SELECT t.*, s.id AS d_id, s.outcome, s.status_code, s.last_error, s.next_at
+    matched AS MATERIALIZED (
+        -- Each target with its attempt, if one was sent, and each attempt sent to an
+        -- endpoint that no longer takes the event (a full join: hashed, never a loop over
+        -- the targets for every attempt).
+        SELECT t.*, s.id AS d_id, s.outcome, s.status_code, s.last_error, s.next_at,
+               s.txid AS s_txid, s.seq AS s_seq, s.endpoint_id AS s_endpoint_id
           FROM target t
-          LEFT JOIN sent s ON s.txid = t.txid::text::bigint AND s.seq = t.seq AND s.endpoint_id = t.endpoint_id
+          FULL JOIN sent s ON s.txid = t.txid::text::bigint AND s.seq = t.seq AND s.endpoint_id = t.endpoint_id
+    ),
+    pair AS (
+        SELECT m.n, m.txid, m.seq, m.id, m.event_type, m.payload, m.tenant_id, m.deliver_at, m.created_at,
+               m.endpoint_id, m.ordered, m.d_id, m.outcome, m.status_code, m.last_error, m.next_at
+          FROM matched m
+         WHERE m.n IS NOT NULL
         UNION ALL
         SELECT e.n, e.txid, e.seq, outbox._event_id(e.id, e.txid, e.seq, e.created_at), e.event_type,
-               e.payload, e.tenant_id, e.deliver_at, e.created_at, s.endpoint_id, ep.ordered,
-               s.id, s.outcome, s.status_code, s.last_error, s.next_at
-          FROM sent s
+               e.payload, e.tenant_id, e.deliver_at, e.created_at, m.s_endpoint_id, ep.ordered,
+               m.d_id, m.outcome, m.status_code, m.last_error, m.next_at
+          FROM matched m
           JOIN unnest(p_events) WITH ORDINALITY
             AS e(txid, seq, id, event_type, payload, tenant_id, endpoint_id, deliver_at, created_at, n)
-            ON e.txid::text::bigint = s.txid AND e.seq = s.seq
-          JOIN outbox.endpoint ep ON ep.id = s.endpoint_id
-         WHERE NOT EXISTS (SELECT 1 FROM target t
-                            WHERE t.txid = e.txid AND t.seq = e.seq AND t.endpoint_id = s.endpoint_id)
+            ON e.txid::text::bigint = m.s_txid AND e.seq = m.s_seq
+          JOIN outbox.endpoint ep ON ep.id = m.s_endpoint_id
+         WHERE m.n IS NULL
     ),
     judged AS (
         -- What each delivery is made as. One sent to an endpoint deleted since is done with
@@ -825,28 +834,32 @@ RETURN coalesce(nullif(current_setting('outbox.workers', true), '')::integer, 1)
 
 -- The worker's read: the next part of the log, as outbox._read_log reads it, with the
 -- first attempts that may go at once returned for sending instead of made into deliveries
--- — up to p_free of them, to endpoints that are enabled, not ordered, without a rate
--- limit, with a closed circuit and room under their max_in_flight, for events not
--- scheduled later. With one worker they are not counted in the endpoints' state rows
--- (which would then be written twice a batch, and an old snapshot keeps every version):
--- the worker claims nothing while its batch is open, and the close counts those still in
--- flight. With several (outbox._batches_counted), the others claim meanwhile: they are
--- counted from here on. The part ends before the first event
--- that would have to wait only for lack of room (p_free or an endpoint's max_in_flight):
--- it stays in the log for the next read rather than become a delivery claimed later. One
--- row per attempt, each carrying the cursor row, batch snapshot and part size the part was
--- read with, which outbox._close_batch takes back together with the outcomes: it reads
--- the same part again, makes every delivery (those sent as their outcomes left them) and
--- moves the cursor, in one transaction. Nothing of the part is recorded until then: a
--- worker that dies meanwhile leaves the part to be read again (its attempts are sent
--- again, under the same event ids). The caller must hold the reader's lock
--- (outbox._log_lock) for its session, so that no one reads the part while its attempts
--- are out. When nothing can go at once the part is fanned out and the cursor moved here,
--- and no rows are returned.
+-- — up to p_free of them, to endpoints that are enabled, not ordered, without a rate limit
+-- and with a closed circuit, for events not scheduled later. With one worker (outcomes
+-- counted in memory, see outbox._batches_counted) they are returned whatever room their
+-- endpoints have, with the endpoint's max_in_flight (`cap`, NULL: no limit) and in-flight
+-- count (`busy`): the worker paces them, starting each when the endpoint has room (its own
+-- requests and, from `busy`, everyone else's), and those it has not started when the batch
+-- closes become deliveries claimed later. So a receiver that is quick but full for a
+-- moment gets its events from the batch a few milliseconds later instead of as state rows.
+-- With several workers the others claim meanwhile: the attempts are counted in the state
+-- rows from here on, and only those with room under max_in_flight are returned. The part
+-- ends before the first event that would have to wait only for lack of room (p_free, or,
+-- counted, an endpoint's max_in_flight): it stays in the log for the next read rather than
+-- become a delivery claimed later. One row per
+-- attempt, each carrying the cursor row, batch snapshot and part size the part was read
+-- with, which outbox._close_batch takes back together with the outcomes: it reads the same
+-- part again, makes every delivery (those sent as their outcomes left them, those never
+-- started pending) and moves the cursor, in one transaction. Nothing of the part is
+-- recorded until then: a worker that dies meanwhile leaves the part to be read again (its
+-- attempts are sent again, under the same event ids). The caller must hold the reader's
+-- lock (outbox._log_lock) for its session, so that no one reads the part while its
+-- attempts are out. When nothing can go (or p_free is 0) the part is fanned out and the
+-- cursor moved here, and no rows are returned.
 CREATE OR REPLACE FUNCTION outbox._read_batch(p_free integer, p_max integer, p_max_bytes bigint)
 RETURNS TABLE (cursor_id bigint, batch text, part_events integer, delivery_id uuid, txid bigint, seq bigint,
                endpoint_id uuid, event_id text, url text, secret text, headers text,
-               timeout_ms double precision, body text, previous_secret text)
+               timeout_ms double precision, body text, previous_secret text, cap integer, busy integer)
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
@@ -856,6 +869,7 @@ DECLARE
     v_batch pg_snapshot;
     v_part  record;
     v_cap   integer := nullif((outbox._policy()).endpoint_max_in_flight, 0);
+    v_paced boolean := NOT outbox._batches_counted();
     v_room  bigint;
     v_sent  integer;
 BEGIN
@@ -867,14 +881,15 @@ BEGIN
     IF c.id IS NULL THEN
         RETURN;
     END IF;
-    -- No more events than could go now, when some can: the rest would only be read again
-    -- next time (the endpoints' room is an upper bound: an event goes to one or more).
+    -- Counted: no more events than could go now, when some can: the rest would only be
+    -- read again next time (the endpoints' room is an upper bound: an event goes to one or
+    -- more). Paced, the whole part goes.
     SELECT sum(greatest(least(coalesce(coalesce(e.max_in_flight, v_cap) - s.in_flight, p_free), p_free), 0))
       INTO v_room
       FROM outbox.endpoint e
       JOIN outbox.endpoint_state s ON s.endpoint_id = e.id
      WHERE e.enabled AND e.deleted_at IS NULL AND NOT e.ordered AND e.rate_limit IS NULL
-       AND s.circuit = 'closed';
+       AND s.circuit = 'closed' AND NOT v_paced;
     IF v_room > 0 AND p_free > 0 THEN
         p_max := least(p_max, v_room);
     END IF;
@@ -909,17 +924,19 @@ BEGIN
            AND (t.deliver_at IS NULL OR t.deliver_at <= now())
     ),
     roomy AS (
-        -- Room under the endpoint's max_in_flight (NULL: no limit), then a free request slot.
-        SELECT x.*, coalesce(x.in_flight + x.k <= x.cap, true) AS room
+        -- Counted: room under the endpoint's max_in_flight (NULL: no limit), then a free
+        -- request slot. Paced: the worker finds the room as the requests go.
+        SELECT x.*, v_paced OR coalesce(x.in_flight + x.k <= x.cap, true) AS room
           FROM candidate x
     ),
     ranked AS MATERIALIZED (
         SELECT y.*,
                y.room AND row_number() OVER (PARTITION BY y.room ORDER BY y.n, y.endpoint_id) <= p_free AS go,
-               -- The part ends before an attempt that finds no free slot, or none left at an
-               -- endpoint that had room when the part was read. An endpoint full from the
-               -- start (a slow receiver) ends nothing: its events become deliveries claimed
-               -- as it drains, and the others' go on.
+               -- The part ends before an attempt that finds no free slot (so that a crash
+               -- sends again at most as many attempts as the worker has request slots), or,
+               -- counted, none left at an endpoint that had room when the part was read. An
+               -- endpoint full from the start (a slow receiver) ends nothing: its events
+               -- become deliveries claimed as it drains, and the others' go on.
                CASE WHEN y.room THEN row_number() OVER (PARTITION BY y.room ORDER BY y.n, y.endpoint_id) > p_free
                     ELSE y.in_flight < y.cap END AS ends_part
           FROM roomy y
@@ -941,7 +958,8 @@ BEGIN
     SELECT c.id, v_batch::text, (cut.n - 1)::integer, gen_random_uuid(), ch.txid::text::bigint, ch.seq,
            ch.endpoint_id, ch.id, ch.url, ch.secret, ch.headers::text,
            extract(epoch FROM ch.timeout)::double precision * 1000,
-           outbox._body(ch.event_type, ch.created_at, ch.payload), ch.previous_secret
+           outbox._body(ch.event_type, ch.created_at, ch.payload), ch.previous_secret,
+           CASE WHEN v_paced THEN ch.cap END, CASE WHEN v_paced THEN ch.in_flight END
       FROM chosen ch, cut
      ORDER BY ch.n, ch.endpoint_id;
     GET DIAGNOSTICS v_sent = ROW_COUNT;

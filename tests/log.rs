@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::worker::{endpoint, scalar_i64, scalar_text, wait_until, FAST, SECRET};
 use common::Cluster;
-use outbox_receiver::Receiver;
+use outbox_receiver::{Receiver, Reply};
 
 fn receiver() -> Receiver {
     let rx = Receiver::start().unwrap();
@@ -716,7 +716,9 @@ fn a_batch_closes_into_a_consistent_queue_after_its_endpoints_changed() {
 
 #[test]
 fn a_full_endpoint_holds_back_only_itself_and_no_limit_means_no_limit() {
-    // No worker; endpoints without a max_in_flight of their own have no limit at all.
+    // No worker; endpoints without a max_in_flight of their own have no limit at all. The
+    // session reads as one worker would (paced), then, in a transaction that makes
+    // outbox._batches_counted() true, as one of several (counted).
     let cluster = Cluster::start(&["outbox.endpoint_max_in_flight = 0"]);
     let mut c = cluster.client();
     let full = endpoint(
@@ -732,24 +734,89 @@ fn a_full_endpoint_holds_back_only_itself_and_no_limit_means_no_limit() {
     .unwrap();
     c.batch_execute("SELECT outbox.enqueue('t.a', '{}') FROM generate_series(1, 5)")
         .unwrap();
-    c.batch_execute(
-        "SELECT pg_advisory_lock(outbox._log_lock(), 0);
-         CREATE TEMP TABLE b AS SELECT * FROM outbox._read_batch(100, 5000, 67108864);",
-    )
-    .unwrap();
-    // Every event goes at once to the endpoint without a limit, in one part of all five:
-    // the full endpoint, full from the start, ends nothing (its events are queued).
+    let read = "SELECT pg_advisory_lock(outbox._log_lock(), 0);
+                CREATE TEMP TABLE b AS SELECT * FROM outbox._read_batch(100, 5000, 67108864);";
+    let count = |c: &mut postgres::Client, filter: &str| {
+        scalar_i64(c, &format!("SELECT count(*) FROM b WHERE {filter}"))
+    };
+    c.batch_execute(&format!("BEGIN; {read}")).unwrap();
+    // Paced: one part of all five events, every attempt returned, the full endpoint's with
+    // its limit and count, so that the worker starts them as it gets room.
     assert_eq!(
-        scalar_i64(
+        count(&mut c, &format!("endpoint_id = '{open}' AND cap IS NULL")),
+        5
+    );
+    assert_eq!(
+        count(
             &mut c,
-            &format!("SELECT count(*) FROM b WHERE endpoint_id = '{open}'")
+            &format!("endpoint_id = '{full}' AND cap = 2 AND busy = 2")
         ),
         5
     );
-    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM b"), 5);
+    assert_eq!(count(&mut c, "part_events = 5"), 10);
+    c.batch_execute("ROLLBACK").unwrap();
+    // Counted: every event goes at once to the endpoint without a limit, in one part of
+    // all five; the full endpoint, full from the start, ends nothing (its events are
+    // queued), and nothing is paced.
+    c.batch_execute(&format!(
+        "BEGIN;
+         CREATE OR REPLACE FUNCTION outbox._batches_counted() RETURNS boolean LANGUAGE sql RETURN true;
+         {read}"
+    ))
+    .unwrap();
+    assert_eq!(count(&mut c, &format!("endpoint_id = '{open}'")), 5);
+    assert_eq!(count(&mut c, "true"), 5);
+    assert_eq!(count(&mut c, "cap IS NULL AND busy IS NULL"), 5);
+    assert_eq!(count(&mut c, "part_events = 5"), 5);
+    c.batch_execute("ROLLBACK").unwrap();
+}
+
+#[test]
+fn a_batch_paces_its_attempts_to_an_endpoints_max_in_flight_and_queues_the_rest() {
+    // One request at a time, each answered after 100 ms: within the batch's hold (250 ms)
+    // at most three of the ten can go.
+    let cluster = Cluster::start(FAST);
+    let rx = receiver();
+    rx.set_default("/one", Reply::Delay(Duration::from_millis(100), 200));
+    let mut c = cluster.client();
+    endpoint(&mut c, &rx.url("/one"), ", max_in_flight => 1");
+    c.batch_execute(
+        "SELECT outbox.enqueue('t.paced', jsonb_build_object('n', g)) FROM generate_series(1, 10) g",
+    )
+    .unwrap();
+    assert!(
+        rx.wait_for(10, Duration::from_secs(30)),
+        "{}",
+        cluster.log()
+    );
+    assert!(wait_until(Duration::from_secs(20), || scalar_i64(
+        &mut c,
+        "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'"
+    ) == 10));
+    // Each was sent once: the attempts the batch never started were not sent before they
+    // became deliveries...
+    let got = rx.received_on("/one");
+    let ids: std::collections::BTreeSet<&str> = got.iter().map(|r| r.webhook_id.as_str()).collect();
+    assert_eq!((got.len(), ids.len()), (10, 10));
+    // ...and never two at once, from the batch or claimed after it: each arrived once the
+    // one before was answered.
+    for w in got.windows(2) {
+        let gap = w[1]
+            .received_at
+            .duration_since(w[0].received_at)
+            .unwrap_or_default();
+        assert!(
+            gap >= Duration::from_millis(90),
+            "two requests out at once ({gap:?} apart)"
+        );
+    }
+    // The batch's successes are history rows; what it could not start in its hold (and the
+    // one still out when it closed) are delivery rows, claimed after it.
+    let history = scalar_i64(&mut c, "SELECT count(*) FROM outbox.history");
+    assert!((1..=3).contains(&history), "{history} sent from the batch");
     assert_eq!(
-        scalar_i64(&mut c, "SELECT min(part_events)::int8 FROM b"),
-        5
+        scalar_i64(&mut c, "SELECT count(*) FROM outbox.delivery"),
+        10 - history
     );
 }
 

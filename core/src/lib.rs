@@ -4,6 +4,7 @@
 
 pub mod ids;
 pub mod outcome;
+pub mod pace;
 pub mod retry;
 pub mod signing;
 pub mod ssrf;

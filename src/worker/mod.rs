@@ -21,6 +21,7 @@ use pgrx::prelude::*;
 
 use crate::guc::{self, WorkerSettings};
 use crate::wake;
+use outbox_core::pace::InFlight;
 use store::Record;
 
 /// How long a stopping worker lets requests in flight finish before it records what it has.
@@ -150,11 +151,14 @@ struct Worker {
     batch: Option<store::Batch>,
     /// The log reader's lock this session holds (its key), if it holds it.
     reader_key: Option<i32>,
+    /// This worker's requests out, by endpoint: the open batch's attempts start as their
+    /// endpoints have room.
+    in_flight: InFlight<store::EndpointId>,
 }
 
 /// What a successful cycle claimed.
 struct Claimed {
-    requests: Vec<outbox_sender::Request>,
+    requests: Vec<(store::EndpointId, outbox_sender::Request)>,
     claimed: usize,
     next_due: Option<Duration>,
     /// Outcomes whose rows someone else holds (of claimed deliveries, or of the closed
@@ -164,8 +168,8 @@ struct Claimed {
     orphans: Option<i64>,
     /// Whether the open batch was closed.
     closed: bool,
-    /// A batch read in this cycle, with its first attempts.
-    batch: Option<(store::Batch, Vec<outbox_sender::Request>)>,
+    /// A batch read in this cycle, its first attempts waiting to start.
+    batch: Option<store::Batch>,
     reader_key: Option<i32>,
 }
 
@@ -220,6 +224,7 @@ impl Worker {
             next_rotation: std::time::Instant::now(),
             batch: None,
             reader_key: None,
+            in_flight: InFlight::default(),
             slot,
             settings,
         })
@@ -249,6 +254,7 @@ impl Worker {
             }
 
             let cycle = self.cycle();
+            self.pace();
             let failed = cycle.is_err();
             let timeout = match cycle {
                 Ok(r) if !r.ready => {
@@ -304,9 +310,31 @@ impl Worker {
         }
     }
 
+    /// Starts the open batch's attempts whose endpoints have room, within the free request
+    /// slots.
+    fn pace(&mut self) {
+        let Some(b) = self.batch.as_mut() else {
+            return;
+        };
+        if b.waiting.is_empty() {
+            return;
+        }
+        let free = self
+            .settings
+            .max_in_flight
+            .saturating_sub(self.sender.in_flight());
+        for (endpoint, r) in b.waiting.ready(&self.in_flight, free) {
+            self.in_flight.started(r.delivery_id, endpoint);
+            self.sender.submit(r);
+        }
+    }
+
     fn take_records(&mut self) {
         let schedule = guc::retry_schedule();
         let outcomes = self.sender.take_outcomes();
+        for o in &outcomes {
+            self.in_flight.finished(&o.delivery_id);
+        }
         self.unrecorded.extend(
             outcomes
                 .into_iter()
@@ -336,6 +364,12 @@ impl Worker {
         let closing = open
             .as_ref()
             .is_some_and(|b| b.complete() || b.opened.elapsed() >= BATCH_HOLD);
+        if closing {
+            // What has not started by now is claimed later, as a queued delivery.
+            if let Some(b) = open.as_mut() {
+                b.withdraw();
+            }
+        }
         // While a batch waits for its outcomes there is nothing to read, and retries can
         // wait for its close: a wake-up (another outcome, a producer's commit) that brings
         // nothing else to record costs no transaction.
@@ -357,6 +391,7 @@ impl Worker {
         let take_orphans = !self.orphans_taken;
         let reader_key = self.reader_key;
         let open_ref = open.as_ref();
+        let in_flight = &self.in_flight;
         let outcome = in_transaction(|| {
             Spi::connect_mut(|client| -> Result<Option<Claimed>, String> {
                 let Some(version) = store::installed_version(client)? else {
@@ -398,12 +433,17 @@ impl Worker {
                     key = store::hold_reader_lock(client, reader_key)?;
                     if key.is_some() {
                         let slots = i32::try_from(left).unwrap_or(i32::MAX);
-                        batch = store::read_batch(client, slots, settings)?;
+                        // The requests just claimed are this worker's too.
+                        let mut own = InFlight::default();
+                        for (endpoint, r) in &requests {
+                            own.started(r.delivery_id, *endpoint);
+                        }
+                        let own = |e: &store::EndpointId| in_flight.to(e) + own.to(e);
+                        batch = store::read_batch(client, slots, &own, settings)?;
                     }
                 }
-                let claimed = requests.len()
-                    + dead.len()
-                    + batch.as_ref().map_or(0, |(_, r): &(_, Vec<_>)| r.len());
+                let claimed =
+                    requests.len() + dead.len() + batch.as_ref().map_or(0, |b| b.waiting.len());
                 let next_due = if claimed < requested {
                     store::next_due(client)?
                 } else {
@@ -437,13 +477,11 @@ impl Worker {
                         log!("webhook_outbox worker: took back {n} deliveries a stopped worker had in flight");
                     }
                 }
-                for r in c.requests {
+                for (endpoint, r) in c.requests {
+                    self.in_flight.started(r.delivery_id, endpoint);
                     self.sender.submit(r);
                 }
-                if let Some((b, requests)) = c.batch {
-                    for r in requests {
-                        self.sender.submit(r);
-                    }
+                if let Some(b) = c.batch {
                     self.batch = Some(b);
                 }
                 Ok(CycleResult {
@@ -601,6 +639,10 @@ impl Worker {
         } = self;
         let schedule = guc::retry_schedule();
         let in_flight = sender.in_flight();
+        // Attempts of the batch not started are left for the next worker, as deliveries.
+        if let Some(b) = batch.as_mut() {
+            b.withdraw();
+        }
         let outcomes = sender.shutdown(SHUTDOWN_GRACE);
         for r in outcomes
             .into_iter()

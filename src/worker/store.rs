@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use outbox_core::pace::{self, Waiting};
 use outbox_core::signing::SigningKey;
 use outbox_sender::{Outcome, Request};
 use pgrx::pg_sys;
@@ -99,7 +100,7 @@ pub fn claim(
     worker: &str,
     settings: &crate::guc::WorkerSettings,
     version: &str,
-) -> Result<(Vec<Request>, Vec<Unsendable>), StoreError> {
+) -> Result<(Vec<Claimed>, Vec<Unsendable>), StoreError> {
     let lease = format!("{} seconds", settings.lease.as_secs());
     // 0.1.0's claim has no previous_secret (secret rotation came in 0.2.0).
     let previous_secret = if version == "0.1.0" {
@@ -118,7 +119,8 @@ pub fn claim(
     };
     let query = format!(
         "SELECT o_delivery_id, o_attempt, o_event_id, o_url, o_secret, o_headers::pg_catalog.text,
-                pg_catalog.date_part('epoch', o_timeout) OPERATOR(pg_catalog.*) 1000, o_body, {previous_secret}
+                pg_catalog.date_part('epoch', o_timeout) OPERATOR(pg_catalog.*) 1000, o_body, {previous_secret},
+                o_endpoint_id
            FROM {claim} AS c(o_delivery_id, o_event_id, o_attempt, o_endpoint_id, o_url, o_secret, o_headers,
                               o_timeout, o_event_type, o_body)"
     );
@@ -135,8 +137,10 @@ pub fn claim(
         let get_err = |e: pgrx::spi::SpiError| e.to_string();
         let id: pgrx::Uuid = row.get(1).map_err(get_err)?.ok_or("claim returned no id")?;
         let attempt: i32 = row.get(2).map_err(get_err)?.unwrap_or(1);
+        let endpoint: Option<pgrx::Uuid> = row.get(10).map_err(get_err)?;
+        let endpoint = endpoint.map_or([0; 16], |e| *e.as_bytes());
         match RequestFields::from_row(&row, 3)?.into_request(*id.as_bytes(), attempt, settings) {
-            Ok(r) => requests.push(r),
+            Ok(r) => requests.push((endpoint, r)),
             Err(u) => unsendable.push(u),
         }
     }
@@ -217,6 +221,11 @@ const READ_BYTES: i64 = 64 * 1024 * 1024;
 /// worker has fewer free request slots.
 const READ_EVENTS: i32 = 5000;
 
+/// An endpoint's id.
+pub type EndpointId = [u8; 16];
+/// A claimed request, with its endpoint.
+pub type Claimed = (EndpointId, Request);
+
 /// Whether this session is the log's reader, becoming it if no one is
 /// (`outbox._become_reader`); `held` is the lock key it took before. Only the reader reads
 /// batches whose first attempts go out before anything is recorded, and no one else reads
@@ -256,8 +265,10 @@ pub struct Batch {
     snapshot: String,
     max_events: i32,
     pub opened: std::time::Instant,
-    /// The attempts sent, by delivery id.
+    /// The attempts sent or waiting to be, by delivery id.
     pairs: std::collections::HashMap<[u8; 16], Pair>,
+    /// Those not started yet, waiting for room at their endpoint.
+    pub waiting: Waiting<EndpointId, Request>,
     /// Their outcomes so far.
     outcomes: std::collections::HashMap<[u8; 16], Record>,
 }
@@ -281,18 +292,32 @@ impl Batch {
     pub fn complete(&self) -> bool {
         self.outcomes.len() >= self.pairs.len()
     }
+
+    /// Gives up the attempts not started yet: the close makes their deliveries pending, to
+    /// be claimed like any queued one. Returns how many.
+    pub fn withdraw(&mut self) -> usize {
+        let withdrawn = self.waiting.withdraw();
+        for r in &withdrawn {
+            self.pairs.remove(&r.delivery_id);
+        }
+        withdrawn.len()
+    }
 }
 
-/// Reads the next part of the log (`outbox._read_batch`) with up to `free` first attempts
-/// to send at once. `None` when there was nothing to send now (what was read, if
-/// anything, became deliveries already, as it does when `free` is 0).
+/// Reads the next part of the log (`outbox._read_batch`) with its first attempts that may
+/// go now, queued in the batch for their endpoints' room (`own`: this worker's requests
+/// out to an endpoint). `None` when there was nothing to send now (what was read, if anything,
+/// became deliveries already, as it does when `free` is 0).
 pub fn read_batch(
     client: &mut SpiClient<'_>,
     free: i32,
+    own: &dyn Fn(&EndpointId) -> usize,
     settings: &crate::guc::WorkerSettings,
-) -> Result<Option<(Batch, Vec<Request>)>, StoreError> {
+) -> Result<Option<Batch>, StoreError> {
     // A part as large as the free slots (a larger one would mostly be read again next
-    // time); with none free, a whole part, made into deliveries for anyone to claim.
+    // time; and a crash before the close sends the part's attempts again, which must be no
+    // more than the requests the worker may have out). With no slot free, a whole part,
+    // made into deliveries for anyone to claim.
     let max_events = if free > 0 {
         free.min(READ_EVENTS)
     } else {
@@ -301,14 +326,13 @@ pub fn read_batch(
     let rows = client
         .update(
             "SELECT cursor_id, batch, part_events, delivery_id, txid, seq, endpoint_id, event_id, url,
-                    secret, headers, timeout_ms, body, previous_secret
+                    secret, headers, timeout_ms, body, previous_secret, cap, busy
                FROM outbox._read_batch($1, $2, $3)",
             None,
             &[free.into(), max_events.into(), READ_BYTES.into()],
         )
         .map_err(|e| e.to_string())?;
     let mut batch: Option<Batch> = None;
-    let mut requests = Vec::with_capacity(rows.len());
     for row in rows {
         let get_err = |e: pgrx::spi::SpiError| e.to_string();
         let b = match batch.as_mut() {
@@ -327,6 +351,7 @@ pub fn read_batch(
                 opened: std::time::Instant::now(),
                 pairs: Default::default(),
                 outcomes: Default::default(),
+                waiting: Default::default(),
             }),
         };
         let id: pgrx::Uuid = row
@@ -337,22 +362,28 @@ pub fn read_batch(
             .get(7)
             .map_err(get_err)?
             .ok_or("a batch row without an endpoint")?;
+        let endpoint = *endpoint.as_bytes();
         let delivery_id = *id.as_bytes();
         b.pairs.insert(
             delivery_id,
             Pair {
                 txid: row.get(5).map_err(get_err)?.unwrap_or(0),
                 seq: row.get(6).map_err(get_err)?.unwrap_or(0),
-                endpoint_id: *endpoint.as_bytes(),
+                endpoint_id: endpoint,
             },
         );
+        let room = pace::room(
+            row.get(15).map_err(get_err)?,
+            row.get(16).map_err(get_err)?,
+            own(&endpoint),
+        );
         match RequestFields::from_row(&row, 8)?.into_request(delivery_id, 1, settings) {
-            Ok(r) => requests.push(r),
+            Ok(r) => b.waiting.add(endpoint, room, r),
             // Recorded as its failed attempt when the batch closes.
             Err(u) => b.add_outcome(Record::from_unsendable(u)),
         }
     }
-    Ok(batch.map(|b| (b, requests)))
+    Ok(batch)
 }
 
 /// The retry times of `waits` (milliseconds from now, NULL for the retry schedule's), as
