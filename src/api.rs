@@ -23,7 +23,7 @@ fn strong_random(buf: &mut [u8]) {
 
 /// A new Standard Webhooks secret: `whsec_` and 32 random bytes in base64.
 #[pg_extern(volatile, parallel_safe)]
-fn generate_secret() -> String {
+pub(crate) fn generate_secret() -> String {
     let mut key = vec![0u8; 32];
     strong_random(&mut key);
     SigningKey::from_bytes(key).or_refuse().to_secret()
@@ -32,7 +32,7 @@ fn generate_secret() -> String {
 /// The `webhook-signature` value (`v1,<base64>`) for a message, as a receiver would compute
 /// it: lets users check a receiver's verification against the extension's.
 #[pg_extern(immutable, parallel_safe)]
-fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &str) -> String {
+pub(crate) fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &str) -> String {
     SigningKey::parse(secret)
         .or_refuse()
         .sign(msg_id, timestamp, body.as_bytes())
@@ -41,7 +41,7 @@ fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &str) -> String {
 /// How long to wait after failed attempt `attempt` under `outbox.retry_schedule` (with
 /// jitter), or NULL when the schedule is exhausted and the delivery should be dead.
 #[pg_extern(volatile, parallel_safe)]
-fn retry_delay(attempt: i32) -> Option<Interval> {
+pub(crate) fn retry_delay(attempt: i32) -> Option<Interval> {
     let attempt = u32::try_from(attempt).ok()?;
     let mut sample = [0u8; 8];
     strong_random(&mut sample);

@@ -63,6 +63,17 @@ mod worker;
     name = "outbox_repair",
     requires = ["outbox_statistics"]
 );
+// After the Rust functions it describes too.
+::pgrx::extension_sql_file!(
+    "../sql/outbox/12_comments.sql",
+    name = "outbox_comments",
+    requires = [
+        "outbox_repair",
+        api::generate_secret,
+        api::sign,
+        api::retry_delay
+    ]
+);
 ::pgrx::extension_sql_file!(
     "../sql/outbox/11_privileges.sql",
     name = "outbox_privileges",

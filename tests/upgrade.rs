@@ -27,6 +27,13 @@ const SCHEMA: &str = "
       FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid
      WHERE t.typnamespace = 'outbox'::regnamespace GROUP BY t.typname
     UNION ALL
+    SELECT 'comment ' || coalesce(c.relname || '.' || d.objsubid, p.oid::regprocedure::text) || ' '
+           || md5(d.description)
+      FROM pg_description d
+      LEFT JOIN pg_class c ON d.classoid = 'pg_class'::regclass AND c.oid = d.objoid
+      LEFT JOIN pg_proc p ON d.classoid = 'pg_proc'::regclass AND p.oid = d.objoid
+     WHERE coalesce(c.relnamespace, p.pronamespace) = 'outbox'::regnamespace
+    UNION ALL
     SELECT 'acl ' || c.relname || ' ' || coalesce(c.relacl::text, 'default')
       FROM pg_class c WHERE c.relnamespace = 'outbox'::regnamespace
     ORDER BY 1";

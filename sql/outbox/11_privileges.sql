@@ -122,6 +122,11 @@ $$;
 REVOKE ALL ON FUNCTION outbox.grant_producer(regrole), outbox.grant_operator(regrole), outbox.grant_admin(regrole),
                        outbox.grant_worker(regrole) FROM PUBLIC;
 
+COMMENT ON FUNCTION outbox.grant_producer(regrole) IS 'Lets a role enqueue events (outbox.enqueue, outbox.trigger) and nothing else.';
+COMMENT ON FUNCTION outbox.grant_operator(regrole) IS 'Lets a role watch and steer delivery: views, statistics, enabling and disabling endpoints, repair. No secrets, endpoint creation, enqueue or claim.';
+COMMENT ON FUNCTION outbox.grant_admin(regrole) IS 'Lets a role manage endpoints and their secrets and act as a sender (claim, ack), purge, plus everything operators and producers may do.';
+COMMENT ON FUNCTION outbox.grant_worker(regrole) IS 'Grants the role the background worker connects as (outbox.worker_role) exactly what a sender needs, and no table privilege.';
+
 -------------------------------------------------------------------------------------------
 -- A word at CREATE EXTENSION time if nothing will send what gets queued here
 -------------------------------------------------------------------------------------------
