@@ -846,11 +846,11 @@ RETURN coalesce(nullif(current_setting('outbox.workers', true), '')::integer, 1)
 -- rows from here on, and only those with room under max_in_flight are returned. The part
 -- ends before the first event that would have to wait only for lack of room (p_free, or,
 -- counted, an endpoint's max_in_flight): it stays in the log for the next read rather than
--- become a delivery claimed later. One row per
--- attempt, each carrying the cursor row, batch snapshot and part size the part was read
--- with, which outbox._close_batch takes back together with the outcomes: it reads the same
--- part again, makes every delivery (those sent as their outcomes left them, those never
--- started pending) and moves the cursor, in one transaction. Nothing of the part is
+-- become a delivery claimed later. One row per attempt, each carrying the cursor row,
+-- batch snapshot and part size the part was read with, which outbox._close_batch takes
+-- back together with the outcomes: it reads the same part again, makes every delivery
+-- (those sent as their outcomes left them, those never started pending) and moves the
+-- cursor, in one transaction. Nothing of the part is
 -- recorded until then: a worker that dies meanwhile leaves the part to be read again (its
 -- attempts are sent again, under the same event ids). The caller must hold the reader's
 -- lock (outbox._log_lock) for its session, so that no one reads the part while its
@@ -883,7 +883,7 @@ BEGIN
     END IF;
     -- Counted: no more events than could go now, when some can: the rest would only be
     -- read again next time (the endpoints' room is an upper bound: an event goes to one or
-    -- more). Paced, the whole part goes.
+    -- more). Paced, the worker finds the room: only p_max (its free slots) bounds the part.
     SELECT sum(greatest(least(coalesce(coalesce(e.max_in_flight, v_cap) - s.in_flight, p_free), p_free), 0))
       INTO v_room
       FROM outbox.endpoint e

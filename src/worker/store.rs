@@ -294,13 +294,11 @@ impl Batch {
     }
 
     /// Gives up the attempts not started yet: the close makes their deliveries pending, to
-    /// be claimed like any queued one. Returns how many.
-    pub fn withdraw(&mut self) -> usize {
-        let withdrawn = self.waiting.withdraw();
-        for r in &withdrawn {
+    /// be claimed like any queued one.
+    pub fn withdraw(&mut self) {
+        for r in self.waiting.withdraw() {
             self.pairs.remove(&r.delivery_id);
         }
-        withdrawn.len()
     }
 }
 
