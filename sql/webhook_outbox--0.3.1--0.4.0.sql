@@ -181,6 +181,20 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.history_0', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.history_1', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.history_2', '');
 
+-- What retention removed from outbox.stats_hourly, summed per endpoint, outcome and latency
+-- bucket. Added to what the rollup still holds, it gives totals that never go down, so the
+-- counters exported from outbox.metrics show no false reset when old hours are deleted.
+CREATE TABLE outbox.stats_retired (
+    endpoint_id    uuid        NOT NULL,
+    outcome        outbox.delivery_status NOT NULL,
+    latency_bucket smallint    NOT NULL,
+    deliveries     bigint      NOT NULL,
+    attempts       bigint      NOT NULL,
+    latency_ms_sum double precision NOT NULL,
+    PRIMARY KEY (endpoint_id, outcome, latency_bucket)
+);
+SELECT pg_catalog.pg_extension_config_dump('outbox.stats_retired', '');
+
 -- Endpoints get the caller's key (uid) that makes creating them idempotent.
 ALTER TABLE outbox.endpoint ADD COLUMN uid text;
 ALTER TABLE outbox.endpoint ADD CONSTRAINT endpoint_uid_length CHECK (length(uid) BETWEEN 1 AND 256);
@@ -195,6 +209,14 @@ SELECT set_config('webhook_outbox_upgrade.admins',
  WHERE p.oid = 'outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer)'::regprocedure
    AND a.grantee NOT IN (0, p.proowner);
 DROP FUNCTION outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer);
+
+-- outbox.update_endpoint takes uid too: the same again.
+SELECT set_config('webhook_outbox_upgrade.updaters',
+                  coalesce(string_agg(DISTINCT a.grantee::regrole::text, ','), ''), true)
+  FROM pg_proc p, aclexplode(p.proacl) a
+ WHERE p.oid = 'outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text, boolean, integer, integer)'::regprocedure
+   AND a.grantee NOT IN (0, p.proowner);
+DROP FUNCTION outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text, boolean, integer, integer);
 
 -- Whether the caller runs inside a transaction block: outbox.claim reads the log only
 -- outside one.
@@ -334,6 +356,85 @@ BEGIN
                   HINT = 'Change it with outbox.update_endpoint(endpoint_id, ...), or create another under a new uid.';
     END IF;
     RETURN v_known.id;
+END
+$$;
+
+-- NULL arguments leave a field unchanged. event_types => '{*}' makes the endpoint receive
+-- every event again; timeout => '0' returns it to the outbox.request_timeout default;
+-- rate_limit => 0 removes the limit; max_in_flight => 0 returns it to the
+-- outbox.endpoint_max_in_flight default; uid => '' removes the caller's key (a deploy script
+-- can give an endpoint made without one a key). Making an endpoint ordered puts what it has
+-- queued in enqueue order first.
+CREATE FUNCTION outbox.update_endpoint(
+    endpoint_id uuid,
+    url         text     DEFAULT NULL,
+    event_types text[]   DEFAULT NULL,
+    secret      text     DEFAULT NULL,
+    headers     jsonb    DEFAULT NULL,
+    timeout     interval DEFAULT NULL,
+    description text     DEFAULT NULL,
+    ordered     boolean  DEFAULT NULL,
+    rate_limit  integer  DEFAULT NULL,
+    max_in_flight integer DEFAULT NULL,
+    uid         text     DEFAULT NULL
+)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM outbox._endpoint_or_raise(update_endpoint.endpoint_id);
+    IF length(update_endpoint.uid) > 256 THEN
+        RAISE EXCEPTION 'an endpoint uid is 1 to 256 characters, not %', length(update_endpoint.uid)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass uid => '''' to remove the endpoint''s uid.';
+    END IF;
+    -- Another live endpoint of the tenant with that uid: refused, as create_endpoint
+    -- refuses a clash.
+    IF update_endpoint.uid <> '' AND EXISTS (
+           SELECT 1 FROM outbox.endpoint o, outbox.endpoint e
+            WHERE e.id = update_endpoint.endpoint_id AND o.id <> e.id AND o.deleted_at IS NULL
+              AND coalesce(o.tenant_id, '') = coalesce(e.tenant_id, '') AND o.uid = update_endpoint.uid) THEN
+        RAISE EXCEPTION 'endpoint uid % belongs to another endpoint', quote_literal(update_endpoint.uid)
+            USING ERRCODE = 'unique_violation',
+                  HINT = 'A uid is unique among a tenant''s live endpoints: delete the other endpoint first, or choose another uid.';
+    END IF;
+    UPDATE outbox.endpoint e SET
+        url         = coalesce(outbox._check_url(update_endpoint.url), e.url),
+        event_types = CASE WHEN update_endpoint.event_types IS NULL THEN e.event_types
+                           ELSE outbox._check_event_types(update_endpoint.event_types) END,
+        secret      = coalesce(outbox._check_secret(update_endpoint.secret), e.secret),
+        headers     = coalesce(outbox._check_headers(update_endpoint.headers), e.headers),
+        timeout     = CASE WHEN update_endpoint.timeout IS NULL THEN e.timeout
+                           WHEN update_endpoint.timeout = interval '0' THEN NULL
+                           ELSE outbox._check_timeout(update_endpoint.timeout) END,
+        description = coalesce(update_endpoint.description, e.description),
+        ordered     = coalesce(update_endpoint.ordered, e.ordered),
+        rate_limit  = CASE WHEN update_endpoint.rate_limit IS NULL THEN e.rate_limit
+                           WHEN update_endpoint.rate_limit = 0 THEN NULL
+                           ELSE outbox._check_limit('rate_limit', update_endpoint.rate_limit, 100000) END,
+        max_in_flight = CASE WHEN update_endpoint.max_in_flight IS NULL THEN e.max_in_flight
+                             WHEN update_endpoint.max_in_flight = 0 THEN NULL
+                             ELSE outbox._check_limit('max_in_flight', update_endpoint.max_in_flight, 10000) END,
+        uid         = CASE WHEN update_endpoint.uid IS NULL THEN e.uid
+                           WHEN update_endpoint.uid = '' THEN NULL
+                           ELSE update_endpoint.uid END,
+        updated_at  = now()
+    WHERE e.id = update_endpoint.endpoint_id;
+    IF update_endpoint.ordered THEN
+        -- Its queue needs an order: wait for transactions enqueueing right now (they may have
+        -- seen the endpoint unordered), then number what is queued, oldest first (rows of one
+        -- transaction share created_at; their physical order is their insert order).
+        LOCK TABLE outbox.delivery IN SHARE ROW EXCLUSIVE MODE;
+        UPDATE outbox.delivery d SET seq = o.n
+          FROM (SELECT q.id, nextval('outbox.delivery_seq') AS n
+                  FROM (SELECT q.id FROM outbox.delivery q
+                         WHERE q.endpoint_id = update_endpoint.endpoint_id AND q.seq IS NULL
+                           AND q.status IN ('pending', 'in_flight')
+                         ORDER BY q.created_at, q.ctid) q) o
+         WHERE d.id = o.id;
+    END IF;
 END
 $$;
 
@@ -1958,10 +2059,32 @@ BEGIN
 END
 $$;
 
+-- Moves rollup hours older than 90 days into outbox.stats_retired, in one statement, so
+-- a reader of the totals sees them either in the rollup or in the retired sums, never in
+-- neither: the counters in outbox.metrics never go down. The 90 days are the rollup's
+-- retention, stated here only.
+CREATE FUNCTION outbox._retire_stats()
+RETURNS void
+LANGUAGE sql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM outbox.stats_hourly WHERE hour < now() - interval '90 days'
+        RETURNING endpoint_id, outcome, latency_bucket, deliveries, attempts, latency_ms_sum
+    )
+    INSERT INTO outbox.stats_retired AS r (endpoint_id, outcome, latency_bucket, deliveries, attempts, latency_ms_sum)
+    SELECT endpoint_id, outcome, latency_bucket, sum(deliveries), sum(attempts), sum(latency_ms_sum)
+      FROM gone GROUP BY 1, 2, 3
+    ON CONFLICT (endpoint_id, outcome, latency_bucket) DO UPDATE SET
+           deliveries = r.deliveries + excluded.deliveries,
+           attempts = r.attempts + excluded.attempts,
+           latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum;
+$$;
+
 -- Cancels what is left for deleted endpoints, then deletes up to batch_size finished
 -- deliveries (delivered or cancelled older than
 -- delivered_age, dead older than dead_age) with their attempts, then events no delivery
--- refers to any more, and rollup hours older than 90 days. Small batches keep each
+-- refers to any more, and retires rollup hours older than 90 days. Small batches keep each
 -- transaction short, so the hot path never waits on it. Returns the deliveries deleted.
 CREATE OR REPLACE FUNCTION outbox._purge_batch(delivered_age interval, dead_age interval, batch_size integer)
 RETURNS bigint
@@ -2025,7 +2148,7 @@ BEGIN
     )
     SELECT n + count(*) INTO n FROM stale;
     PERFORM outbox._rotate_history(delivered_age);
-    DELETE FROM outbox.stats_hourly WHERE hour < now() - interval '90 days';
+    PERFORM outbox._retire_stats();
     RETURN n;
 END
 $$;
@@ -2091,7 +2214,7 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.stats(), outbox.enable_endpoint(uuid), outbox.disable_endpoint(uuid, text),
         outbox.delivery_stats(interval, uuid, text, text), outbox.endpoint_stats(interval), outbox.event_type_stats(interval),
         outbox.retry_dead(uuid, uuid, timestamptz, timestamptz), outbox.replay(uuid, timestamptz, timestamptz),
-        outbox.cancel(uuid, uuid), outbox._policy() TO %s', role);
+        outbox.cancel(uuid, uuid), outbox._policy(), outbox._workers_running(), outbox._bucket_bounds() TO %s', role);
 END
 $$;
 
@@ -2107,7 +2230,7 @@ BEGIN
     PERFORM outbox.grant_operator(role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION
         outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer, text),
-        outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text, boolean, integer, integer),
+        outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text, boolean, integer, integer, text),
         outbox.delete_endpoint(uuid), outbox.endpoint_secret(uuid), outbox.generate_secret(),
         outbox.rotate_secret(uuid, text, interval),
         outbox.purge(interval, interval),
@@ -2168,42 +2291,90 @@ SELECT u.unread, u.oldest_unread_age, c.created_at AS last_read_at, c.batch IS N
           AND NOT pg_visible_in_snapshot(l.txid, c.done)
           AND (c.pos_txid IS NULL OR (l.txid, l.seq) > (c.pos_txid, c.pos_seq))) u;
 
+-- Worker processes connected to this database now. SECURITY DEFINER: pg_stat_activity
+-- hides other roles' backend types from a monitoring role without pg_read_all_stats.
+CREATE FUNCTION outbox._workers_running()
+RETURNS integer
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT count(*)::integer FROM pg_stat_activity
+     WHERE backend_type = 'webhook_outbox worker'
+       AND datid = (SELECT oid FROM pg_database WHERE datname = current_database())
+$$;
+
 -- Counters and gauges in the shape Prometheus exporters want: one row per metric and label
--- set. See contrib/postgres_exporter.yml.
+-- set (see contrib/). The *_total counters and the latency histogram add what retention
+-- moved out of the hourly rollup (outbox.stats_retired) to what it still holds, so they
+-- never go down: a decrease would read as a counter reset. The histogram is Prometheus's:
+-- cumulative buckets by `le` (seconds, enqueue to delivered), then _sum and _count.
 CREATE OR REPLACE VIEW outbox.metrics AS
+WITH totals AS (
+    SELECT t.endpoint_id, t.outcome, t.latency_bucket,
+           sum(t.deliveries) AS deliveries, sum(t.attempts) AS attempts, sum(t.latency_ms_sum) AS latency_ms_sum
+      FROM (SELECT r.endpoint_id, r.outcome, r.latency_bucket, r.deliveries, r.attempts, r.latency_ms_sum
+              FROM outbox.stats_retired r
+            UNION ALL
+            SELECT h.endpoint_id, h.outcome, h.latency_bucket, h.deliveries, h.attempts, h.latency_ms_sum
+              FROM outbox.stats_hourly h) t
+     GROUP BY 1, 2, 3
+), delivered AS (
+    SELECT * FROM totals WHERE outcome = 'delivered'
+)
 SELECT 'outbox_deliveries'::text AS metric, 'pending'::text AS status, NULL::text AS endpoint_id,
-       count(*)::double precision AS value
+       count(*)::double precision AS value, NULL::text AS le
   FROM outbox.delivery WHERE status = 'pending'
 UNION ALL
-SELECT 'outbox_deliveries', 'in_flight', NULL, count(*) FROM outbox.delivery WHERE status = 'in_flight'
+SELECT 'outbox_deliveries', 'in_flight', NULL, count(*), NULL FROM outbox.delivery WHERE status = 'in_flight'
 UNION ALL
-SELECT 'outbox_deliveries', 'dead', NULL, count(*) FROM outbox.delivery WHERE status = 'dead'
+SELECT 'outbox_deliveries', 'dead', NULL, count(*), NULL FROM outbox.delivery WHERE status = 'dead'
 UNION ALL
 SELECT 'outbox_oldest_pending_seconds', NULL, NULL,
-       coalesce(extract(epoch FROM now() - min(created_at)), 0)
+       coalesce(extract(epoch FROM now() - min(created_at)), 0), NULL
   FROM outbox.delivery WHERE status = 'pending'
 UNION ALL
 -- Events committed but not read from the log yet, and the oldest one's age: a reader that
 -- stopped shows here before anything shows as pending.
-SELECT 'outbox_log_unread', NULL, NULL, s.unread FROM outbox.log_status s
+SELECT 'outbox_log_unread', NULL, NULL, s.unread, NULL FROM outbox.log_status s
 UNION ALL
-SELECT 'outbox_log_oldest_unread_seconds', NULL, NULL, coalesce(extract(epoch FROM s.oldest_unread_age), 0)
+SELECT 'outbox_log_oldest_unread_seconds', NULL, NULL, coalesce(extract(epoch FROM s.oldest_unread_age), 0), NULL
   FROM outbox.log_status s
 UNION ALL
-SELECT 'outbox_finished_total', h.outcome::text, h.endpoint_id::text, sum(h.deliveries)
-  FROM outbox.stats_hourly h GROUP BY h.outcome, h.endpoint_id
+SELECT 'outbox_worker_up', NULL, NULL, CASE WHEN outbox._workers_running() > 0 THEN 1 ELSE 0 END, NULL
 UNION ALL
-SELECT 'outbox_attempts_total', NULL, h.endpoint_id::text, sum(h.attempts)
-  FROM outbox.stats_hourly h GROUP BY h.endpoint_id
+SELECT 'outbox_workers', NULL, NULL, outbox._workers_running(), NULL
 UNION ALL
-SELECT 'outbox_endpoint_consecutive_failures', NULL, st.endpoint_id::text, st.consecutive_failures
+SELECT 'outbox_finished_total', t.outcome::text, t.endpoint_id::text, sum(t.deliveries), NULL
+  FROM totals t GROUP BY t.outcome, t.endpoint_id
+UNION ALL
+SELECT 'outbox_attempts_total', NULL, t.endpoint_id::text, sum(t.attempts), NULL
+  FROM totals t GROUP BY t.endpoint_id
+UNION ALL
+-- Bucket i of the rollup holds latencies below bound i + 1 (the last is open), so the
+-- cumulative count at le = bound k is the sum of buckets 0 .. k - 1.
+SELECT 'outbox_delivery_latency_seconds_bucket', NULL, d.endpoint_id::text,
+       coalesce(sum(d.deliveries) FILTER (WHERE d.latency_bucket < b.k), 0), b.le
+  FROM delivered d
+ CROSS JOIN (SELECT k, (bound / 1000)::text AS le
+               FROM unnest(outbox._bucket_bounds()) WITH ORDINALITY AS u(bound, k)
+             UNION ALL
+             SELECT cardinality(outbox._bucket_bounds()) + 1, '+Inf') b
+ GROUP BY d.endpoint_id, b.k, b.le
+UNION ALL
+SELECT 'outbox_delivery_latency_seconds_sum', NULL, d.endpoint_id::text, sum(d.latency_ms_sum) / 1000, NULL
+  FROM delivered d GROUP BY d.endpoint_id
+UNION ALL
+SELECT 'outbox_delivery_latency_seconds_count', NULL, d.endpoint_id::text, sum(d.deliveries), NULL
+  FROM delivered d GROUP BY d.endpoint_id
+UNION ALL
+SELECT 'outbox_endpoint_consecutive_failures', NULL, st.endpoint_id::text, st.consecutive_failures, NULL
   FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL
 UNION ALL
-SELECT 'outbox_endpoint_enabled', NULL, e.id::text, CASE WHEN e.enabled THEN 1 ELSE 0 END
+SELECT 'outbox_endpoint_enabled', NULL, e.id::text, CASE WHEN e.enabled THEN 1 ELSE 0 END, NULL
   FROM outbox.endpoint e WHERE e.deleted_at IS NULL
 UNION ALL
 SELECT 'outbox_endpoint_circuit_open', st.circuit::text, st.endpoint_id::text,
-       CASE WHEN st.circuit = 'closed' THEN 0 ELSE 1 END
+       CASE WHEN st.circuit = 'closed' THEN 0 ELSE 1 END, NULL
   FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL;
 
 -- Every delivery: those with state (outbox.delivery) and those delivered at their first
@@ -2249,6 +2420,10 @@ BEGIN
               WHERE r <> '' LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer, text) TO %s', g);
     END LOOP;
+    FOR g IN SELECT r FROM unnest(string_to_array(current_setting('webhook_outbox_upgrade.updaters'), ',')) r
+              WHERE r <> '' LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text, boolean, integer, integer, text) TO %s', g);
+    END LOOP;
     FOR g IN SELECT r FROM unnest(string_to_array(current_setting('webhook_outbox_upgrade.producers'), ',')) r
               WHERE r <> '' LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.enqueue(text, jsonb, uuid, text, text, timestamptz) TO %s', g);
@@ -2274,6 +2449,8 @@ BEGIN
            AND a.grantee NOT IN (0, c.relowner)
     LOOP
         EXECUTE format('GRANT SELECT ON outbox.log_status TO %s', g);
+        -- What outbox.metrics calls (the worker gauges and the latency histogram's bounds).
+        EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._workers_running(), outbox._bucket_bounds() TO %s', g);
     END LOOP;
 END
 $upgrade$;
@@ -2415,6 +2592,13 @@ COMMENT ON COLUMN outbox.stats_hourly.latency_bucket IS 'Latency histogram bucke
 COMMENT ON COLUMN outbox.stats_hourly.deliveries IS 'Deliveries that finished in this hour and bucket.';
 COMMENT ON COLUMN outbox.stats_hourly.attempts IS 'Attempts those deliveries took, in total.';
 COMMENT ON COLUMN outbox.stats_hourly.latency_ms_sum IS 'Sum of their latencies, in milliseconds.';
+COMMENT ON TABLE outbox.stats_retired IS 'Sums of the rollup hours retention removed (older than 90 days), per endpoint, outcome and latency bucket: added to outbox.stats_hourly they give totals that never go down (the counters in outbox.metrics).';
+COMMENT ON COLUMN outbox.stats_retired.endpoint_id IS 'The endpoint.';
+COMMENT ON COLUMN outbox.stats_retired.outcome IS 'Final status counted: delivered or dead.';
+COMMENT ON COLUMN outbox.stats_retired.latency_bucket IS 'Latency histogram bucket, as in outbox.stats_hourly.';
+COMMENT ON COLUMN outbox.stats_retired.deliveries IS 'Deliveries counted.';
+COMMENT ON COLUMN outbox.stats_retired.attempts IS 'Attempts those deliveries took.';
+COMMENT ON COLUMN outbox.stats_retired.latency_ms_sum IS 'Sum of their latencies, milliseconds.';
 
 -------------------------------------------------------------------------------------------
 -- Views
@@ -2526,11 +2710,12 @@ COMMENT ON COLUMN outbox.log_status.oldest_unread_age IS 'How long the oldest un
 COMMENT ON COLUMN outbox.log_status.last_read_at IS 'When the reader last recorded progress.';
 COMMENT ON COLUMN outbox.log_status.reading IS 'true while a batch is being read in parts.';
 
-COMMENT ON VIEW outbox.metrics IS 'Counters and gauges for Prometheus exporters: one row per metric and label set (see contrib/postgres_exporter.yml).';
+COMMENT ON VIEW outbox.metrics IS 'Counters, gauges and the delivery latency histogram for Prometheus exporters: one row per metric and label set (see contrib/). The *_total counters and the histogram never go down.';
 COMMENT ON COLUMN outbox.metrics.metric IS 'Metric name, e.g. outbox_deliveries, outbox_log_unread, outbox_finished_total.';
 COMMENT ON COLUMN outbox.metrics.status IS 'status label: pending, in_flight or dead for outbox_deliveries; delivered or dead for outbox_finished_total; the circuit state for outbox_endpoint_circuit_open; NULL otherwise.';
 COMMENT ON COLUMN outbox.metrics.endpoint_id IS 'endpoint_id label, for per-endpoint metrics; NULL otherwise.';
-COMMENT ON COLUMN outbox.metrics.value IS 'The value (counts; ages in seconds).';
+COMMENT ON COLUMN outbox.metrics.value IS 'The value (counts; ages and latencies in seconds).';
+COMMENT ON COLUMN outbox.metrics.le IS 'le label of outbox_delivery_latency_seconds_bucket: the bucket''s upper bound in seconds, or +Inf; NULL otherwise.';
 
 COMMENT ON VIEW outbox.triggers IS 'Every table that carries an outbox.trigger, and how it is set up.';
 COMMENT ON COLUMN outbox.triggers.table_name IS 'The table.';
@@ -2546,7 +2731,7 @@ COMMENT ON COLUMN outbox.triggers.definition IS 'The full CREATE TRIGGER stateme
 -------------------------------------------------------------------------------------------
 
 COMMENT ON FUNCTION outbox.create_endpoint(text,text[],text,jsonb,interval,text,text,boolean,boolean,integer,integer,text) IS 'Registers a webhook endpoint and returns its id; generates a secret when none is given. With uid, calling it again with the same settings returns the existing endpoint (other settings: 23505).';
-COMMENT ON FUNCTION outbox.update_endpoint(uuid,text,text[],text,jsonb,interval,text,boolean,integer,integer) IS 'Changes the given fields of an endpoint; NULL leaves a field as it is. event_types => ''{*}'', timeout => ''0'' and max_in_flight => 0 restore the defaults, rate_limit => 0 removes the limit.';
+COMMENT ON FUNCTION outbox.update_endpoint(uuid,text,text[],text,jsonb,interval,text,boolean,integer,integer,text) IS 'Changes the given fields of an endpoint; NULL leaves a field as it is. event_types => ''{*}'', timeout => ''0'' and max_in_flight => 0 restore the defaults, rate_limit => 0 removes the limit, uid => '''' removes the caller''s key.';
 COMMENT ON FUNCTION outbox.enable_endpoint(uuid) IS 'Re-enables an endpoint: clears its reason, closes its circuit, restarts its failure count and wakes the worker; deliveries waiting for a retry keep their time.';
 COMMENT ON FUNCTION outbox.disable_endpoint(uuid,text) IS 'Stops claiming an endpoint''s deliveries; they stay pending until outbox.enable_endpoint.';
 COMMENT ON FUNCTION outbox.delete_endpoint(uuid) IS 'Deletes an endpoint and cancels its unfinished deliveries, returning how many. The row stays (deleted_at set) without its secrets and headers.';

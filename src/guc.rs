@@ -19,7 +19,8 @@ pub static MAX_PAYLOAD_SIZE: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024
 pub static RETRY_SCHEDULE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"5s, 5m, 30m, 2h, 5h, 10h, 10h"));
 
-/// Database the worker connects to (the one where `CREATE EXTENSION webhook_outbox` ran).
+/// Databases the workers serve (where `CREATE EXTENSION webhook_outbox` ran), separated by
+/// commas: the launcher keeps `outbox.workers` workers connected to each.
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// Role the worker connects as; empty = the bootstrap superuser. A dedicated login role
@@ -94,7 +95,7 @@ pub const MAX_IN_FLIGHT_LIMIT: i32 = 10_000;
 pub fn register_postmaster() {
     GucRegistry::define_int_guc(
         c"outbox.workers",
-        c"Delivery worker processes (a restart applies a change).",
+        c"Delivery worker processes per database in outbox.database (a restart applies a change).",
         c"Each claims with SKIP LOCKED and holds its own outbox.max_in_flight requests.",
         &WORKERS,
         1,
@@ -167,6 +168,16 @@ unsafe extern "C-unwind" fn check_allowed_targets(
 }
 
 #[pg_guard]
+unsafe extern "C-unwind" fn check_databases(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: called by PostgreSQL as a string check hook.
+    unsafe { check_text(newval, |t| outbox_core::validate::databases(t).map(drop)) }
+}
+
+#[pg_guard]
 unsafe extern "C-unwind" fn check_dns_servers(
     newval: *mut *mut c_char,
     _extra: *mut *mut c_void,
@@ -177,14 +188,20 @@ unsafe extern "C-unwind" fn check_dns_servers(
 }
 
 pub fn register() {
-    GucRegistry::define_string_guc(
-        c"outbox.database",
-        c"Database the webhook_outbox worker connects to.",
-        c"The worker restarts and reconnects when this changes.",
-        &DATABASE,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
+    // SAFETY: the hook is a valid string check hook for the life of the process.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.database",
+            c"Databases the webhook_outbox workers serve, comma-separated, e.g. 'app, billing'.",
+            c"A reload starts workers for databases added and stops those of databases removed.",
+            &DATABASE,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_databases),
+            None,
+            None,
+        )
+    };
     GucRegistry::define_string_guc(
         c"outbox.worker_role",
         c"Role the webhook_outbox worker connects as (empty: the bootstrap superuser).",
@@ -451,6 +468,7 @@ pub fn allowed_targets() -> outbox_core::ssrf::AllowList {
 /// The worker's settings, read together once per reload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerSettings {
+    /// The database this worker serves: given by the launcher, not read from the settings.
     pub database: String,
     /// `None`: the bootstrap superuser.
     pub role: Option<String>,
@@ -469,11 +487,18 @@ pub struct WorkerSettings {
     pub retention_dead: Option<std::time::Duration>,
 }
 
+/// The databases listed in `outbox.database` (the check hook refused anything else; a
+/// value it never saw, the default, is `postgres`).
+pub fn databases() -> Vec<String> {
+    outbox_core::validate::databases(&text(&DATABASE, "postgres"))
+        .unwrap_or_else(|_| vec!["postgres".into()])
+}
+
 impl WorkerSettings {
-    pub fn read() -> WorkerSettings {
+    pub fn read(database: &str) -> WorkerSettings {
         use std::time::Duration;
         WorkerSettings {
-            database: text(&DATABASE, "postgres"),
+            database: database.to_string(),
             role: Some(text(&WORKER_ROLE, "")).filter(|r| !r.is_empty()),
             ca_file: Some(text(&CA_FILE, "")).filter(|f| !f.is_empty()),
             dns_servers: outbox_core::validate::name_servers(&text(&DNS_SERVERS, ""))

@@ -87,7 +87,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         guc::register_postmaster();
         wake::init_shared_memory();
-        worker::register(guc::WORKERS.get());
+        worker::launcher::register();
     } else {
         log!(
             "webhook_outbox is loaded without shared_preload_libraries: the delivery worker is not \

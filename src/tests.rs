@@ -120,6 +120,30 @@ fn create_endpoint_with_a_uid_can_run_again() {
     );
 }
 
+/// An endpoint made before deploy scripts used keys can be given one, and the key moved or
+/// removed; a key another live endpoint of the tenant holds is refused with 23505.
+#[pg_test]
+fn update_endpoint_sets_moves_and_removes_a_uid() {
+    let old = text("SELECT outbox.create_endpoint('https://example.com/hooks', event_types => '{order.*}')::text");
+    Spi::run(&format!("SELECT outbox.update_endpoint('{old}', uid => 'orders-hook')")).unwrap();
+    // The deploy script now finds it under its key instead of making a second endpoint.
+    assert_eq!(
+        text("SELECT outbox.create_endpoint('https://example.com/hooks', event_types => '{order.*}', uid => 'orders-hook')::text"),
+        old
+    );
+    let other = text("SELECT outbox.create_endpoint('https://example.com/other', uid => 'other-hook')::text");
+    assert_refused(&format!("SELECT outbox.update_endpoint('{other}', uid => 'orders-hook')"), "23505");
+    assert_refused(&format!("SELECT outbox.update_endpoint('{other}', uid => repeat('u', 257))"), "22023");
+    assert_eq!(text(&format!("SELECT uid FROM outbox.endpoints WHERE id = '{other}'")), "other-hook");
+    // NULL leaves it; '' removes it, and the key is free for another endpoint.
+    Spi::run(&format!("SELECT outbox.update_endpoint('{old}', description => 'kept')")).unwrap();
+    assert_eq!(text(&format!("SELECT uid FROM outbox.endpoints WHERE id = '{old}'")), "orders-hook");
+    Spi::run(&format!("SELECT outbox.update_endpoint('{old}', uid => '')")).unwrap();
+    assert_eq!(count(&format!("SELECT count(*) FROM outbox.endpoints WHERE id = '{old}' AND uid IS NULL")), 1);
+    Spi::run(&format!("SELECT outbox.update_endpoint('{other}', uid => 'orders-hook')")).unwrap();
+    assert_eq!(text("SELECT id::text FROM outbox.endpoints WHERE uid = 'orders-hook'"), other);
+}
+
 #[pg_test]
 fn create_endpoint_keeps_given_settings() {
     let id = endpoint(
@@ -783,6 +807,67 @@ fn metrics_are_one_row_per_series() {
     );
     assert_eq!(m(&format!("SELECT value FROM outbox.metrics WHERE metric = 'outbox_endpoint_enabled' AND endpoint_id = '{a}'")), 1.0);
     assert!(m("SELECT value FROM outbox.metrics WHERE metric = 'outbox_oldest_pending_seconds'") >= 0.0);
+}
+
+/// Prometheus reads any decrease of a counter as a reset, so the totals must survive the
+/// rollup's retention, and the histogram must be cumulative with +Inf equal to _count.
+#[pg_test]
+fn counters_never_go_down_when_retention_removes_rollup_hours() {
+    let a = endpoint("https://example.com/a", "");
+    Spi::run(&format!(
+        "INSERT INTO outbox.stats_hourly (hour, endpoint_id, event_type, outcome, latency_bucket, deliveries, attempts, latency_ms_sum)
+         VALUES (date_trunc('hour', now()) - interval '100 days', '{a}', 'x', 'delivered', 0, 5, 6, 20),
+                (date_trunc('hour', now()) - interval '100 days', '{a}', 'x', 'dead', 16, 1, 8, 9e7),
+                (date_trunc('hour', now()), '{a}', 'x', 'delivered', 0, 2, 2, 8),
+                (date_trunc('hour', now()), '{a}', 'x', 'delivered', 3, 3, 4, 210)"
+    ))
+    .unwrap();
+    let series = || {
+        Spi::get_one::<String>(&format!(
+            "SELECT string_agg(concat_ws(':', metric, status, le, value), ' ' ORDER BY metric, status, value, le)
+               FROM outbox.metrics WHERE endpoint_id = '{a}' AND metric NOT LIKE 'outbox_endpoint%'"
+        ))
+        .unwrap()
+        .unwrap()
+    };
+    let before = series();
+    let m = |sql: &str| Spi::get_one::<f64>(&format!("{sql} AND endpoint_id = '{a}'")).unwrap().unwrap_or(-1.0);
+    let finished = "SELECT value FROM outbox.metrics WHERE metric = 'outbox_finished_total'";
+    assert_eq!(m(&format!("{finished} AND status = 'delivered'")), 10.0);
+    assert_eq!(m(&format!("{finished} AND status = 'dead'")), 1.0);
+    assert_eq!(m("SELECT value FROM outbox.metrics WHERE metric = 'outbox_attempts_total'"), 20.0);
+    let bucket = "SELECT value FROM outbox.metrics WHERE metric = 'outbox_delivery_latency_seconds_bucket'";
+    assert_eq!(m(&format!("{bucket} AND le = '0.01'")), 7.0, "bucket 0: below 10 ms");
+    assert_eq!(m(&format!("{bucket} AND le = '0.05'")), 7.0, "bucket 3 starts at 50 ms");
+    assert_eq!(m(&format!("{bucket} AND le = '0.1'")), 10.0);
+    assert_eq!(m(&format!("{bucket} AND le = '+Inf'")), 10.0);
+    assert_eq!(m("SELECT value FROM outbox.metrics WHERE metric = 'outbox_delivery_latency_seconds_count'"), 10.0);
+    assert_eq!(m("SELECT value FROM outbox.metrics WHERE metric = 'outbox_delivery_latency_seconds_sum'"), 0.238);
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM (SELECT value < lag(value) OVER (ORDER BY le::double precision) AS down
+               FROM outbox.metrics WHERE metric = 'outbox_delivery_latency_seconds_bucket' AND endpoint_id = '{a}') x
+              WHERE down"
+        )),
+        0,
+        "buckets are cumulative"
+    );
+    Spi::run("SELECT outbox.purge('7 days')").unwrap();
+    assert_eq!(count("SELECT count(*) FROM outbox.stats_hourly WHERE hour < now() - interval '90 days'"), 0);
+    assert_eq!(series(), before, "retention moved the old hours without changing a total");
+    // New outcomes add to the retired sums, never replace them.
+    Spi::run(&format!(
+        "INSERT INTO outbox.stats_hourly (hour, endpoint_id, event_type, outcome, latency_bucket, deliveries, attempts, latency_ms_sum)
+         VALUES (date_trunc('hour', now()) - interval '95 days', '{a}', 'y', 'delivered', 0, 1, 1, 1)"
+    ))
+    .unwrap();
+    Spi::run("SELECT outbox.purge('7 days')").unwrap();
+    assert_eq!(m(&format!("{finished} AND status = 'delivered'")), 11.0);
+    // No worker runs in this test cluster (nothing preloaded): the gauge says so.
+    assert_eq!(
+        Spi::get_one::<f64>("SELECT value FROM outbox.metrics WHERE metric = 'outbox_worker_up'").unwrap(),
+        Some(0.0)
+    );
 }
 
 #[pg_test]

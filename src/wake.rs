@@ -11,14 +11,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, register_xact_callback, PgLwLock, PgXactCallbackEvent};
 
-/// How many workers may run at once (the `outbox.workers` maximum).
+/// How many workers may serve one database (the `outbox.workers` maximum).
 pub const MAX_WORKERS: usize = 8;
+/// Latch slots: every worker of every database `outbox.database` may list.
+pub const SLOTS: usize = MAX_WORKERS * outbox_core::validate::MAX_DATABASES;
 
 /// Per worker slot: the address of its latch (0 = no worker in that slot) and the OID of
 /// the database it serves. Shared memory is mapped at the same address in every backend, so
 /// the addresses are valid everywhere.
-static WORKER_LATCHES: PgLwLock<[(u64, u32); MAX_WORKERS]> =
+static WORKER_LATCHES: PgLwLock<Latches> =
     unsafe { PgLwLock::new(c"webhook_outbox_worker_latches") };
+
+/// The slots, as one value (arrays this long have no `Default`).
+#[derive(Clone, Copy)]
+struct Latches([(u64, u32); SLOTS]);
+
+impl Default for Latches {
+    fn default() -> Self {
+        Latches([(0, 0); SLOTS])
+    }
+}
+
+// SAFETY: plain integers, no pointers into process-local memory.
+unsafe impl pgrx::PGRXSharedMemory for Latches {}
 
 /// Whether the shared memory above exists: only when the library was preloaded. A backend
 /// that loaded the library late (no worker) must not touch it.
@@ -46,8 +61,14 @@ pub fn publish_worker_latch(slot: usize, present: bool) {
     } else {
         (0, 0)
     };
-    if let Some(latch) = WORKER_LATCHES.exclusive().get_mut(slot) {
-        *latch = entry;
+    // SAFETY: as above.
+    let own = unsafe { pg_sys::MyLatch as u64 };
+    if let Some(latch) = WORKER_LATCHES.exclusive().0.get_mut(slot) {
+        // Withdrawing leaves a slot alone that a successor already took (the launcher may
+        // give the slot of a worker it stopped to a new one before the old one has exited).
+        if present || latch.0 == own {
+            *latch = entry;
+        }
     }
 }
 
@@ -61,7 +82,7 @@ fn wake_workers() {
     // SAFETY: a plain read of this backend's database OID.
     let database = u32::from(unsafe { pg_sys::MyDatabaseId });
     let latches = *WORKER_LATCHES.share();
-    for (addr, served) in latches {
+    for (addr, served) in latches.0 {
         if addr != 0 && served == database {
             // SAFETY: the address is a latch in shared memory published by a worker; setting
             // a latch of a process that has since exited is harmless (latches are never freed).

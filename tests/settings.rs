@@ -44,6 +44,10 @@ fn a_setting_that_does_not_parse_is_refused_when_set_with_the_reason() {
             "ALTER SYSTEM SET outbox.dns_servers = 'dns.example.com'",
             "dns.example.com",
         ),
+        (
+            "ALTER SYSTEM SET outbox.database = 'app, billing, app'",
+            "listed twice",
+        ),
     ] {
         let e = c.batch_execute(sql).expect_err(sql);
         assert_eq!(sqlstate(&e), "22023", "{sql}: {e}");

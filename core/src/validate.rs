@@ -191,6 +191,47 @@ pub fn name_servers(text: &str) -> Result<Vec<std::net::SocketAddr>, String> {
         .collect()
 }
 
+/// The most databases `outbox.database` may list: each gets its own workers, and their
+/// latches live in a fixed array of shared memory sized by it.
+pub const MAX_DATABASES: usize = 16;
+
+/// `outbox.database`: the databases the workers serve, separated by commas, each name taken
+/// as written (case kept, spaces around it dropped; a name with a comma cannot be listed).
+/// At least one, no name twice, none longer than PostgreSQL's 63 bytes.
+pub fn databases(text: &str) -> Result<Vec<String>, String> {
+    let names: Vec<String> = text.split(',').map(|s| s.trim().to_string()).collect();
+    if names.iter().all(String::is_empty) {
+        return Err("list at least one database, e.g. 'postgres' or 'app, billing'".into());
+    }
+    if let Some(i) = names.iter().position(String::is_empty) {
+        return Err(format!(
+            "database {} of the list is empty (a stray comma?)",
+            i + 1
+        ));
+    }
+    if let Some(long) = names.iter().find(|n| n.len() > 63) {
+        return Err(format!(
+            "{long:?} is longer than a database name can be (63 bytes)"
+        ));
+    }
+    for (i, name) in names.iter().enumerate() {
+        if let Some(first) = names[..i].iter().position(|n| n == name) {
+            return Err(format!(
+                "{name:?} is listed twice (as database {} and {})",
+                first + 1,
+                i + 1
+            ));
+        }
+    }
+    if names.len() > MAX_DATABASES {
+        return Err(format!(
+            "{} databases are listed; at most {MAX_DATABASES} can be served",
+            names.len()
+        ));
+    }
+    Ok(names)
+}
+
 /// A tenant key.
 pub fn tenant_id(text: &str) -> Result<(), Refusal> {
     check_name("the tenant id", text)
@@ -305,6 +346,26 @@ mod tests {
         assert!(!f(&["order.*"], "orders.created"));
         assert!(f(&["invoice.paid", "order.*"], "order.x"));
         assert!(!f(&[], "a"));
+    }
+
+    #[test]
+    fn databases_are_a_list_of_distinct_names_as_written() {
+        assert_eq!(databases("postgres").unwrap(), vec!["postgres"]);
+        assert_eq!(databases(" app , Billing").unwrap(), vec!["app", "Billing"]);
+        assert!(databases("").unwrap_err().contains("at least one"));
+        assert!(databases("app,,billing")
+            .unwrap_err()
+            .contains("database 2"));
+        assert!(databases("app, billing, app")
+            .unwrap_err()
+            .contains("as database 1 and 3"));
+        assert!(databases(&"x".repeat(64)).unwrap_err().contains("63 bytes"));
+        let many: Vec<String> = (0..=MAX_DATABASES).map(|i| format!("db{i}")).collect();
+        assert!(databases(&many.join(",")).unwrap_err().contains("at most"));
+        assert_eq!(
+            databases(&many[..MAX_DATABASES].join(",")).unwrap().len(),
+            MAX_DATABASES
+        );
     }
 
     #[test]

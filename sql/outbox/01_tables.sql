@@ -388,3 +388,16 @@ CREATE TABLE outbox.stats_hourly (
     latency_ms_sum double precision NOT NULL,
     PRIMARY KEY (hour, endpoint_id, event_type, tenant_id, outcome, latency_bucket)
 );
+
+-- What retention removed from outbox.stats_hourly, summed per endpoint, outcome and latency
+-- bucket. Added to what the rollup still holds, it gives totals that never go down, so the
+-- counters exported from outbox.metrics show no false reset when old hours are deleted.
+CREATE TABLE outbox.stats_retired (
+    endpoint_id    uuid        NOT NULL,
+    outcome        outbox.delivery_status NOT NULL,
+    latency_bucket smallint    NOT NULL,
+    deliveries     bigint      NOT NULL,
+    attempts       bigint      NOT NULL,
+    latency_ms_sum double precision NOT NULL,
+    PRIMARY KEY (endpoint_id, outcome, latency_bucket)
+);

@@ -92,8 +92,9 @@ $$;
 -- NULL arguments leave a field unchanged. event_types => '{*}' makes the endpoint receive
 -- every event again; timeout => '0' returns it to the outbox.request_timeout default;
 -- rate_limit => 0 removes the limit; max_in_flight => 0 returns it to the
--- outbox.endpoint_max_in_flight default. Making an endpoint ordered puts what it has queued
--- in enqueue order first.
+-- outbox.endpoint_max_in_flight default; uid => '' removes the caller's key (a deploy script
+-- can give an endpoint made without one a key). Making an endpoint ordered puts what it has
+-- queued in enqueue order first.
 CREATE FUNCTION outbox.update_endpoint(
     endpoint_id uuid,
     url         text     DEFAULT NULL,
@@ -104,7 +105,8 @@ CREATE FUNCTION outbox.update_endpoint(
     description text     DEFAULT NULL,
     ordered     boolean  DEFAULT NULL,
     rate_limit  integer  DEFAULT NULL,
-    max_in_flight integer DEFAULT NULL
+    max_in_flight integer DEFAULT NULL,
+    uid         text     DEFAULT NULL
 )
 RETURNS void
 LANGUAGE plpgsql
@@ -113,6 +115,21 @@ AS $$
 #variable_conflict use_column
 BEGIN
     PERFORM outbox._endpoint_or_raise(update_endpoint.endpoint_id);
+    IF length(update_endpoint.uid) > 256 THEN
+        RAISE EXCEPTION 'an endpoint uid is 1 to 256 characters, not %', length(update_endpoint.uid)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass uid => '''' to remove the endpoint''s uid.';
+    END IF;
+    -- Another live endpoint of the tenant with that uid: refused, as create_endpoint
+    -- refuses a clash.
+    IF update_endpoint.uid <> '' AND EXISTS (
+           SELECT 1 FROM outbox.endpoint o, outbox.endpoint e
+            WHERE e.id = update_endpoint.endpoint_id AND o.id <> e.id AND o.deleted_at IS NULL
+              AND coalesce(o.tenant_id, '') = coalesce(e.tenant_id, '') AND o.uid = update_endpoint.uid) THEN
+        RAISE EXCEPTION 'endpoint uid % belongs to another endpoint', quote_literal(update_endpoint.uid)
+            USING ERRCODE = 'unique_violation',
+                  HINT = 'A uid is unique among a tenant''s live endpoints: delete the other endpoint first, or choose another uid.';
+    END IF;
     UPDATE outbox.endpoint e SET
         url         = coalesce(outbox._check_url(update_endpoint.url), e.url),
         event_types = CASE WHEN update_endpoint.event_types IS NULL THEN e.event_types
@@ -130,6 +147,9 @@ BEGIN
         max_in_flight = CASE WHEN update_endpoint.max_in_flight IS NULL THEN e.max_in_flight
                              WHEN update_endpoint.max_in_flight = 0 THEN NULL
                              ELSE outbox._check_limit('max_in_flight', update_endpoint.max_in_flight, 10000) END,
+        uid         = CASE WHEN update_endpoint.uid IS NULL THEN e.uid
+                           WHEN update_endpoint.uid = '' THEN NULL
+                           ELSE update_endpoint.uid END,
         updated_at  = now()
     WHERE e.id = update_endpoint.endpoint_id;
     IF update_endpoint.ordered THEN

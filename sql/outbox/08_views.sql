@@ -134,42 +134,90 @@ SELECT u.unread, u.oldest_unread_age, c.created_at AS last_read_at, c.batch IS N
           AND NOT pg_visible_in_snapshot(l.txid, c.done)
           AND (c.pos_txid IS NULL OR (l.txid, l.seq) > (c.pos_txid, c.pos_seq))) u;
 
+-- Worker processes connected to this database now. SECURITY DEFINER: pg_stat_activity
+-- hides other roles' backend types from a monitoring role without pg_read_all_stats.
+CREATE FUNCTION outbox._workers_running()
+RETURNS integer
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT count(*)::integer FROM pg_stat_activity
+     WHERE backend_type = 'webhook_outbox worker'
+       AND datid = (SELECT oid FROM pg_database WHERE datname = current_database())
+$$;
+
 -- Counters and gauges in the shape Prometheus exporters want: one row per metric and label
--- set. See contrib/postgres_exporter.yml.
+-- set (see contrib/). The *_total counters and the latency histogram add what retention
+-- moved out of the hourly rollup (outbox.stats_retired) to what it still holds, so they
+-- never go down: a decrease would read as a counter reset. The histogram is Prometheus's:
+-- cumulative buckets by `le` (seconds, enqueue to delivered), then _sum and _count.
 CREATE VIEW outbox.metrics AS
+WITH totals AS (
+    SELECT t.endpoint_id, t.outcome, t.latency_bucket,
+           sum(t.deliveries) AS deliveries, sum(t.attempts) AS attempts, sum(t.latency_ms_sum) AS latency_ms_sum
+      FROM (SELECT r.endpoint_id, r.outcome, r.latency_bucket, r.deliveries, r.attempts, r.latency_ms_sum
+              FROM outbox.stats_retired r
+            UNION ALL
+            SELECT h.endpoint_id, h.outcome, h.latency_bucket, h.deliveries, h.attempts, h.latency_ms_sum
+              FROM outbox.stats_hourly h) t
+     GROUP BY 1, 2, 3
+), delivered AS (
+    SELECT * FROM totals WHERE outcome = 'delivered'
+)
 SELECT 'outbox_deliveries'::text AS metric, 'pending'::text AS status, NULL::text AS endpoint_id,
-       count(*)::double precision AS value
+       count(*)::double precision AS value, NULL::text AS le
   FROM outbox.delivery WHERE status = 'pending'
 UNION ALL
-SELECT 'outbox_deliveries', 'in_flight', NULL, count(*) FROM outbox.delivery WHERE status = 'in_flight'
+SELECT 'outbox_deliveries', 'in_flight', NULL, count(*), NULL FROM outbox.delivery WHERE status = 'in_flight'
 UNION ALL
-SELECT 'outbox_deliveries', 'dead', NULL, count(*) FROM outbox.delivery WHERE status = 'dead'
+SELECT 'outbox_deliveries', 'dead', NULL, count(*), NULL FROM outbox.delivery WHERE status = 'dead'
 UNION ALL
 SELECT 'outbox_oldest_pending_seconds', NULL, NULL,
-       coalesce(extract(epoch FROM now() - min(created_at)), 0)
+       coalesce(extract(epoch FROM now() - min(created_at)), 0), NULL
   FROM outbox.delivery WHERE status = 'pending'
 UNION ALL
 -- Events committed but not read from the log yet, and the oldest one's age: a reader that
 -- stopped shows here before anything shows as pending.
-SELECT 'outbox_log_unread', NULL, NULL, s.unread FROM outbox.log_status s
+SELECT 'outbox_log_unread', NULL, NULL, s.unread, NULL FROM outbox.log_status s
 UNION ALL
-SELECT 'outbox_log_oldest_unread_seconds', NULL, NULL, coalesce(extract(epoch FROM s.oldest_unread_age), 0)
+SELECT 'outbox_log_oldest_unread_seconds', NULL, NULL, coalesce(extract(epoch FROM s.oldest_unread_age), 0), NULL
   FROM outbox.log_status s
 UNION ALL
-SELECT 'outbox_finished_total', h.outcome::text, h.endpoint_id::text, sum(h.deliveries)
-  FROM outbox.stats_hourly h GROUP BY h.outcome, h.endpoint_id
+SELECT 'outbox_worker_up', NULL, NULL, CASE WHEN outbox._workers_running() > 0 THEN 1 ELSE 0 END, NULL
 UNION ALL
-SELECT 'outbox_attempts_total', NULL, h.endpoint_id::text, sum(h.attempts)
-  FROM outbox.stats_hourly h GROUP BY h.endpoint_id
+SELECT 'outbox_workers', NULL, NULL, outbox._workers_running(), NULL
 UNION ALL
-SELECT 'outbox_endpoint_consecutive_failures', NULL, st.endpoint_id::text, st.consecutive_failures
+SELECT 'outbox_finished_total', t.outcome::text, t.endpoint_id::text, sum(t.deliveries), NULL
+  FROM totals t GROUP BY t.outcome, t.endpoint_id
+UNION ALL
+SELECT 'outbox_attempts_total', NULL, t.endpoint_id::text, sum(t.attempts), NULL
+  FROM totals t GROUP BY t.endpoint_id
+UNION ALL
+-- Bucket i of the rollup holds latencies below bound i + 1 (the last is open), so the
+-- cumulative count at le = bound k is the sum of buckets 0 .. k - 1.
+SELECT 'outbox_delivery_latency_seconds_bucket', NULL, d.endpoint_id::text,
+       coalesce(sum(d.deliveries) FILTER (WHERE d.latency_bucket < b.k), 0), b.le
+  FROM delivered d
+ CROSS JOIN (SELECT k, (bound / 1000)::text AS le
+               FROM unnest(outbox._bucket_bounds()) WITH ORDINALITY AS u(bound, k)
+             UNION ALL
+             SELECT cardinality(outbox._bucket_bounds()) + 1, '+Inf') b
+ GROUP BY d.endpoint_id, b.k, b.le
+UNION ALL
+SELECT 'outbox_delivery_latency_seconds_sum', NULL, d.endpoint_id::text, sum(d.latency_ms_sum) / 1000, NULL
+  FROM delivered d GROUP BY d.endpoint_id
+UNION ALL
+SELECT 'outbox_delivery_latency_seconds_count', NULL, d.endpoint_id::text, sum(d.deliveries), NULL
+  FROM delivered d GROUP BY d.endpoint_id
+UNION ALL
+SELECT 'outbox_endpoint_consecutive_failures', NULL, st.endpoint_id::text, st.consecutive_failures, NULL
   FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL
 UNION ALL
-SELECT 'outbox_endpoint_enabled', NULL, e.id::text, CASE WHEN e.enabled THEN 1 ELSE 0 END
+SELECT 'outbox_endpoint_enabled', NULL, e.id::text, CASE WHEN e.enabled THEN 1 ELSE 0 END, NULL
   FROM outbox.endpoint e WHERE e.deleted_at IS NULL
 UNION ALL
 SELECT 'outbox_endpoint_circuit_open', st.circuit::text, st.endpoint_id::text,
-       CASE WHEN st.circuit = 'closed' THEN 0 ELSE 1 END
+       CASE WHEN st.circuit = 'closed' THEN 0 ELSE 1 END, NULL
   FROM outbox.endpoint_state st JOIN outbox.endpoint e ON e.id = st.endpoint_id WHERE e.deleted_at IS NULL;
 
 -- The tables that carry an outbox.trigger, and how: which changes make events, the event

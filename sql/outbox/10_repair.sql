@@ -198,10 +198,32 @@ BEGIN
 END
 $$;
 
+-- Moves rollup hours older than 90 days into outbox.stats_retired, in one statement, so
+-- a reader of the totals sees them either in the rollup or in the retired sums, never in
+-- neither: the counters in outbox.metrics never go down. The 90 days are the rollup's
+-- retention, stated here only.
+CREATE FUNCTION outbox._retire_stats()
+RETURNS void
+LANGUAGE sql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM outbox.stats_hourly WHERE hour < now() - interval '90 days'
+        RETURNING endpoint_id, outcome, latency_bucket, deliveries, attempts, latency_ms_sum
+    )
+    INSERT INTO outbox.stats_retired AS r (endpoint_id, outcome, latency_bucket, deliveries, attempts, latency_ms_sum)
+    SELECT endpoint_id, outcome, latency_bucket, sum(deliveries), sum(attempts), sum(latency_ms_sum)
+      FROM gone GROUP BY 1, 2, 3
+    ON CONFLICT (endpoint_id, outcome, latency_bucket) DO UPDATE SET
+           deliveries = r.deliveries + excluded.deliveries,
+           attempts = r.attempts + excluded.attempts,
+           latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum;
+$$;
+
 -- Cancels what is left for deleted endpoints, then deletes up to batch_size finished
 -- deliveries (delivered or cancelled older than
 -- delivered_age, dead older than dead_age) with their attempts, then events no delivery
--- refers to any more, and rollup hours older than 90 days. Small batches keep each
+-- refers to any more, and retires rollup hours older than 90 days. Small batches keep each
 -- transaction short, so the hot path never waits on it. Returns the deliveries deleted.
 CREATE FUNCTION outbox._purge_batch(delivered_age interval, dead_age interval, batch_size integer)
 RETURNS bigint
@@ -265,7 +287,7 @@ BEGIN
     )
     SELECT n + count(*) INTO n FROM stale;
     PERFORM outbox._rotate_history(delivered_age);
-    DELETE FROM outbox.stats_hourly WHERE hour < now() - interval '90 days';
+    PERFORM outbox._retire_stats();
     RETURN n;
 END
 $$;

@@ -17,6 +17,7 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.delivery_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.attempt', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.attempt_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.stats_hourly', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.stats_retired', '');
 -- The history's partitions hold its rows (which partition is written next is not dumped:
 -- a restored database starts a new turn).
 SELECT pg_catalog.pg_extension_config_dump('outbox.history_0', '');
@@ -68,7 +69,7 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION outbox.stats(), outbox.enable_endpoint(uuid), outbox.disable_endpoint(uuid, text),
         outbox.delivery_stats(interval, uuid, text, text), outbox.endpoint_stats(interval), outbox.event_type_stats(interval),
         outbox.retry_dead(uuid, uuid, timestamptz, timestamptz), outbox.replay(uuid, timestamptz, timestamptz),
-        outbox.cancel(uuid, uuid), outbox._policy() TO %s', role);
+        outbox.cancel(uuid, uuid), outbox._policy(), outbox._workers_running(), outbox._bucket_bounds() TO %s', role);
 END
 $$;
 
@@ -84,7 +85,7 @@ BEGIN
     PERFORM outbox.grant_operator(role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION
         outbox.create_endpoint(text, text[], text, jsonb, interval, text, text, boolean, boolean, integer, integer, text),
-        outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text, boolean, integer, integer),
+        outbox.update_endpoint(uuid, text, text[], text, jsonb, interval, text, boolean, integer, integer, text),
         outbox.delete_endpoint(uuid), outbox.endpoint_secret(uuid), outbox.generate_secret(),
         outbox.rotate_secret(uuid, text, interval),
         outbox.purge(interval, interval),
@@ -135,9 +136,11 @@ DO $$
 BEGIN
     IF current_setting('shared_preload_libraries') !~ '(^|[\s,"])webhook_outbox([\s,"]|$)' THEN
         RAISE NOTICE 'webhook_outbox: deliveries will queue up but not be sent: the delivery worker needs shared_preload_libraries = ''webhook_outbox'' and a server restart';
-    ELSIF coalesce(current_setting('outbox.database', true), 'postgres') <> current_database() THEN
-        RAISE NOTICE 'webhook_outbox: the delivery worker serves database "%", not "%"; set outbox.database = ''%'' and reload to deliver from here',
-            coalesce(current_setting('outbox.database', true), 'postgres'), current_database(), current_database();
+    ELSIF current_database() <> ALL (SELECT btrim(d) FROM unnest(string_to_array(
+              coalesce(current_setting('outbox.database', true), 'postgres'), ',')) d) THEN
+        RAISE NOTICE 'webhook_outbox: the delivery workers serve outbox.database = ''%'', which does not list "%"; add it (ALTER SYSTEM SET outbox.database = ''%, %'') and reload to deliver from here',
+            current_setting('outbox.database', true), current_database(),
+            current_setting('outbox.database', true), current_database();
     END IF;
 END
 $$;

@@ -137,6 +137,13 @@ COMMENT ON COLUMN outbox.stats_hourly.latency_bucket IS 'Latency histogram bucke
 COMMENT ON COLUMN outbox.stats_hourly.deliveries IS 'Deliveries that finished in this hour and bucket.';
 COMMENT ON COLUMN outbox.stats_hourly.attempts IS 'Attempts those deliveries took, in total.';
 COMMENT ON COLUMN outbox.stats_hourly.latency_ms_sum IS 'Sum of their latencies, in milliseconds.';
+COMMENT ON TABLE outbox.stats_retired IS 'Sums of the rollup hours retention removed (older than 90 days), per endpoint, outcome and latency bucket: added to outbox.stats_hourly they give totals that never go down (the counters in outbox.metrics).';
+COMMENT ON COLUMN outbox.stats_retired.endpoint_id IS 'The endpoint.';
+COMMENT ON COLUMN outbox.stats_retired.outcome IS 'Final status counted: delivered or dead.';
+COMMENT ON COLUMN outbox.stats_retired.latency_bucket IS 'Latency histogram bucket, as in outbox.stats_hourly.';
+COMMENT ON COLUMN outbox.stats_retired.deliveries IS 'Deliveries counted.';
+COMMENT ON COLUMN outbox.stats_retired.attempts IS 'Attempts those deliveries took.';
+COMMENT ON COLUMN outbox.stats_retired.latency_ms_sum IS 'Sum of their latencies, milliseconds.';
 
 -------------------------------------------------------------------------------------------
 -- Views
@@ -248,11 +255,12 @@ COMMENT ON COLUMN outbox.log_status.oldest_unread_age IS 'How long the oldest un
 COMMENT ON COLUMN outbox.log_status.last_read_at IS 'When the reader last recorded progress.';
 COMMENT ON COLUMN outbox.log_status.reading IS 'true while a batch is being read in parts.';
 
-COMMENT ON VIEW outbox.metrics IS 'Counters and gauges for Prometheus exporters: one row per metric and label set (see contrib/postgres_exporter.yml).';
+COMMENT ON VIEW outbox.metrics IS 'Counters, gauges and the delivery latency histogram for Prometheus exporters: one row per metric and label set (see contrib/). The *_total counters and the histogram never go down.';
 COMMENT ON COLUMN outbox.metrics.metric IS 'Metric name, e.g. outbox_deliveries, outbox_log_unread, outbox_finished_total.';
 COMMENT ON COLUMN outbox.metrics.status IS 'status label: pending, in_flight or dead for outbox_deliveries; delivered or dead for outbox_finished_total; the circuit state for outbox_endpoint_circuit_open; NULL otherwise.';
 COMMENT ON COLUMN outbox.metrics.endpoint_id IS 'endpoint_id label, for per-endpoint metrics; NULL otherwise.';
-COMMENT ON COLUMN outbox.metrics.value IS 'The value (counts; ages in seconds).';
+COMMENT ON COLUMN outbox.metrics.value IS 'The value (counts; ages and latencies in seconds).';
+COMMENT ON COLUMN outbox.metrics.le IS 'le label of outbox_delivery_latency_seconds_bucket: the bucket''s upper bound in seconds, or +Inf; NULL otherwise.';
 
 COMMENT ON VIEW outbox.triggers IS 'Every table that carries an outbox.trigger, and how it is set up.';
 COMMENT ON COLUMN outbox.triggers.table_name IS 'The table.';
@@ -268,7 +276,7 @@ COMMENT ON COLUMN outbox.triggers.definition IS 'The full CREATE TRIGGER stateme
 -------------------------------------------------------------------------------------------
 
 COMMENT ON FUNCTION outbox.create_endpoint(text,text[],text,jsonb,interval,text,text,boolean,boolean,integer,integer,text) IS 'Registers a webhook endpoint and returns its id; generates a secret when none is given. With uid, calling it again with the same settings returns the existing endpoint (other settings: 23505).';
-COMMENT ON FUNCTION outbox.update_endpoint(uuid,text,text[],text,jsonb,interval,text,boolean,integer,integer) IS 'Changes the given fields of an endpoint; NULL leaves a field as it is. event_types => ''{*}'', timeout => ''0'' and max_in_flight => 0 restore the defaults, rate_limit => 0 removes the limit.';
+COMMENT ON FUNCTION outbox.update_endpoint(uuid,text,text[],text,jsonb,interval,text,boolean,integer,integer,text) IS 'Changes the given fields of an endpoint; NULL leaves a field as it is. event_types => ''{*}'', timeout => ''0'' and max_in_flight => 0 restore the defaults, rate_limit => 0 removes the limit, uid => '''' removes the caller''s key.';
 COMMENT ON FUNCTION outbox.enable_endpoint(uuid) IS 'Re-enables an endpoint: clears its reason, closes its circuit, restarts its failure count and wakes the worker; deliveries waiting for a retry keep their time.';
 COMMENT ON FUNCTION outbox.disable_endpoint(uuid,text) IS 'Stops claiming an endpoint''s deliveries; they stay pending until outbox.enable_endpoint.';
 COMMENT ON FUNCTION outbox.delete_endpoint(uuid) IS 'Deletes an endpoint and cancels its unfinished deliveries, returning how many. The row stays (deleted_at set) without its secrets and headers.';

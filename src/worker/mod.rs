@@ -10,12 +10,13 @@
 //! batch's hold ending or the poll interval. Reading, sending and recording overlap: the
 //! main thread never waits for HTTP.
 
+pub mod launcher;
 mod store;
 
 use std::time::Duration;
 
 use outbox_sender::{Config, Sender};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 
@@ -44,41 +45,30 @@ const ROTATE_EVERY: Duration = Duration::from_secs(1);
 /// receiver holds the reading of the log back by this much at most.
 const BATCH_HOLD: Duration = Duration::from_millis(250);
 
-/// Registers `count` workers; only possible while `shared_preload_libraries` is processed.
-/// Each gets its slot number (for its latch, and so that only the first runs retention).
-/// Workers with SPI access start once recovery has finished: a hot standby runs none (its
-/// primary delivers), and promotion starts them.
-pub fn register(count: i32) {
-    for slot in 0..count.max(1) {
-        let name = if slot == 0 {
-            "webhook_outbox worker".to_string()
-        } else {
-            format!("webhook_outbox worker {slot}")
-        };
-        BackgroundWorkerBuilder::new(&name)
-            .set_type("webhook_outbox worker")
-            .set_function("webhook_outbox_worker_main")
-            .set_library("webhook_outbox")
-            .set_argument(Some(pg_sys::Datum::from(slot)))
-            .enable_spi_access()
-            .set_restart_time(Some(Duration::from_secs(1)))
-            .load();
-    }
+/// The argument the launcher gives a worker: its latch slot in the low half, which of its
+/// database's workers it is in the high half.
+fn encode_argument(slot: usize, index: usize) -> u64 {
+    ((index as u64) << 32) | slot as u64
 }
 
+fn decode_argument(arg: u64) -> (usize, usize) {
+    ((arg & 0xffff_ffff) as usize, (arg >> 32) as usize)
+}
+
+/// Started by the launcher for one database (its name in `bgw_extra`).
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn webhook_outbox_worker_main(arg: pg_sys::Datum) {
-    let slot = arg.value();
+    let (slot, index) = decode_argument(arg.value() as u64);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let settings = WorkerSettings::read();
+    let settings = WorkerSettings::read(BackgroundWorker::get_extra());
     BackgroundWorker::connect_worker_to_spi(Some(&settings.database), settings.role.as_deref());
     pin_session();
-    let mut worker = match Worker::start(settings, slot) {
+    let mut worker = match Worker::start(settings, index) {
         Ok(w) => w,
         Err(e) => {
             log!("webhook_outbox worker: cannot start the HTTP sender: {e}");
-            // Exit code 1: the postmaster starts the worker again after the restart time.
+            // The launcher starts the worker again after a pause.
             unsafe { pg_sys::proc_exit(1) };
         }
     };
@@ -93,12 +83,12 @@ pub extern "C-unwind" fn webhook_outbox_worker_main(arg: pg_sys::Datum) {
             .unwrap_or("bootstrap superuser"),
         std::process::id()
     );
-    let restart = worker.run();
+    worker.run();
     wake::publish_worker_latch(slot, false);
     worker.stop();
-    // Exit 1 means "start me again" (after a reload that changed the database); at server
-    // shutdown the postmaster does not restart anyone.
-    unsafe { pg_sys::proc_exit(if restart { 1 } else { 0 }) };
+    // The launcher decides whether this worker runs again: it does while its database is
+    // listed (after a reload that changed the role or the sender's settings, at once).
+    unsafe { pg_sys::proc_exit(0) };
 }
 
 /// Session settings of the worker, before it runs any statement. Its search_path is only
@@ -130,7 +120,7 @@ const LOCK_TIMEOUT: &std::ffi::CStr = c"1s";
 
 struct Worker {
     settings: WorkerSettings,
-    /// Which of the `outbox.workers` this is; retention runs on the first only.
+    /// Which of its database's `outbox.workers` this is; retention runs on the first only.
     slot: usize,
     sender: Sender,
     name: String,
@@ -230,23 +220,23 @@ impl Worker {
         })
     }
 
-    /// The main loop; returns true when the worker should be restarted.
-    fn run(&mut self) -> bool {
+    /// The main loop; returns when the worker should stop (the launcher starts it again if
+    /// its database is still listed).
+    fn run(&mut self) {
         loop {
             if BackgroundWorker::sigterm_received() {
-                return false;
+                return;
             }
             if BackgroundWorker::sighup_received() {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-                let new = WorkerSettings::read();
-                if new.database != self.settings.database
-                    || new.role != self.settings.role
+                let new = WorkerSettings::read(&self.settings.database);
+                if new.role != self.settings.role
                     || new.ca_file != self.settings.ca_file
                     || new.dns_servers != self.settings.dns_servers
                     || new.dns_timeout != self.settings.dns_timeout
                 {
-                    log!("webhook_outbox worker: outbox.database, outbox.worker_role, outbox.ca_file or outbox.dns_* changed; restarting");
-                    return true;
+                    log!("webhook_outbox worker: outbox.worker_role, outbox.ca_file or outbox.dns_* changed; restarting");
+                    return;
                 }
                 self.sender.set_max_response_body(new.max_response_body);
                 self.sender.set_allow_list(new.allowed_targets.clone());
