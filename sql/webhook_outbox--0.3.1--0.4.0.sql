@@ -2342,7 +2342,7 @@ SELECT 'outbox_log_oldest_unread_seconds', NULL, NULL, coalesce(extract(epoch FR
 UNION ALL
 SELECT 'outbox_worker_up', NULL, NULL, CASE WHEN outbox._workers_running() > 0 THEN 1 ELSE 0 END, NULL
 UNION ALL
-SELECT 'outbox_workers', NULL, NULL, outbox._workers_running(), NULL
+SELECT 'outbox_worker_processes', NULL, NULL, outbox._workers_running(), NULL
 UNION ALL
 SELECT 'outbox_finished_total', t.outcome::text, t.endpoint_id::text, sum(t.deliveries), NULL
   FROM totals t GROUP BY t.outcome, t.endpoint_id

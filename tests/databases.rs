@@ -109,7 +109,7 @@ fn every_listed_database_is_served_by_its_own_workers_and_a_reload_changes_the_l
     assert_eq!(
         scalar_i64(
             &mut billing,
-            "SELECT value::bigint FROM outbox.metrics WHERE metric = 'outbox_workers'"
+            "SELECT value::bigint FROM outbox.metrics WHERE metric = 'outbox_worker_processes'"
         ),
         2
     );
