@@ -32,4 +32,7 @@ step "whole-system tests (own clusters, real receivers on 127.0.0.1)"
 install_extension
 cargo test -p webhook_outbox --test '*'
 
+step "Debian package: build, install on a clean Debian root, deliver"
+scripts/test-package.sh
+
 step "all tests passed"
