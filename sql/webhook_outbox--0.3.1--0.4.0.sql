@@ -2333,6 +2333,21 @@ SELECT 'outbox_oldest_pending_seconds', NULL, NULL,
        coalesce(extract(epoch FROM now() - min(created_at)), 0), NULL
   FROM outbox.delivery WHERE status = 'pending'
 UNION ALL
+-- How long the most overdue delivery has waited past its due time, among endpoints that
+-- may be sent to (enabled, circuit closed: those held otherwise have series of their own).
+-- Deliveries scheduled for later and retries waiting for their turn do not count, so it
+-- grows only when due work is not going out: the worker behind or stopped, or an endpoint
+-- held by its rate limit, max_in_flight or ordering. One index probe per endpoint.
+SELECT 'outbox_oldest_due_seconds', NULL, NULL,
+       coalesce(extract(epoch FROM now() - min(f.due_at)), 0), NULL
+  FROM outbox.endpoint e
+  JOIN outbox.endpoint_state st ON st.endpoint_id = e.id
+ CROSS JOIN LATERAL (
+       SELECT d.due_at FROM outbox.delivery d
+        WHERE d.endpoint_id = e.id AND d.status = 'pending'
+        ORDER BY d.due_at LIMIT 1) f
+ WHERE e.enabled AND e.deleted_at IS NULL AND st.circuit = 'closed' AND f.due_at <= now()
+UNION ALL
 -- Events committed but not read from the log yet, and the oldest one's age: a reader that
 -- stopped shows here before anything shows as pending.
 SELECT 'outbox_log_unread', NULL, NULL, s.unread, NULL FROM outbox.log_status s

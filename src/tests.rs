@@ -809,6 +809,37 @@ fn metrics_are_one_row_per_series() {
     assert!(m("SELECT value FROM outbox.metrics WHERE metric = 'outbox_oldest_pending_seconds'") >= 0.0);
 }
 
+/// The overdue gauge counts only due work that could go out: not retries waiting for their
+/// turn nor scheduled deliveries, and not endpoints held by being disabled or by an open
+/// circuit, which have gauges of their own.
+#[pg_test]
+fn the_overdue_gauge_counts_only_due_deliveries_that_could_go_out() {
+    let a = endpoint("https://example.com/a", "");
+    let overdue = || {
+        Spi::get_one::<f64>("SELECT value FROM outbox.metrics WHERE metric = 'outbox_oldest_due_seconds'")
+            .unwrap()
+            .unwrap()
+    };
+    Spi::run("SELECT outbox.enqueue('x', '{}')").unwrap();
+    fan_out();
+    Spi::run("UPDATE outbox.delivery SET due_at = now() + interval '1 hour', created_at = now() - interval '2 hours'").unwrap();
+    assert_eq!(overdue(), 0.0, "a retry waiting for its turn is not overdue");
+    assert!(
+        Spi::get_one::<f64>("SELECT value FROM outbox.metrics WHERE metric = 'outbox_oldest_pending_seconds'")
+            .unwrap()
+            .unwrap()
+            >= 7200.0,
+        "though it is the oldest pending"
+    );
+    Spi::run("UPDATE outbox.delivery SET due_at = now() - interval '10 minutes'").unwrap();
+    assert!((overdue() - 600.0).abs() < 5.0, "{}", overdue());
+    Spi::run(&format!("UPDATE outbox.endpoint_state SET circuit = 'open' WHERE endpoint_id = '{a}'")).unwrap();
+    assert_eq!(overdue(), 0.0, "an open circuit holds it: OutboxCircuitOpen says so");
+    Spi::run(&format!("UPDATE outbox.endpoint_state SET circuit = 'closed' WHERE endpoint_id = '{a}'")).unwrap();
+    Spi::run(&format!("SELECT outbox.disable_endpoint('{a}')")).unwrap();
+    assert_eq!(overdue(), 0.0, "a disabled endpoint's deliveries wait on purpose");
+}
+
 /// Prometheus reads any decrease of a counter as a reset, so the totals must survive the
 /// rollup's retention, and the histogram must be cumulative with +Inf equal to _count.
 #[pg_test]

@@ -31,9 +31,10 @@ const RULES: &str = include_str!("../contrib/prometheus/webhook_outbox.rules.yml
 const RULES_TEST: &str = include_str!("../contrib/prometheus/webhook_outbox.rules.test.yml");
 
 /// The series of `outbox.metrics` (see docs/monitoring.md): what each configuration exports.
-const SERIES: [&str; 14] = [
+const SERIES: [&str; 15] = [
     "outbox_deliveries",
     "outbox_oldest_pending_seconds",
+    "outbox_oldest_due_seconds",
     "outbox_log_unread",
     "outbox_log_oldest_unread_seconds",
     "outbox_worker_up",
@@ -52,7 +53,7 @@ const SERIES: [&str; 14] = [
 const ALERTS: [&str; 7] = [
     "OutboxWorkerDown",
     "OutboxMetricsAbsent",
-    "OutboxOldestPendingHigh",
+    "OutboxDeliveriesOverdue",
     "OutboxLogNotRead",
     "OutboxCircuitOpen",
     "OutboxDeadLettersRising",
@@ -60,8 +61,9 @@ const ALERTS: [&str; 7] = [
 ];
 
 /// Gauges that move with the clock: compared between the exporters by presence only.
-const CLOCK_GAUGES: [&str; 2] = [
+const CLOCK_GAUGES: [&str; 3] = [
     "outbox_oldest_pending_seconds",
+    "outbox_oldest_due_seconds",
     "outbox_log_oldest_unread_seconds",
 ];
 
@@ -944,11 +946,8 @@ fn dashboard_rules_and_exporter_example_are_well_formed() {
         ("absent(outbox_worker_up)".into(), Some("5m".into()))
     );
     assert_eq!(
-        expr_for("OutboxOldestPendingHigh"),
-        (
-            "outbox_oldest_pending_seconds > 300".into(),
-            Some("5m".into())
-        )
+        expr_for("OutboxDeliveriesOverdue"),
+        ("outbox_oldest_due_seconds > 300".into(), Some("5m".into()))
     );
     assert_eq!(
         expr_for("OutboxLogNotRead"),
