@@ -1033,3 +1033,116 @@ fn an_open_batch_counts_in_its_endpoints_state_only_when_other_workers_claim() {
         );
     }
 }
+
+/// A batch waiting for a slow receiver holds back nothing committed after it: the next
+/// part is read and sent while the first is still open, and the two close in order, each
+/// delivery written once. A crash with both open sends both again under the same ids.
+#[test]
+fn the_next_batch_goes_out_while_the_one_before_waits_for_its_answers() {
+    let cluster = Cluster::start(FAST);
+    let rx = receiver();
+    rx.set_default("/slow", Reply::Delay(Duration::from_millis(1500), 200));
+    let mut c = cluster.client();
+    let slow = endpoint(&mut c, &rx.url("/slow"), "");
+    let fast = endpoint(&mut c, &rx.url("/fast"), "");
+    // Idle first (a claim has found nothing due), then one event for the slow receiver.
+    std::thread::sleep(Duration::from_millis(500));
+    c.batch_execute(&format!(
+        "SELECT outbox.enqueue('t.slow', '{{}}', endpoint_id => '{slow}')"
+    ))
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || rx
+        .received_on("/slow")
+        .len()
+        == 1));
+    // While it is being answered: events for the fast one arrive at once, not after the
+    // slow answer (1.5 s) nor after the first batch's hold (250 ms).
+    let sent = std::time::SystemTime::now();
+    c.batch_execute(&format!(
+        "SELECT outbox.enqueue('t.fast', jsonb_build_object('n', g), endpoint_id => '{fast}') FROM generate_series(1, 3) g"
+    ))
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || rx
+        .received_on("/fast")
+        .len()
+        == 3));
+    let waited = rx.received_on("/fast")[2]
+        .received_at
+        .duration_since(sent)
+        .unwrap_or_default();
+    assert!(
+        waited < Duration::from_millis(200),
+        "the fast events waited {waited:?} behind the open batch"
+    );
+    // Both batches close in order: every delivery written once, as delivered, and the log
+    // read to its end.
+    assert!(
+        wait_until(Duration::from_secs(10), || scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'"
+        ) == 4),
+        "{}",
+        cluster.log()
+    );
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM outbox.deliveries"),
+        4
+    );
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT unread FROM outbox.log_status"),
+        0
+    );
+    assert_eq!(rx.received().len(), 4, "each sent once");
+
+    // Again, and the worker killed while both are open: both are read and sent again after
+    // the restart, under the same webhook-ids, and each delivery is still written once.
+    rx.clear();
+    c.batch_execute(&format!(
+        "SELECT outbox.enqueue('t.slow2', '{{}}', endpoint_id => '{slow}')"
+    ))
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || rx
+        .received_on("/slow")
+        .len()
+        == 1));
+    c.batch_execute(&format!(
+        "SELECT outbox.enqueue('t.fast2', jsonb_build_object('n', g), endpoint_id => '{fast}') FROM generate_series(1, 3) g"
+    ))
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || rx
+        .received_on("/fast")
+        .len()
+        == 3));
+    let pid = common::worker::worker_pid(&cluster);
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            // The crash restarts every backend: a connection may be cut mid-query.
+            postgres::Client::connect(&cluster.conninfo(), postgres::NoTls)
+                .ok()
+                .and_then(|mut c| {
+                    c.query_one(
+                        "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'",
+                        &[],
+                    )
+                    .ok()
+                })
+                .is_some_and(|r| r.get::<_, i64>(0) == 8)
+        }),
+        "{}",
+        cluster.log()
+    );
+    let mut c = cluster.client();
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM outbox.deliveries"),
+        8
+    );
+    let fast_ids: std::collections::BTreeSet<String> = rx
+        .received_on("/fast")
+        .into_iter()
+        .map(|r| r.webhook_id)
+        .collect();
+    assert_eq!(fast_ids.len(), 3, "sent again under the same ids");
+}

@@ -317,10 +317,14 @@ $$;
 -- lock (outbox._log_lock) for its session, so that no one reads the part while its
 -- attempts are out. When nothing can go (or p_free is 0) the part is fanned out and the
 -- cursor moved here, and no rows are returned.
-CREATE FUNCTION outbox._read_batch(p_free integer, p_max integer, p_max_bytes bigint)
+CREATE FUNCTION outbox._read_batch(p_free integer, p_max integer, p_max_bytes bigint,
+                                   p_open_cursor bigint DEFAULT NULL, p_open_batch pg_snapshot DEFAULT NULL,
+                                   p_open_more boolean DEFAULT NULL, p_open_txid bigint DEFAULT NULL,
+                                   p_open_seq bigint DEFAULT NULL)
 RETURNS TABLE (cursor_id bigint, batch text, part_events integer, delivery_id uuid, txid bigint, seq bigint,
                endpoint_id uuid, event_id text, url text, secret text, headers text,
-               timeout_ms double precision, body text, previous_secret text, cap integer, busy integer)
+               timeout_ms double precision, body text, previous_secret text, cap integer, busy integer,
+               part_more boolean, part_last_txid bigint, part_last_seq bigint)
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
@@ -342,6 +346,24 @@ BEGIN
     IF c.id IS NULL THEN
         RETURN;
     END IF;
+    IF p_open_cursor IS NOT NULL THEN
+        -- The part after a batch still open (read from cursor row p_open_cursor, which must
+        -- still be the newest, with snapshot p_open_batch, ending at p_open_txid/seq with
+        -- p_open_more of its batch left): read from where the cursor will be once that one
+        -- closes, writing nothing, so that the worker need not wait for the close to send
+        -- what has committed since. One worker only (paced): with several, the others
+        -- claim by the state rows, which count only what is closed. A part that has
+        -- nothing to send now is left to be read after the close. (The rows returned carry
+        -- p_open_cursor: the worker closes this part from the row that close writes.)
+        IF NOT v_paced OR c.id <> p_open_cursor THEN
+            RETURN;
+        END IF;
+        IF p_open_more THEN
+            c := row(p_open_cursor, c.done, p_open_batch, p_open_txid::text::xid8, p_open_seq, 0, now())::outbox.log_cursor;
+        ELSE
+            c := row(p_open_cursor, p_open_batch, NULL, NULL, NULL, 0, now())::outbox.log_cursor;
+        END IF;
+    END IF;
     -- Counted: no more events than could go now, when some can: the rest would only be
     -- read again next time (the endpoints' room is an upper bound: an event goes to one or
     -- more). Paced, the worker finds the room: only p_max (its free slots) bounds the part.
@@ -357,7 +379,9 @@ BEGIN
     v_batch := coalesce(c.batch, pg_current_snapshot());
     SELECT * INTO v_part FROM outbox._read_part(c, v_batch, p_max, p_max_bytes);
     IF cardinality(v_part.events) = 0 THEN
-        PERFORM outbox._advance_cursor(c, v_batch, v_part.events, v_part.more);
+        IF p_open_cursor IS NULL THEN
+            PERFORM outbox._advance_cursor(c, v_batch, v_part.events, v_part.more);
+        END IF;
         RETURN;
     END IF;
 
@@ -420,11 +444,16 @@ BEGIN
            ch.endpoint_id, ch.id, ch.url, ch.secret, ch.headers::text,
            extract(epoch FROM ch.timeout)::double precision * 1000,
            outbox._body(ch.event_type, ch.created_at, ch.payload), ch.previous_secret,
-           CASE WHEN v_paced THEN ch.cap END, CASE WHEN v_paced THEN ch.in_flight END
+           CASE WHEN v_paced THEN ch.cap END, CASE WHEN v_paced THEN ch.in_flight END,
+           -- Where the cursor will be once the part closes (as outbox._advance_cursor puts
+           -- it after outbox._close_batch reads the cut part again): for the next read
+           -- while this part is open.
+           v_part.more OR cut.n - 1 < cardinality(v_part.events),
+           (v_part.events[cut.n - 1]).txid::text::bigint, (v_part.events[cut.n - 1]).seq
       FROM chosen ch, cut
      ORDER BY ch.n, ch.endpoint_id;
     GET DIAGNOSTICS v_sent = ROW_COUNT;
-    IF v_sent = 0 THEN
+    IF v_sent = 0 AND p_open_cursor IS NULL THEN
         -- Nothing can go at once: the whole part becomes deliveries, claimed as they can go.
         PERFORM outbox._fan_out(v_part.events);
         PERFORM outbox._wake_at_commit();

@@ -44,6 +44,10 @@ const ROTATE_EVERY: Duration = Duration::from_secs(1);
 /// written in flight (and acknowledged later like any claimed delivery), so one slow
 /// receiver holds the reading of the log back by this much at most.
 const BATCH_HOLD: Duration = Duration::from_millis(250);
+/// How long after a claim that found nothing more due batches may follow each other
+/// without another claim: what others queue meanwhile (an operator's retry, an enabled
+/// endpoint's backlog) waits at most about this long.
+const QUEUE_CLEAR_FOR: Duration = Duration::from_millis(200);
 
 /// The argument the launcher gives a worker: its latch slot in the low half, which of its
 /// database's workers it is in the high half.
@@ -139,6 +143,13 @@ struct Worker {
     next_rotation: std::time::Instant,
     /// The part of the log whose first attempts are out, if any.
     batch: Option<store::Batch>,
+    /// The part read after it while it was still open (one worker only): its attempts go
+    /// out without waiting for the close; it closes after `batch`, and then takes its place.
+    next: Option<store::Batch>,
+    /// When the last claim found nothing more due (and when its next delivery comes due):
+    /// batches are read one after the other without a claim between them only while
+    /// nothing queued waits, so that retries and held deliveries still get their turn.
+    queue_clear_until: Option<std::time::Instant>,
     /// The log reader's lock this session holds (its key), if it holds it.
     reader_key: Option<i32>,
     /// This worker's requests out, by endpoint: the open batch's attempts start as their
@@ -160,6 +171,10 @@ struct Claimed {
     closed: bool,
     /// A batch read in this cycle, its first attempts waiting to start.
     batch: Option<store::Batch>,
+    /// The cursor row the closed batch's close wrote, when a batch follows it.
+    followed: Option<i64>,
+    /// Whether the claim ran, and found fewer than it asked for (nothing more due now).
+    claim_ran: bool,
     reader_key: Option<i32>,
 }
 
@@ -213,6 +228,8 @@ impl Worker {
             orphans_taken: false,
             next_rotation: std::time::Instant::now(),
             batch: None,
+            next: None,
+            queue_clear_until: None,
             reader_key: None,
             in_flight: InFlight::default(),
             slot,
@@ -303,19 +320,21 @@ impl Worker {
     /// Starts the open batch's attempts whose endpoints have room, within the free request
     /// slots.
     fn pace(&mut self) {
-        let Some(b) = self.batch.as_mut() else {
-            return;
-        };
-        if b.waiting.is_empty() {
-            return;
-        }
-        let free = self
-            .settings
-            .max_in_flight
-            .saturating_sub(self.sender.in_flight());
-        for (endpoint, r) in b.waiting.ready(&self.in_flight, free) {
-            self.in_flight.started(r.delivery_id, endpoint);
-            self.sender.submit(r);
+        for b in [self.batch.as_mut(), self.next.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if b.waiting.is_empty() {
+                continue;
+            }
+            let free = self
+                .settings
+                .max_in_flight
+                .saturating_sub(self.sender.in_flight());
+            for (endpoint, r) in b.waiting.ready(&self.in_flight, free) {
+                self.in_flight.started(r.delivery_id, endpoint);
+                self.sender.submit(r);
+            }
         }
     }
 
@@ -343,9 +362,10 @@ impl Worker {
             .saturating_sub(self.sender.in_flight());
         let requested = free.min(usize::try_from(self.settings.batch_size).unwrap_or(1));
         let mut records = std::mem::take(&mut self.unrecorded);
-        // The open batch's first attempts are recorded when it closes.
+        // The open batches' first attempts are recorded when they close.
         let mut open = self.batch.take();
-        if let Some(b) = open.as_mut() {
+        let mut next = self.next.take();
+        for b in [open.as_mut(), next.as_mut()].into_iter().flatten() {
             let (first, rest): (Vec<Record>, Vec<Record>) =
                 records.into_iter().partition(|r| b.has(&r.delivery_id));
             first.into_iter().for_each(|r| b.add_outcome(r));
@@ -360,11 +380,28 @@ impl Worker {
                 b.withdraw();
             }
         }
-        // While a batch waits for its outcomes there is nothing to read, and retries can
-        // wait for its close: a wake-up (another outcome, a producer's commit) that brings
-        // nothing else to record costs no transaction.
-        if open.is_some() && !closing && records.is_empty() {
+        // With a batch open whose attempts are all out, the next part can be read and sent
+        // before it closes — while nothing queued waits for a claim (claims wait while a
+        // batch is open), and with one worker only (`store::read_batch`).
+        let queue_clear = self
+            .queue_clear_until
+            .is_some_and(|t| std::time::Instant::now() < t);
+        let pipelined = !closing
+            && next.is_none()
+            && queue_clear
+            && free > 0
+            && self
+                .installed
+                .as_deref()
+                .is_some_and(store::has_log_batches)
+            && guc::WORKERS.get() <= 1
+            && open.as_ref().is_some_and(store::Batch::all_started);
+        // While a batch waits for its outcomes, and nothing can be read beside it, retries
+        // wait for its close: a wake-up that brings nothing else to record costs no
+        // transaction.
+        if open.is_some() && !closing && records.is_empty() && !pipelined {
             self.batch = open;
+            self.next = next;
             return Ok(CycleResult {
                 claimed: 0,
                 requested: 0,
@@ -381,6 +418,7 @@ impl Worker {
         let take_orphans = !self.orphans_taken;
         let reader_key = self.reader_key;
         let open_ref = open.as_ref();
+        let next_ref = next.as_ref();
         let in_flight = &self.in_flight;
         let outcome = in_transaction(|| {
             Spi::connect_mut(|client| -> Result<Option<Claimed>, String> {
@@ -400,26 +438,49 @@ impl Worker {
                     }
                     _ => (false, Vec::new()),
                 };
+                // The batch read after the one just closed was read from the row that close
+                // wrote.
+                let followed = match next_ref {
+                    Some(_) if closed => Some(store::newest_cursor(client)?),
+                    _ => None,
+                };
+                // What stays open after this transaction.
+                let still_open = if closed { next_ref } else { open_ref };
                 // Claims wait while a batch stays open: with one worker its attempts count
                 // against their endpoints' max_in_flight only in its memory until it closes
                 // (outbox._batches_counted).
-                let (requests, unsendable) = if requested > 0 && (open_ref.is_none() || closed) {
+                let (requests, unsendable) = if requested > 0 && still_open.is_none() {
                     store::claim(client, requested as i32, name, settings, &version)?
                 } else {
                     (Vec::new(), Vec::new())
                 };
+                let claim_ran = requested > 0 && still_open.is_none();
+                let claim_short = claim_ran && requests.len() + unsendable.len() < requested;
                 let dead: Vec<Record> = unsendable
                     .into_iter()
                     .map(Record::from_unsendable)
                     .collect();
                 store::record(client, &dead, name)?;
-                // The next batch, into the request slots the claim left free.
-                let left = free.saturating_sub(requests.len());
+                // The next batch, into the request slots the claim left free: after the
+                // one still open, if any (read from where the cursor will be once it closes).
+                // A crash before the closes sends both batches again, answered attempts
+                // included: together they hold no more than the worker's request slots.
+                let left = if closed {
+                    free
+                } else {
+                    free.saturating_sub(open_ref.map_or(0, store::Batch::outcomes))
+                }
+                .saturating_sub(requests.len());
                 let mut key = reader_key;
                 let mut batch = None;
                 // With no slot free the part is only made into deliveries, so that other
                 // workers and external senders can take them.
-                if store::has_log_batches(&version) && (open_ref.is_none() || closed) {
+                let after = match still_open {
+                    None => Some(None),
+                    Some(b) if pipelined && !closed && left > 0 && !b.follows => Some(Some(b)),
+                    Some(_) => None,
+                };
+                if let (true, Some(after)) = (store::has_log_batches(&version), after) {
                     key = store::hold_reader_lock(client, reader_key)?;
                     if key.is_some() {
                         let slots = i32::try_from(left).unwrap_or(i32::MAX);
@@ -429,12 +490,12 @@ impl Worker {
                             own.started(r.delivery_id, *endpoint);
                         }
                         let own = |e: &store::EndpointId| in_flight.to(e) + own.to(e);
-                        batch = store::read_batch(client, slots, &own, settings)?;
+                        batch = store::read_batch(client, slots, &own, after, settings)?;
                     }
                 }
                 let claimed =
                     requests.len() + dead.len() + batch.as_ref().map_or(0, |b| b.waiting.len());
-                let next_due = if claimed < requested {
+                let next_due = if claim_short {
                     store::next_due(client)?
                 } else {
                     None
@@ -448,6 +509,8 @@ impl Worker {
                     closed,
                     batch,
                     reader_key: key,
+                    followed,
+                    claim_ran: claim_short,
                 }))
             })
         });
@@ -458,8 +521,27 @@ impl Worker {
                 self.failed_cycles = 0;
                 self.unrecorded = c.held;
                 self.reader_key = c.reader_key;
+                // What is open now, in closing order.
+                let mut opened: Vec<store::Batch> = Vec::with_capacity(2);
                 if !c.closed {
-                    self.batch = open;
+                    opened.extend(open);
+                }
+                if let Some(mut n) = next {
+                    if let Some(id) = c.followed {
+                        n.follow(id);
+                    }
+                    opened.push(n);
+                }
+                opened.extend(c.batch);
+                let mut opened = opened.into_iter();
+                self.batch = opened.next();
+                self.next = opened.next();
+                if c.claim_ran {
+                    // Nothing more was due: until the next delivery comes due (or a
+                    // moment, for what others queue meanwhile), batches may follow each
+                    // other without a claim between them.
+                    let until = c.next_due.unwrap_or(QUEUE_CLEAR_FOR).min(QUEUE_CLEAR_FOR);
+                    self.queue_clear_until = Some(std::time::Instant::now() + until);
                 }
                 if let Some(n) = c.orphans {
                     self.orphans_taken = true;
@@ -470,9 +552,6 @@ impl Worker {
                 for (endpoint, r) in c.requests {
                     self.in_flight.started(r.delivery_id, endpoint);
                     self.sender.submit(r);
-                }
-                if let Some(b) = c.batch {
-                    self.batch = Some(b);
                 }
                 Ok(CycleResult {
                     claimed: c.claimed,
@@ -497,9 +576,10 @@ impl Worker {
                 // Keep the outcomes for the next cycle, unless they keep failing: then their
                 // leases expire and the deliveries are sent again, which at-least-once
                 // allows.
-                // The open batch is never given up: its attempts went out, and only its
-                // close records them (dropped, they would all be sent again).
+                // The open batches are never given up: their attempts went out, and only
+                // their closes record them (dropped, they would all be sent again).
                 self.batch = open;
+                self.next = next;
                 self.failed_cycles += 1;
                 if self.failed_cycles < MAX_FAILED_CYCLES {
                     self.unrecorded = records;
@@ -623,14 +703,16 @@ impl Worker {
             sender,
             name,
             mut unrecorded,
-            mut batch,
+            batch,
+            next,
             settings,
             ..
         } = self;
         let schedule = guc::retry_schedule();
         let in_flight = sender.in_flight();
-        // Attempts of the batch not started are left for the next worker, as deliveries.
-        if let Some(b) = batch.as_mut() {
+        // Attempts of the batches not started are left for the next worker, as deliveries.
+        let mut batches: Vec<store::Batch> = batch.into_iter().chain(next).collect();
+        for b in &mut batches {
             b.withdraw();
         }
         let outcomes = sender.shutdown(SHUTDOWN_GRACE);
@@ -638,20 +720,24 @@ impl Worker {
             .into_iter()
             .map(|o| Record::from_outcome(o, &schedule))
         {
-            match batch.as_mut() {
-                Some(b) if b.has(&r.delivery_id) => b.add_outcome(r),
-                _ => unrecorded.push(r),
+            match batches.iter_mut().find(|b| b.has(&r.delivery_id)) {
+                Some(b) => b.add_outcome(r),
+                None => unrecorded.push(r),
             }
         }
-        if unrecorded.is_empty() && batch.is_none() {
+        if unrecorded.is_empty() && batches.is_empty() {
             return;
         }
-        let n = unrecorded.len() + batch.as_ref().map_or(0, store::Batch::outcomes);
+        let n = unrecorded.len() + batches.iter().map(store::Batch::outcomes).sum::<usize>();
         let result = in_transaction(|| {
             Spi::connect_mut(|client| match store::installed_version(client)? {
                 Some(version) => {
                     let mut held = store::record_lockable(client, &unrecorded, &name, &version)?;
-                    if let Some(b) = &batch {
+                    // In order: the second was read from the cursor row the first's close writes.
+                    for (i, b) in batches.iter_mut().enumerate() {
+                        if i > 0 {
+                            b.follow(store::newest_cursor(client)?);
+                        }
                         held.extend(store::close_batch(client, b, &name, settings.lease)?);
                     }
                     Ok(held)

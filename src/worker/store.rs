@@ -261,9 +261,17 @@ pub struct Pair {
 /// A part of the log the worker read whose first attempts are out: nothing of it is
 /// recorded until `close_batch`, which makes its deliveries as those attempts left them.
 pub struct Batch {
+    /// The cursor row it was read from; for a batch read while another was open, the row
+    /// that one's close writes (set by `follow`).
     cursor_id: i64,
     snapshot: String,
     max_events: i32,
+    /// Where the cursor will be once it closes: whether its snapshot has more events, and
+    /// the place (txid, seq) of its last event.
+    more: bool,
+    last: (i64, i64),
+    /// Read while another batch was open: its cursor row does not exist until that one closes.
+    pub follows: bool,
     pub opened: std::time::Instant,
     /// The attempts sent or waiting to be, by delivery id.
     pairs: std::collections::HashMap<[u8; 16], Pair>,
@@ -274,6 +282,18 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Once the batch before it has closed: it was read from the cursor row that close
+    /// wrote, the newest (`newest_cursor`).
+    pub fn follow(&mut self, cursor_id: i64) {
+        self.cursor_id = cursor_id;
+        self.follows = false;
+    }
+
+    /// Whether all of its first attempts have started (none waits for room).
+    pub fn all_started(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
     /// Whether `delivery_id` is one of this batch's first attempts.
     pub fn has(&self, delivery_id: &[u8; 16]) -> bool {
         self.pairs.contains_key(delivery_id)
@@ -302,6 +322,20 @@ impl Batch {
     }
 }
 
+/// The newest row of the log's cursor: after a batch's close, the one it wrote (nothing
+/// else moves the cursor while the worker holds the reader's lock).
+pub fn newest_cursor(client: &SpiClient<'_>) -> Result<i64, StoreError> {
+    client
+        .select(
+            "SELECT pg_catalog.max(id) FROM outbox.log_cursor",
+            None,
+            &[],
+        )
+        .and_then(|t| t.first().get::<i64>(1))
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "the log has no cursor".to_string())
+}
+
 /// Reads the next part of the log (`outbox._read_batch`) with its first attempts that may
 /// go now, queued in the batch for their endpoints' room (`own`: this worker's requests
 /// out to an endpoint). `None` when there was nothing to send now (what was read, if anything,
@@ -310,6 +344,7 @@ pub fn read_batch(
     client: &mut SpiClient<'_>,
     free: i32,
     own: &dyn Fn(&EndpointId) -> usize,
+    after: Option<&Batch>,
     settings: &crate::guc::WorkerSettings,
 ) -> Result<Option<Batch>, StoreError> {
     // A part as large as the free slots (a larger one would mostly be read again next
@@ -321,13 +356,34 @@ pub fn read_batch(
     } else {
         READ_EVENTS
     };
+    // With a batch open, the part after it (see outbox._read_batch).
+    let (open_cursor, open_batch, open_more, open_txid, open_seq) = match after {
+        Some(b) => (
+            Some(b.cursor_id),
+            Some(b.snapshot.clone()),
+            Some(b.more),
+            Some(b.last.0),
+            Some(b.last.1),
+        ),
+        None => (None, None, None, None, None),
+    };
     let rows = client
         .update(
             "SELECT cursor_id, batch, part_events, delivery_id, txid, seq, endpoint_id, event_id, url,
-                    secret, headers, timeout_ms, body, previous_secret, cap, busy
-               FROM outbox._read_batch($1, $2, $3)",
+                    secret, headers, timeout_ms, body, previous_secret, cap, busy,
+                    part_more, part_last_txid, part_last_seq
+               FROM outbox._read_batch($1, $2, $3, $4, $5::pg_catalog.pg_snapshot, $6, $7, $8)",
             None,
-            &[free.into(), max_events.into(), READ_BYTES.into()],
+            &[
+                free.into(),
+                max_events.into(),
+                READ_BYTES.into(),
+                open_cursor.into(),
+                open_batch.into(),
+                open_more.into(),
+                open_txid.into(),
+                open_seq.into(),
+            ],
         )
         .map_err(|e| e.to_string())?;
     let mut batch: Option<Batch> = None;
@@ -346,6 +402,12 @@ pub fn read_batch(
                     .ok_or("a batch without a snapshot")?,
                 // The part may end before max_events (see outbox._read_batch).
                 max_events: row.get(3).map_err(get_err)?.unwrap_or(max_events),
+                more: row.get(17).map_err(get_err)?.unwrap_or(true),
+                last: (
+                    row.get(18).map_err(get_err)?.unwrap_or(0),
+                    row.get(19).map_err(get_err)?.unwrap_or(0),
+                ),
+                follows: after.is_some(),
                 opened: std::time::Instant::now(),
                 pairs: Default::default(),
                 outcomes: Default::default(),
