@@ -1045,31 +1045,36 @@ fn the_next_batch_goes_out_while_the_one_before_waits_for_its_answers() {
     let mut c = cluster.client();
     let slow = endpoint(&mut c, &rx.url("/slow"), "");
     let fast = endpoint(&mut c, &rx.url("/fast"), "");
-    // Idle first (a claim has found nothing due), then one event for the slow receiver.
+    // One event for the slow receiver; once it is being answered, three for the fast one.
+    // Returns how long the fast ones took from their commit.
+    let round = |c: &mut postgres::Client, tag: &str| {
+        c.batch_execute(&format!(
+            "SELECT outbox.enqueue('t.slow{tag}', '{{}}', endpoint_id => '{slow}')"
+        ))
+        .unwrap();
+        assert!(wait_until(Duration::from_secs(5), || rx
+            .received_on("/slow")
+            .len()
+            == 1));
+        let sent = std::time::SystemTime::now();
+        c.batch_execute(&format!(
+            "SELECT outbox.enqueue('t.fast{tag}', jsonb_build_object('n', g), endpoint_id => '{fast}')
+               FROM generate_series(1, 3) g"
+        ))
+        .unwrap();
+        assert!(wait_until(Duration::from_secs(5), || rx
+            .received_on("/fast")
+            .len()
+            == 3));
+        rx.received_on("/fast")[2]
+            .received_at
+            .duration_since(sent)
+            .unwrap_or_default()
+    };
+    // Idle first (a claim has found nothing due). The fast events arrive at once, not after
+    // the slow answer (1.5 s) nor after the first batch's hold (250 ms).
     std::thread::sleep(Duration::from_millis(500));
-    c.batch_execute(&format!(
-        "SELECT outbox.enqueue('t.slow', '{{}}', endpoint_id => '{slow}')"
-    ))
-    .unwrap();
-    assert!(wait_until(Duration::from_secs(5), || rx
-        .received_on("/slow")
-        .len()
-        == 1));
-    // While it is being answered: events for the fast one arrive at once, not after the
-    // slow answer (1.5 s) nor after the first batch's hold (250 ms).
-    let sent = std::time::SystemTime::now();
-    c.batch_execute(&format!(
-        "SELECT outbox.enqueue('t.fast', jsonb_build_object('n', g), endpoint_id => '{fast}') FROM generate_series(1, 3) g"
-    ))
-    .unwrap();
-    assert!(wait_until(Duration::from_secs(5), || rx
-        .received_on("/fast")
-        .len()
-        == 3));
-    let waited = rx.received_on("/fast")[2]
-        .received_at
-        .duration_since(sent)
-        .unwrap_or_default();
+    let waited = round(&mut c, "");
     assert!(
         waited < Duration::from_millis(200),
         "the fast events waited {waited:?} behind the open batch"
@@ -1097,22 +1102,7 @@ fn the_next_batch_goes_out_while_the_one_before_waits_for_its_answers() {
     // Again, and the worker killed while both are open: both are read and sent again after
     // the restart, under the same webhook-ids, and each delivery is still written once.
     rx.clear();
-    c.batch_execute(&format!(
-        "SELECT outbox.enqueue('t.slow2', '{{}}', endpoint_id => '{slow}')"
-    ))
-    .unwrap();
-    assert!(wait_until(Duration::from_secs(5), || rx
-        .received_on("/slow")
-        .len()
-        == 1));
-    c.batch_execute(&format!(
-        "SELECT outbox.enqueue('t.fast2', jsonb_build_object('n', g), endpoint_id => '{fast}') FROM generate_series(1, 3) g"
-    ))
-    .unwrap();
-    assert!(wait_until(Duration::from_secs(5), || rx
-        .received_on("/fast")
-        .len()
-        == 3));
+    round(&mut c, "2");
     let pid = common::worker::worker_pid(&cluster);
     let _ = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
