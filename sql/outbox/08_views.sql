@@ -163,6 +163,9 @@ WITH totals AS (
      GROUP BY 1, 2, 3
 ), delivered AS (
     SELECT * FROM totals WHERE outcome = 'delivered'
+), workers AS (
+    -- One look at pg_stat_activity for both worker gauges.
+    SELECT outbox._workers_running() AS n
 )
 SELECT 'outbox_deliveries'::text AS metric, 'pending'::text AS status, NULL::text AS endpoint_id,
        count(*)::double precision AS value, NULL::text AS le
@@ -198,9 +201,9 @@ UNION ALL
 SELECT 'outbox_log_oldest_unread_seconds', NULL, NULL, coalesce(extract(epoch FROM s.oldest_unread_age), 0), NULL
   FROM outbox.log_status s
 UNION ALL
-SELECT 'outbox_worker_up', NULL, NULL, CASE WHEN outbox._workers_running() > 0 THEN 1 ELSE 0 END, NULL
+SELECT 'outbox_worker_up', NULL, NULL, CASE WHEN w.n > 0 THEN 1 ELSE 0 END, NULL FROM workers w
 UNION ALL
-SELECT 'outbox_worker_processes', NULL, NULL, outbox._workers_running(), NULL
+SELECT 'outbox_worker_processes', NULL, NULL, w.n, NULL FROM workers w
 UNION ALL
 SELECT 'outbox_finished_total', t.outcome::text, t.endpoint_id::text, sum(t.deliveries), NULL
   FROM totals t GROUP BY t.outcome, t.endpoint_id

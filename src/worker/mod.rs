@@ -173,8 +173,8 @@ struct Claimed {
     batch: Option<store::Batch>,
     /// The cursor row the closed batch's close wrote, when a batch follows it.
     followed: Option<i64>,
-    /// Whether the claim ran, and found fewer than it asked for (nothing more due now).
-    claim_ran: bool,
+    /// Whether the claim ran and found fewer than it asked for (nothing more due now).
+    claim_short: bool,
     reader_key: Option<i32>,
 }
 
@@ -317,8 +317,8 @@ impl Worker {
         }
     }
 
-    /// Starts the open batch's attempts whose endpoints have room, within the free request
-    /// slots.
+    /// Starts the open batches' attempts whose endpoints have room, within the free request
+    /// slots, the older batch first.
     fn pace(&mut self) {
         for b in [self.batch.as_mut(), self.next.as_mut()]
             .into_iter()
@@ -510,7 +510,7 @@ impl Worker {
                     batch,
                     reader_key: key,
                     followed,
-                    claim_ran: claim_short,
+                    claim_short,
                 }))
             })
         });
@@ -536,7 +536,7 @@ impl Worker {
                 let mut opened = opened.into_iter();
                 self.batch = opened.next();
                 self.next = opened.next();
-                if c.claim_ran {
+                if c.claim_short {
                     // Nothing more was due: until the next delivery comes due (or a
                     // moment, for what others queue meanwhile), batches may follow each
                     // other without a claim between them.
