@@ -1136,3 +1136,79 @@ fn the_next_batch_goes_out_while_the_one_before_waits_for_its_answers() {
         .collect();
     assert_eq!(fast_ids.len(), 3, "sent again under the same ids");
 }
+
+#[test]
+fn a_batch_answered_in_full_closes_after_the_next_one_is_read_and_sent() {
+    let mut settings = FAST.to_vec();
+    settings.push("log_min_messages = debug1");
+    let cluster = Cluster::start(&settings);
+    let rx = receiver();
+    let mut c = cluster.client();
+    let fast = endpoint(&mut c, &rx.url("/fast"), "");
+    // A steady flow, one event per transaction: most batches are answered in full before
+    // the worker's next cycle, which reads what committed meanwhile and sends it first.
+    const N: usize = 1500;
+    for i in 0..N {
+        c.batch_execute(&format!(
+            "SELECT outbox.enqueue('t.flow', '{{\"n\": {i}}}', endpoint_id => '{fast}')"
+        ))
+        .unwrap();
+    }
+    assert!(rx.wait_for(N, Duration::from_secs(60)), "{}", cluster.log());
+    assert!(
+        wait_until(Duration::from_secs(10), || scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM outbox.deliveries WHERE status = 'delivered'"
+        ) == N as i64),
+        "{}",
+        cluster.log()
+    );
+    assert!(
+        cluster
+            .log()
+            .contains("of the next batch read before the last one closes"),
+        "no batch was read before the one before it closed"
+    );
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM outbox.deliveries"),
+        N as i64
+    );
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT unread FROM outbox.log_status"),
+        0
+    );
+    let seen = arrivals(&rx);
+    assert_eq!(seen.len(), N);
+    assert!(seen.values().all(|&n| n == 1), "each sent once");
+
+    // With an ordered endpoint subscribed as well, each batch's close queues its deliveries
+    // there, which the claim sends: they arrive in order, each once, beside the flow.
+    rx.clear();
+    endpoint(&mut c, &rx.url("/ordered"), ", ordered => true");
+    const M: usize = 300;
+    for i in 0..M {
+        c.batch_execute(&format!(
+            "SELECT outbox.enqueue('t.both', '{{\"n\": {i}}}')"
+        ))
+        .unwrap();
+    }
+    assert!(
+        rx.wait_for(2 * M, Duration::from_secs(60)),
+        "{}",
+        cluster.log()
+    );
+    let order: Vec<u64> = rx
+        .received_on("/ordered")
+        .into_iter()
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["data"]["n"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(order, (0..M as u64).collect::<Vec<_>>());
+    assert_eq!(rx.received_on("/fast").len(), M);
+    let seen = arrivals(&rx);
+    assert_eq!(seen.len(), M, "one id per event, both endpoints");
+    assert!(seen.values().all(|&n| n == 2), "each sent once to each");
+}

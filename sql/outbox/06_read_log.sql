@@ -324,7 +324,7 @@ CREATE FUNCTION outbox._read_batch(p_free integer, p_max integer, p_max_bytes bi
 RETURNS TABLE (cursor_id bigint, batch text, part_events integer, delivery_id uuid, txid bigint, seq bigint,
                endpoint_id uuid, event_id text, url text, secret text, headers text,
                timeout_ms double precision, body text, previous_secret text, cap integer, busy integer,
-               part_more boolean, part_last_txid bigint, part_last_seq bigint)
+               part_more boolean, part_last_txid bigint, part_last_seq bigint, part_held boolean)
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
@@ -435,6 +435,11 @@ BEGIN
         SELECT r.* FROM ranked r, cut
          WHERE r.n < cut.n AND r.go
     ),
+    held AS (
+        -- Whether the close makes queued deliveries of the part (targets not sent from it:
+        -- held endpoints, scheduled events, no room), which only a claim sends.
+        SELECT (SELECT count(*) FROM target t, cut WHERE t.n < cut.n) > (SELECT count(*) FROM chosen) AS some
+    ),
     counted AS (
         UPDATE outbox.endpoint_state s SET in_flight = s.in_flight + x.n
           FROM (SELECT ch.endpoint_id, count(*)::integer AS n FROM chosen ch GROUP BY ch.endpoint_id) x
@@ -449,8 +454,9 @@ BEGIN
            -- it after outbox._close_batch reads the cut part again): for the next read
            -- while this part is open.
            v_part.more OR cut.n - 1 < cardinality(v_part.events),
-           (v_part.events[cut.n - 1]).txid::text::bigint, (v_part.events[cut.n - 1]).seq
-      FROM chosen ch, cut
+           (v_part.events[cut.n - 1]).txid::text::bigint, (v_part.events[cut.n - 1]).seq,
+           held.some
+      FROM chosen ch, cut, held
      ORDER BY ch.n, ch.endpoint_id;
     GET DIAGNOSTICS v_sent = ROW_COUNT;
     IF v_sent = 0 AND p_open_cursor IS NULL THEN

@@ -48,6 +48,11 @@ const BATCH_HOLD: Duration = Duration::from_millis(250);
 /// without another claim: what others queue meanwhile (an operator's retry, an enabled
 /// endpoint's backlog) waits at most about this long.
 const QUEUE_CLEAR_FOR: Duration = Duration::from_millis(200);
+/// The next batch is read before the last one closes only when that one held at most
+/// 1/READ_FIRST_SHARE of the free request slots, so that the next gets most of them. Under a
+/// backlog batches fill the slots: reading each into what the one before left would split
+/// every batch from then on in two, each paying a read and a close of its own.
+const READ_FIRST_SHARE: usize = 4;
 
 /// The argument the launcher gives a worker: its latch slot in the low half, which of its
 /// database's workers it is in the high half.
@@ -173,7 +178,9 @@ struct Claimed {
     batch: Option<store::Batch>,
     /// The cursor row the closed batch's close wrote, when a batch follows it.
     followed: Option<i64>,
-    /// Whether the claim ran and found fewer than it asked for (nothing more due now).
+    /// Whether the claim ran, and whether it found fewer than it asked for (nothing more
+    /// due now).
+    claim_ran: bool,
     claim_short: bool,
     reader_key: Option<i32>,
 }
@@ -324,17 +331,12 @@ impl Worker {
             .into_iter()
             .flatten()
         {
-            if b.waiting.is_empty() {
-                continue;
-            }
-            let free = self
-                .settings
-                .max_in_flight
-                .saturating_sub(self.sender.in_flight());
-            for (endpoint, r) in b.waiting.ready(&self.in_flight, free) {
-                self.in_flight.started(r.delivery_id, endpoint);
-                self.sender.submit(r);
-            }
+            start_ready(
+                b,
+                &self.sender,
+                &mut self.in_flight,
+                self.settings.max_in_flight,
+            );
         }
     }
 
@@ -380,14 +382,14 @@ impl Worker {
                 b.withdraw();
             }
         }
+        let close_queues = closing && open.as_ref().is_some_and(store::Batch::leaves_queued);
         // With a batch open whose attempts are all out, the next part can be read and sent
         // before it closes — while nothing queued waits for a claim (claims wait while a
         // batch is open), and with one worker only (`store::read_batch`).
         let queue_clear = self
             .queue_clear_until
             .is_some_and(|t| std::time::Instant::now() < t);
-        let pipelined = !closing
-            && next.is_none()
+        let can_pipeline = next.is_none()
             && queue_clear
             && free > 0
             && self
@@ -395,7 +397,25 @@ impl Worker {
                 .as_deref()
                 .is_some_and(store::has_log_batches)
             && guc::WORKERS.get() <= 1
-            && open.as_ref().is_some_and(store::Batch::all_started);
+            && open
+                .as_ref()
+                .is_some_and(|b| store::Batch::all_started(b) && !b.follows);
+        let pipelined = !closing && can_pipeline;
+        // A small batch whose answers are all in is closed after the next part is read and
+        // its attempts are out: what committed meanwhile waits for one read, not for the
+        // close as well. (The two batches together hold no more attempts than the request
+        // slots, answered ones included: what a crash before the close sends again.)
+        let first_slots = match open.as_ref() {
+            Some(b)
+                if closing
+                    && can_pipeline
+                    && b.complete()
+                    && b.outcomes() * READ_FIRST_SHARE <= free =>
+            {
+                free.saturating_sub(b.outcomes())
+            }
+            _ => 0,
+        };
         // While a batch waits for its outcomes, and nothing can be read beside it, retries
         // wait for its close: a wake-up that brings nothing else to record costs no
         // transaction.
@@ -419,13 +439,33 @@ impl Worker {
         let reader_key = self.reader_key;
         let open_ref = open.as_ref();
         let next_ref = next.as_ref();
-        let in_flight = &self.in_flight;
+        let (sender, in_flight) = (&self.sender, &mut self.in_flight);
+        // The part read before the close, kept whatever becomes of the transaction: its
+        // attempts are out.
+        let mut first: Option<store::Batch> = None;
+        let first_ref = &mut first;
         let outcome = in_transaction(|| {
             Spi::connect_mut(|client| -> Result<Option<Claimed>, String> {
                 let Some(version) = store::installed_version(client)? else {
                     return Ok(None);
                 };
                 installed = Some(version.clone());
+                // (The session holds the reader's lock: it has a batch open.)
+                if let (Some(b), true, Some(_)) = (open_ref, first_slots > 0, reader_key) {
+                    let slots = i32::try_from(first_slots).unwrap_or(i32::MAX);
+                    let own = |e: &store::EndpointId| in_flight.to(e);
+                    if let Some(mut read) =
+                        store::read_batch(client, slots, &own, Some(b), settings)?
+                    {
+                        start_ready(&mut read, sender, in_flight, settings.max_in_flight);
+                        debug1!(
+                            "webhook_outbox worker: {} attempts of the next batch read before the last one closes",
+                            read.attempts()
+                        );
+                        *first_ref = Some(read);
+                    }
+                }
+                let in_flight = &*in_flight;
                 let orphans = if take_orphans && store::has_lock_free_acks(&version) {
                     Some(store::requeue_orphaned(client)?)
                 } else {
@@ -438,6 +478,7 @@ impl Worker {
                     }
                     _ => (false, Vec::new()),
                 };
+                let next_ref = next_ref.or(first_ref.as_ref());
                 // The batch read after the one just closed was read from the row that close
                 // wrote.
                 let followed = match next_ref {
@@ -510,12 +551,14 @@ impl Worker {
                     batch,
                     reader_key: key,
                     followed,
+                    claim_ran,
                     claim_short,
                 }))
             })
         });
         report_activity(None);
         self.note_installed(installed);
+        let next = next.or(first);
         match outcome {
             Ok(Some(c)) => {
                 self.failed_cycles = 0;
@@ -542,6 +585,10 @@ impl Worker {
                     // other without a claim between them.
                     let until = c.next_due.unwrap_or(QUEUE_CLEAR_FOR).min(QUEUE_CLEAR_FOR);
                     self.queue_clear_until = Some(std::time::Instant::now() + until);
+                } else if c.claim_ran || (c.closed && close_queues) {
+                    // Something waits for a claim: a full one, or deliveries the close
+                    // queued (which the next cycle's claim takes).
+                    self.queue_clear_until = None;
                 }
                 if let Some(n) = c.orphans {
                     self.orphans_taken = true;
@@ -754,6 +801,23 @@ impl Worker {
             Ok(_) => log!("webhook_outbox worker stopping: recorded {n} attempts ({in_flight} were in flight)"),
             Err(e) => log!("webhook_outbox worker stopping: could not record {n} attempts: {e}"),
         }
+    }
+}
+
+/// Starts `b`'s attempts whose endpoints have room, within the request slots free now.
+fn start_ready(
+    b: &mut store::Batch,
+    sender: &Sender,
+    in_flight: &mut InFlight<store::EndpointId>,
+    max_in_flight: usize,
+) {
+    if b.waiting.is_empty() {
+        return;
+    }
+    let free = max_in_flight.saturating_sub(sender.in_flight());
+    for (endpoint, r) in b.waiting.ready(in_flight, free) {
+        in_flight.started(r.delivery_id, endpoint);
+        sender.submit(r);
     }
 }
 

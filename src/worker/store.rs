@@ -272,6 +272,9 @@ pub struct Batch {
     last: (i64, i64),
     /// Read while another batch was open: its cursor row does not exist until that one closes.
     pub follows: bool,
+    /// Whether its close makes queued deliveries, which only a claim sends: targets it did
+    /// not send (held endpoints, scheduled events), attempts withdrawn, or retries.
+    leaves_queued: bool,
     pub opened: std::time::Instant,
     /// The attempts sent or waiting to be, by delivery id.
     pairs: std::collections::HashMap<[u8; 16], Pair>,
@@ -303,6 +306,11 @@ impl Batch {
         self.outcomes.insert(r.delivery_id, r);
     }
 
+    /// How many first attempts it has.
+    pub fn attempts(&self) -> usize {
+        self.pairs.len()
+    }
+
     /// How many of its attempts have their outcome.
     pub fn outcomes(&self) -> usize {
         self.outcomes.len()
@@ -318,7 +326,14 @@ impl Batch {
     pub fn withdraw(&mut self) {
         for r in self.waiting.withdraw() {
             self.pairs.remove(&r.delivery_id);
+            self.leaves_queued = true;
         }
+    }
+
+    /// Whether closing it queues deliveries for a claim (see `leaves_queued`), a retry
+    /// included.
+    pub fn leaves_queued(&self) -> bool {
+        self.leaves_queued || self.outcomes.values().any(|r| r.outcome == "retry")
     }
 }
 
@@ -371,7 +386,7 @@ pub fn read_batch(
         .update(
             "SELECT cursor_id, batch, part_events, delivery_id, txid, seq, endpoint_id, event_id, url,
                     secret, headers, timeout_ms, body, previous_secret, cap, busy,
-                    part_more, part_last_txid, part_last_seq
+                    part_more, part_last_txid, part_last_seq, part_held
                FROM outbox._read_batch($1, $2, $3, $4, $5::pg_catalog.pg_snapshot, $6, $7, $8)",
             None,
             &[
@@ -408,6 +423,7 @@ pub fn read_batch(
                     row.get(19).map_err(get_err)?.unwrap_or(0),
                 ),
                 follows: after.is_some(),
+                leaves_queued: row.get(20).map_err(get_err)?.unwrap_or(true),
                 opened: std::time::Instant::now(),
                 pairs: Default::default(),
                 outcomes: Default::default(),
