@@ -181,6 +181,44 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.history_0', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.history_1', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.history_2', '');
 
+-- The ids callers gave their events (outbox.enqueue's event_id), so that enqueueing one
+-- again does nothing: two tables taking turns, so that forgetting old ids is a TRUNCATE,
+-- never a DELETE (no dead rows where producers look, nothing left for VACUUM). New ids go
+-- into the one outbox.event_key_rotation names (a known id enqueued again too); enqueue
+-- looks in both. Each turn lasts outbox.retention_delivered, so an id is remembered that
+-- long at least after it was last enqueued, twice that at most (outbox._rotate_event_keys).
+CREATE TABLE outbox.event_key_0 (
+    id           text        NOT NULL,
+    tenant_key   text        NOT NULL,
+    event_type   text        NOT NULL,
+    -- SHA-256 of the payload as text: what tells the same event from another under its id.
+    payload_hash bytea       NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (id, tenant_key)
+);
+CREATE TABLE outbox.event_key_1 (LIKE outbox.event_key_0 INCLUDING ALL);
+
+-- Which of the two takes new ids (`current`), since when, and the rotation's number: also
+-- the last value of outbox.event_key_generation, which a rotation advances before it
+-- commits (a sequence is seen at once by everyone, whatever their snapshot; see
+-- outbox.enqueue).
+CREATE SEQUENCE outbox.event_key_generation;
+CREATE TABLE outbox.event_key_rotation (
+    current    smallint    NOT NULL CHECK (current IN (0, 1)),
+    generation bigint      NOT NULL,
+    since      timestamptz NOT NULL
+);
+CREATE UNIQUE INDEX event_key_rotation_one_row ON outbox.event_key_rotation ((true));
+INSERT INTO outbox.event_key_rotation VALUES (0, nextval('outbox.event_key_generation'), now());
+-- The ids callers gave before (kept until now as rows of outbox.event, which also holds
+-- the events of queued deliveries; every one is taken: the generated ones are unique).
+INSERT INTO outbox.event_key_0 (id, tenant_key, event_type, payload_hash, created_at)
+SELECT e.id, e.tenant_key, e.event_type, sha256(textsend(e.payload::text)), e.created_at FROM outbox.event e;
+-- Callers' ids, so that a restored database still knows them (both tables are looked in;
+-- which takes new ones is not dumped: a restored database starts a new turn).
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_key_0', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_key_1', '');
+
 -- What retention removed from outbox.stats_hourly, summed per endpoint, outcome and latency
 -- bucket. Added to what the rollup still holds, it gives totals that never go down, so the
 -- counters exported from outbox.metrics show no false reset when old hours are deleted.
@@ -438,13 +476,55 @@ BEGIN
 END
 $$;
 
+-- Records a caller's id in table p_part of the two; false when the id is there already
+-- (committed, or committed by a transaction this one waited for). A row there this
+-- transaction could not see (REPEATABLE READ: committed after its snapshot) fails to
+-- serialize.
+CREATE OR REPLACE FUNCTION outbox._remember_event_key(p_part smallint, p_id text, p_tenant text, p_event_type text, p_hash bytea)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- One statement per table, so that each names only its own: a rotation may be
+    -- emptying the other.
+    IF p_part = 0 THEN
+        INSERT INTO outbox.event_key_0 (id, tenant_key, event_type, payload_hash)
+        VALUES (p_id, p_tenant, p_event_type, p_hash) ON CONFLICT DO NOTHING;
+    ELSE
+        INSERT INTO outbox.event_key_1 (id, tenant_key, event_type, payload_hash)
+        VALUES (p_id, p_tenant, p_event_type, p_hash) ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN FOUND;
+END
+$$;
+
+-- What a caller's id named, from table p_part of the two.
+CREATE OR REPLACE FUNCTION outbox._event_key(p_part smallint, p_id text, p_tenant text)
+RETURNS TABLE (event_type text, payload_hash bytea)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_part = 0 THEN
+        RETURN QUERY SELECT k.event_type, k.payload_hash FROM outbox.event_key_0 k
+                      WHERE k.id = p_id AND k.tenant_key = p_tenant;
+    ELSE
+        RETURN QUERY SELECT k.event_type, k.payload_hash FROM outbox.event_key_1 k
+                      WHERE k.id = p_id AND k.tenant_key = p_tenant;
+    END IF;
+END
+$$;
+
 -- Appends one event to the log, in the caller's transaction, and returns its id (the
 -- `webhook-id`). Nothing else happens here: after the transaction commits, the worker (or
 -- outbox.claim) reads the event and fans it out to the endpoints subscribed at that moment
 -- (outbox._fan_out), or to endpoint_id alone when it is given (it must be the tenant's own;
 -- its filter and enabled flag are not consulted: a disabled endpoint's delivery waits until
 -- it is enabled). With event_id (unique per tenant), enqueueing the same event again does
--- nothing and returns the id; the same id with another event type or payload is refused.
+-- nothing and returns the id, for outbox.retention_delivered at least after it was last
+-- enqueued; the same id with
+-- another event type or payload (its JSON text, as jsonb writes it) is refused.
 CREATE OR REPLACE FUNCTION outbox.enqueue(
     event_type  text,
     payload     jsonb,
@@ -459,10 +539,18 @@ SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_endpoint outbox.endpoint;
-    v_known    outbox.event;
-    v_id       text;
-    v_due      timestamptz;
+    v_endpoint   outbox.endpoint;
+    v_id         text;
+    v_due        timestamptz;
+    v_tenant     text := coalesce(enqueue.tenant_id, '');
+    v_rc         boolean;
+    v_part       smallint;
+    v_gen        bigint;
+    v_latest     bigint;
+    v_hash       bytea;
+    v_known_type text;
+    v_known_hash bytea;
+    v_new        boolean;
 BEGIN
     -- The payload counts by its stored size, as the log's CHECK counts it: one rule, and
     -- no conversion of the JSON to text to measure it.
@@ -490,16 +578,47 @@ BEGIN
         RETURN v_id;
     END IF;
 
-    -- A caller's id is claimed in outbox.event, the table that keeps events by id: a
-    -- concurrent transaction enqueueing the same id makes this wait for it, then do nothing
-    -- (the SELECT, a new snapshot, then sees its row); one that rolled back leaves it free.
-    INSERT INTO outbox.event (id, event_type, payload, tenant_id)
-    VALUES (enqueue.event_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id)
-    ON CONFLICT (id, tenant_key) DO NOTHING;
-    IF NOT FOUND THEN
-        SELECT * INTO v_known FROM outbox.event ev
-         WHERE ev.id = enqueue.event_id AND ev.tenant_key = coalesce(enqueue.tenant_id, '');
-        IF v_known.event_type IS DISTINCT FROM enqueue.event_type OR v_known.payload IS DISTINCT FROM enqueue.payload THEN
+    -- A caller's id (outbox.event_key_0/_1). It goes into the table taking new ids, whose
+    -- unique key makes a twin being enqueued at the same moment wait for this one (or this
+    -- one for it, then find it); and it must not be known from the table before (an id
+    -- outlives one turn). Under READ COMMITTED each look sees what committed before it.
+    v_rc := current_setting('transaction_isolation') = 'read committed';
+    SELECT r.current, r.generation, (SELECT g.last_value FROM outbox.event_key_generation g)
+      INTO v_part, v_gen, v_latest
+      FROM outbox.event_key_rotation r;
+    -- Under REPEATABLE READ or SERIALIZABLE the looks see the transaction's snapshot. An id
+    -- committed since then into the table this one goes to fails to serialize there; one
+    -- committed into the other means the tables took turns since the snapshot (a rotation
+    -- waits for the ids going into the table whose turn it ends), which the generation,
+    -- read past any snapshot, tells.
+    IF NOT v_rc AND v_gen <> v_latest THEN
+        RAISE EXCEPTION 'the table of event ids was rotated after this transaction''s snapshot was taken'
+            USING ERRCODE = 'serialization_failure',
+                  HINT = 'Retry the transaction.';
+    END IF;
+    v_hash := sha256(textsend(enqueue.payload::text));
+    v_new := outbox._remember_event_key(v_part, enqueue.event_id, v_tenant, enqueue.event_type, v_hash);
+    IF v_new AND (SELECT g.last_value FROM outbox.event_key_generation g) <> v_gen THEN
+        -- A rotation begun since `current` was read ends that table's turn once this
+        -- transaction ends: the id goes into the next one too, where a later snapshot
+        -- looks first, and where a twin enqueued meanwhile is met. (Under REPEATABLE READ,
+        -- retried instead.)
+        IF NOT v_rc THEN
+            RAISE EXCEPTION 'the table of event ids was rotated while this transaction enqueued %', quote_literal(enqueue.event_id)
+                USING ERRCODE = 'serialization_failure',
+                      HINT = 'Retry the transaction.';
+        END IF;
+        v_part := 1 - v_part;
+        v_new := outbox._remember_event_key(v_part, enqueue.event_id, v_tenant, enqueue.event_type, v_hash);
+    ELSIF v_new THEN
+        -- New in this turn's table: it may be known from the turn before.
+        v_part := 1 - v_part;
+        v_new := NOT EXISTS (SELECT 1 FROM outbox._event_key(v_part, enqueue.event_id, v_tenant));
+    END IF;
+    IF NOT v_new THEN
+        SELECT k.event_type, k.payload_hash INTO v_known_type, v_known_hash
+          FROM outbox._event_key(v_part, enqueue.event_id, v_tenant) k;
+        IF v_known_type IS DISTINCT FROM enqueue.event_type OR v_known_hash IS DISTINCT FROM v_hash THEN
             RAISE EXCEPTION 'event id % was enqueued before with another event type or payload', quote_literal(enqueue.event_id)
                 USING ERRCODE = 'unique_violation',
                       HINT = 'An event id names one event (receivers deduplicate on it): enqueue a new event under a new id.';
@@ -743,7 +862,7 @@ BEGIN
         SELECT j.* FROM judged j WHERE j.status <> 'delivered'
     ),
     events AS (
-        -- A caller's id already has its row (enqueue claimed the id there).
+        -- An event gets its row with the first delivery that needs one.
         INSERT INTO outbox.event (id, event_type, payload, tenant_id, created_at)
         SELECT DISTINCT ON (p.id, coalesce(p.tenant_id, '')) p.id, p.event_type, p.payload, p.tenant_id, p.created_at
           FROM stateful p
@@ -2094,6 +2213,43 @@ BEGIN
 END
 $$;
 
+-- Ends the turn of the table of callers' ids taking new ones, once it has taken them for
+-- p_age, and gives the turn to the other, emptied (TRUNCATE): the ids in it are p_age old
+-- at least. Returns whether it did. It waits for the ids going into the table whose turn
+-- ends (so that a snapshot seeing the new turn sees every one of them: outbox.enqueue
+-- relies on it) and for enqueuers looking in the other, up to lock_timeout; enqueuers of
+-- ids wait behind it meanwhile. Held longer, it tries again at the next call.
+CREATE OR REPLACE FUNCTION outbox._rotate_event_keys(p_age interval)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '100ms'
+AS $$
+DECLARE
+    r outbox.event_key_rotation;
+BEGIN
+    IF p_age IS NULL THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO r FROM outbox.event_key_rotation FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND OR r.since > now() - p_age OR r.since = now() THEN
+        RETURN false;
+    END IF;
+    BEGIN
+        EXECUTE format('LOCK TABLE outbox.%I IN SHARE MODE', 'event_key_' || r.current);
+        EXECUTE format('LOCK TABLE outbox.%I IN ACCESS EXCLUSIVE MODE', 'event_key_' || (1 - r.current));
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
+    -- Only now, with nothing left that can fail for lack of a lock: enqueuers read the
+    -- sequence past their snapshots, and one advanced by a rotation that rolled back makes
+    -- them take the careful way until the next one.
+    EXECUTE format('TRUNCATE outbox.%I', 'event_key_' || (1 - r.current));
+    UPDATE outbox.event_key_rotation
+       SET current = 1 - r.current, generation = nextval('outbox.event_key_generation'), since = now();
+    RETURN true;
+END
+$$;
+
 -- Moves rollup hours older than 90 days into outbox.stats_retired, in one statement, so
 -- a reader of the totals sees them either in the rollup or in the retired sums, never in
 -- neither: the counters in outbox.metrics never go down. The 90 days are the rollup's
@@ -2169,9 +2325,8 @@ BEGIN
      USING unnest(event_ids, tenant_keys) AS k(id, tenant_key)
      WHERE e.id = k.id AND e.tenant_key = k.tenant_key
        AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id AND d.tenant_key = e.tenant_key);
-    -- A caller's event id, kept so that enqueueing it again does nothing, is kept as long
-    -- as a delivered delivery: its deliveries may all have gone to outbox.history, where
-    -- nothing refers to it.
+    -- Events no delivery refers to, past retention (rows an earlier version kept as
+    -- callers' ids, which are outbox.event_key_0/_1's now, or written by hand).
     WITH stale AS (
         DELETE FROM outbox.event e
          WHERE (e.id, e.tenant_key) IN (
@@ -2183,13 +2338,14 @@ BEGIN
     )
     SELECT n + count(*) INTO n FROM stale;
     PERFORM outbox._rotate_history(delivered_age);
+    PERFORM outbox._rotate_event_keys(delivered_age);
     PERFORM outbox._retire_stats();
     RETURN n;
 END
 $$;
 
--- Removes finished deliveries (and their attempts and orphaned events, and deliveries of
--- outbox.history) older than older_than, now; dead ones older than dead_older_than (default: the same). For manual
+-- Removes finished deliveries (and their attempts and orphaned events, deliveries of
+-- outbox.history, and callers' ids) older than older_than, now; dead ones older than dead_older_than (default: the same). For manual
 -- use; the worker does this continuously per outbox.retention_delivered / _dead.
 -- Returns how many deliveries were deleted.
 CREATE OR REPLACE FUNCTION outbox.purge(older_than interval, dead_older_than interval DEFAULT NULL)
@@ -2214,6 +2370,9 @@ BEGIN
     -- deletes (VACUUM reclaims the space).
     DELETE FROM outbox.history WHERE finished_at < now() - older_than;
     GET DIAGNOSTICS n = ROW_COUNT;
+    -- So are callers' ids as old (the worker forgets them a table at a time).
+    DELETE FROM outbox.event_key_0 WHERE created_at < now() - older_than;
+    DELETE FROM outbox.event_key_1 WHERE created_at < now() - older_than;
     RETURN total + n;
 END
 $$;
@@ -2610,6 +2769,22 @@ COMMENT ON COLUMN outbox.history.duration_ms IS 'Request duration in millisecond
 COMMENT ON COLUMN outbox.history.response_body IS 'Start of the response body (at most outbox.max_response_body bytes).';
 COMMENT ON COLUMN outbox.history.worker IS 'The sender that delivered it (worker:<pid>).';
 
+COMMENT ON TABLE outbox.event_key_0 IS 'Callers'' event ids (outbox.enqueue''s event_id) with what they named, so that enqueueing one again does nothing; outbox.event_key_1 is its twin. The two take turns taking new ids (outbox.event_key_rotation); the one whose turn comes is emptied first.';
+COMMENT ON TABLE outbox.event_key_1 IS 'The twin of outbox.event_key_0.';
+COMMENT ON TABLE outbox.event_key_rotation IS 'Which of outbox.event_key_0 and _1 takes new ids (current) since when; generation counts the turns, as outbox.event_key_generation does.';
+COMMENT ON COLUMN outbox.event_key_0.id IS 'The caller''s event id.';
+COMMENT ON COLUMN outbox.event_key_0.tenant_key IS 'The event''s tenant, or '''' for none.';
+COMMENT ON COLUMN outbox.event_key_0.event_type IS 'The event type enqueued under the id.';
+COMMENT ON COLUMN outbox.event_key_0.payload_hash IS 'SHA-256 of the payload as jsonb writes it.';
+COMMENT ON COLUMN outbox.event_key_0.created_at IS 'When the id was first enqueued.';
+COMMENT ON COLUMN outbox.event_key_1.id IS 'The caller''s event id.';
+COMMENT ON COLUMN outbox.event_key_1.tenant_key IS 'The event''s tenant, or '''' for none.';
+COMMENT ON COLUMN outbox.event_key_1.event_type IS 'The event type enqueued under the id.';
+COMMENT ON COLUMN outbox.event_key_1.payload_hash IS 'SHA-256 of the payload as jsonb writes it.';
+COMMENT ON COLUMN outbox.event_key_1.created_at IS 'When the id was first enqueued.';
+COMMENT ON COLUMN outbox.event_key_rotation.current IS 'The table taking new ids: 0 or 1.';
+COMMENT ON COLUMN outbox.event_key_rotation.generation IS 'The turn''s number, as outbox.event_key_generation gave it.';
+COMMENT ON COLUMN outbox.event_key_rotation.since IS 'When the turn began.';
 COMMENT ON TABLE outbox.history_rotation IS 'Which partition of outbox.history is being written (until NULL) since when, and when each other one stopped being written; a partition is emptied for reuse only once its newest row is past retention.';
 COMMENT ON COLUMN outbox.history_rotation.part IS 'Partition number, 0-2.';
 COMMENT ON COLUMN outbox.history_rotation.since IS 'When writing to this partition started.';

@@ -307,6 +307,55 @@ fn enqueue_with_an_event_id_is_idempotent() {
 }
 
 #[pg_test]
+fn callers_ids_are_remembered_for_a_turn_of_their_tables_then_forgotten() {
+    let logged = || count("SELECT count(*) FROM outbox.log");
+    let rotate = |age: &str| {
+        Spi::get_one::<bool>(&format!("SELECT outbox._rotate_event_keys('{age}')")).unwrap().unwrap()
+    };
+    let age_turn = || Spi::run("UPDATE outbox.event_key_rotation SET since = now() - interval '2 hours'").unwrap();
+    text("SELECT outbox.enqueue('a.b', '{\"v\": 0}', event_id => 'k0')");
+    text("SELECT outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'k1')");
+    assert_eq!(count("SELECT count(*) FROM outbox.event_key_0 WHERE id = 'k1' AND tenant_key = ''"), 1);
+    // A turn lasts the age given (retention): not over yet.
+    assert!(!rotate("1 hour"));
+    age_turn();
+    assert!(rotate("1 hour"));
+    assert_eq!(count("SELECT current::int8 FROM outbox.event_key_rotation"), 1);
+    // Known still, from the table whose turn is over: nothing appended (and remembered in
+    // this turn's table from now on), a twin refused.
+    let before = logged();
+    text("SELECT outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'k1')");
+    assert_eq!(logged(), before);
+    assert_refused("SELECT outbox.enqueue('a.b', '{\"v\": 2}', event_id => 'k1')", "23505");
+    text("SELECT outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'k2')");
+    assert_eq!(count("SELECT count(*) FROM outbox.event_key_1 WHERE id = 'k2'"), 1);
+    // The next turn empties the table that held k0 and k1: k0 may name a new event now;
+    // k1, enqueued again in the turn before, and k2 are still known.
+    age_turn();
+    assert!(rotate("1 hour"));
+    assert_eq!(count("SELECT count(*) FROM outbox.event_key_0"), 0);
+    assert_eq!(
+        count("SELECT generation FROM outbox.event_key_rotation"),
+        count("SELECT last_value FROM outbox.event_key_generation")
+    );
+    let before = logged();
+    text("SELECT outbox.enqueue('a.b', '{\"v\": 3}', event_id => 'k0')");
+    text("SELECT outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'k1')");
+    text("SELECT outbox.enqueue('a.b', '{\"v\": 1}', event_id => 'k2')");
+    assert_eq!(logged(), before + 1);
+    assert_refused("SELECT outbox.enqueue('a.b', '{\"v\": 3}', event_id => 'k1')", "23505");
+    // The same JSON value written otherwise is the same payload; ids are per tenant.
+    text("SELECT outbox.enqueue('a.b', '{ \"v\" :1 }', event_id => 'k2')");
+    assert_eq!(logged(), before + 1);
+    text("SELECT outbox.enqueue('a.b', '{\"v\": 9}', event_id => 'k2', tenant_id => 't')");
+    assert_eq!(logged(), before + 2);
+    // Retention turns them (outbox.purge with an age rotates them like the worker).
+    age_turn();
+    Spi::run("SELECT outbox.purge('1 hour')").unwrap();
+    assert_eq!(count("SELECT current::int8 FROM outbox.event_key_rotation"), 1);
+}
+
+#[pg_test]
 fn enqueue_refuses_bad_input() {
     endpoint("https://example.com/a", "");
     assert_refused("SELECT outbox.enqueue('', '{}')", "22023");

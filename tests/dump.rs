@@ -48,6 +48,10 @@ fn snapshot(c: &mut postgres::Client) -> Vec<String> {
          UNION ALL
          SELECT 'event ' || concat_ws('|', id, event_type, payload, tenant_id) FROM outbox.event
          UNION ALL
+         SELECT 'event id ' || concat_ws('|', id, tenant_key, event_type, payload_hash) FROM outbox.event_key_0
+         UNION ALL
+         SELECT 'event id ' || concat_ws('|', id, tenant_key, event_type, payload_hash) FROM outbox.event_key_1
+         UNION ALL
          SELECT 'attempt ' || concat_ws('|', id, delivery_id, attempt, outcome, status_code, error) FROM outbox.attempt
          UNION ALL
          SELECT 'history ' || concat_ws('|', part, delivery_id, event_id, endpoint_id, payload, attempt_id, status_code, finished_at)

@@ -128,3 +128,120 @@ fn concurrent_creates_of_one_endpoint_uid_make_one_endpoint() {
         .get(0);
     assert_eq!(endpoints, 1);
 }
+
+fn scalar(c: &mut postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// Ends the current turn of the tables of callers' ids, as retention does once it is a
+/// retention old.
+fn rotate(c: &mut impl postgres::GenericClient) -> bool {
+    c.batch_execute("UPDATE outbox.event_key_rotation SET since = now() - interval '2 hours'")
+        .unwrap();
+    c.query_one("SELECT outbox._rotate_event_keys('1 hour')", &[])
+        .unwrap()
+        .get(0)
+}
+
+fn sqlstate(e: &postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
+/// The tables of callers' ids take turns while producers enqueue: no id is ever taken
+/// twice, whatever the rotation meets.
+#[test]
+fn ids_stay_unique_while_their_tables_take_turns() {
+    let cluster = Cluster::start(&[]);
+    let mut a = cluster.client();
+    let mut b = cluster.client();
+    a.batch_execute("SELECT outbox.create_endpoint('http://127.0.0.1:9/hook')")
+        .unwrap();
+    let q = |id: &str| format!("SELECT outbox.enqueue('order.paid', '{{}}', event_id => '{id}')");
+
+    // An enqueuer still open holds the rotation back (a moment, then it gives up and
+    // retries later) rather than leave an id behind that a newer snapshot would not see.
+    let mut tb = b.transaction().unwrap();
+    tb.batch_execute(&q("open")).unwrap();
+    let started = std::time::Instant::now();
+    assert!(
+        !rotate(&mut a),
+        "rotated while an id was going into its table"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    tb.commit().unwrap();
+    assert!(rotate(&mut a));
+    assert_eq!(
+        scalar(
+            &mut a,
+            "SELECT current::int8 FROM outbox.event_key_rotation"
+        ),
+        1
+    );
+
+    // An enqueuer that read the turn just before a rotation committed puts its id into
+    // both tables: the one it read and the one whose turn began.
+    let mut r = cluster.client();
+    let mut tr = r.transaction().unwrap();
+    assert!(rotate(&mut tr));
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let mut tb = b.transaction().unwrap();
+        let r = tb.batch_execute(&q("during"));
+        tx.send(()).unwrap();
+        r.unwrap();
+        tb.commit().unwrap();
+        b
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "the enqueue did not wait for the rotation"
+    );
+    tr.commit().unwrap();
+    let mut b = waiter.join().unwrap();
+    assert_eq!(
+        scalar(
+            &mut a,
+            "SELECT (SELECT count(*) FROM outbox.event_key_0 WHERE id = 'during')
+                  + (SELECT count(*) FROM outbox.event_key_1 WHERE id = 'during')"
+        ),
+        2
+    );
+
+    // REPEATABLE READ: a snapshot from before a rotation cannot tell which ids committed
+    // since, so its enqueue of an id fails to serialize (and succeeds when retried)...
+    let mut ta = a
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    ta.batch_execute("SELECT 1").unwrap();
+    assert!(rotate(&mut b));
+    let e = ta.batch_execute(&q("rr-1")).unwrap_err();
+    assert_eq!(sqlstate(&e), "40001", "{e}");
+    ta.rollback().unwrap();
+    let mut ta = a
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    ta.batch_execute(&q("rr-1")).unwrap();
+    ta.commit().unwrap();
+    // ...and so does one racing an id committed after its snapshot.
+    let mut ta = a
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap();
+    ta.batch_execute("SELECT 1").unwrap();
+    b.batch_execute(&q("rr-2")).unwrap();
+    let e = ta.batch_execute(&q("rr-2")).unwrap_err();
+    assert_eq!(sqlstate(&e), "40001", "{e}");
+    ta.rollback().unwrap();
+
+    // Every id named one event in the log.
+    assert_eq!(
+        scalar(&mut a, "SELECT count(*) FROM outbox.log"),
+        scalar(&mut a, "SELECT count(DISTINCT id) FROM outbox.log")
+    );
+    assert_eq!(scalar(&mut a, "SELECT count(*) FROM outbox.log"), 4);
+}

@@ -455,6 +455,30 @@ fn upgrading_from_0_3_1_keeps_a_queue_in_every_state_and_adds_the_log() {
     assert_eq!(taken.iter().filter(|e| **e == ep).count(), 3, "{taken:?}");
     assert!(!taken.contains(&ordered), "{taken:?}");
 
+    // Ids callers gave before the upgrade are still known: enqueueing one again appends
+    // nothing, and the same id with another payload is refused.
+    let logged = |c: &mut postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM outbox.log", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before_log = logged(&mut c);
+    c.batch_execute(&format!(
+        "SELECT outbox.enqueue('order.created', jsonb_build_object('n', 2), event_id => 'evt-2', endpoint_id => '{ep}')"
+    ))
+    .unwrap();
+    assert_eq!(logged(&mut c), before_log, "a known id appended again");
+    let refused = c
+        .batch_execute(&format!(
+            "SELECT outbox.enqueue('order.created', jsonb_build_object('n', 99), event_id => 'evt-2', endpoint_id => '{ep}')"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        refused.code().map(|c| c.code().to_string()).as_deref(),
+        Some("23505"),
+        "{refused}"
+    );
+
     // A producer granted before the upgrade writes through the trigger into the log, and
     // the next claim reads it.
     let mut app = cluster.client_as("app");

@@ -30,8 +30,8 @@ Scenarios (each on a fresh cluster, in the order given):
                append trigger, and with outbox.trigger, side by side; tps, the share of
                the plain insert's kept (target >= 80 %, not behind PgQ) and microseconds
                added per event
-  soak         one event per transaction at --rate for --seconds with retention at one
-               minute; per minute: deliveries, commit -> receipt p50/p99, worker RSS and
+  soak         one event per transaction at --rate for --seconds (every other one with a
+               caller's event id) with retention at one minute; per minute: deliveries, commit -> receipt p50/p99, worker RSS and
                table sizes
   soak-novacuum  soak with autovacuum off for the outbox tables (target: sizes flat
                after minute 2)

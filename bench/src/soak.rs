@@ -43,10 +43,17 @@ pub fn run(bench: &Bench, rate: f64, seconds: f64, autovacuum: bool) -> Result<R
     bench.sink.reset(true);
     let mut client = bench.client();
     let mut probe = bench.client();
-    // Without a caller's event id, as most events come (and every one from
-    // outbox.trigger): a caller's id is kept in outbox.event until retention deletes it.
+    // Every other event with a caller's id, as an idempotent producer gives it (kept in
+    // outbox.event_key_0/_1, which take turns), the rest without, as outbox.trigger's come.
     let statement =
         client.prepare("SELECT outbox.enqueue('bench.soak', jsonb_build_object('n', $1::int8))")?;
+    let keyed = client.prepare(
+        "SELECT outbox.enqueue('bench.soak', jsonb_build_object('n', $1::int8), event_id => $2::text)",
+    )?;
+    let run = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     let pid = bench.worker_pid();
     eprintln!("soak: {count} events at {rate}/s, reported per minute");
 
@@ -83,7 +90,12 @@ pub fn run(bench: &Bench, rate: f64, seconds: f64, autovacuum: bool) -> Result<R
         while samples.len() < window {
             samples.push(sample(&mut probe)?);
         }
-        let id: String = client.query_one(&statement, &[&(i as i64)])?.get(0);
+        let id: String = if i % 2 == 0 {
+            client.query_one(&keyed, &[&(i as i64), &format!("soak-{run}-{i}")])?
+        } else {
+            client.query_one(&statement, &[&(i as i64)])?
+        }
+        .get(0);
         committed.push((id, SystemTime::now(), window));
     }
     if let Err(e) = bench.sink.wait_for(count, Duration::from_secs(60)) {

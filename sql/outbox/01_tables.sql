@@ -205,6 +205,36 @@ CREATE TABLE outbox.event (
 -- Retention finds the events no delivery refers to any more by age (outbox._purge_batch).
 CREATE INDEX event_created_idx ON outbox.event (created_at);
 
+-- The ids callers gave their events (outbox.enqueue's event_id), so that enqueueing one
+-- again does nothing: two tables taking turns, so that forgetting old ids is a TRUNCATE,
+-- never a DELETE (no dead rows where producers look, nothing left for VACUUM). New ids go
+-- into the one outbox.event_key_rotation names (a known id enqueued again too); enqueue
+-- looks in both. Each turn lasts outbox.retention_delivered, so an id is remembered that
+-- long at least after it was last enqueued, twice that at most (outbox._rotate_event_keys).
+CREATE TABLE outbox.event_key_0 (
+    id           text        NOT NULL,
+    tenant_key   text        NOT NULL,
+    event_type   text        NOT NULL,
+    -- SHA-256 of the payload as text: what tells the same event from another under its id.
+    payload_hash bytea       NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (id, tenant_key)
+);
+CREATE TABLE outbox.event_key_1 (LIKE outbox.event_key_0 INCLUDING ALL);
+
+-- Which of the two takes new ids (`current`), since when, and the rotation's number: also
+-- the last value of outbox.event_key_generation, which a rotation advances before it
+-- commits (a sequence is seen at once by everyone, whatever their snapshot; see
+-- outbox.enqueue).
+CREATE SEQUENCE outbox.event_key_generation;
+CREATE TABLE outbox.event_key_rotation (
+    current    smallint    NOT NULL CHECK (current IN (0, 1)),
+    generation bigint      NOT NULL,
+    since      timestamptz NOT NULL
+);
+CREATE UNIQUE INDEX event_key_rotation_one_row ON outbox.event_key_rotation ((true));
+INSERT INTO outbox.event_key_rotation VALUES (0, nextval('outbox.event_key_generation'), now());
+
 -- One row per (event, endpoint): the unit that is claimed, sent, retried and acknowledged.
 CREATE TABLE outbox.delivery (
     id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(),

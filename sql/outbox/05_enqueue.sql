@@ -2,13 +2,55 @@
 -- Enqueue
 -------------------------------------------------------------------------------------------
 
+-- Records a caller's id in table p_part of the two; false when the id is there already
+-- (committed, or committed by a transaction this one waited for). A row there this
+-- transaction could not see (REPEATABLE READ: committed after its snapshot) fails to
+-- serialize.
+CREATE FUNCTION outbox._remember_event_key(p_part smallint, p_id text, p_tenant text, p_event_type text, p_hash bytea)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- One statement per table, so that each names only its own: a rotation may be
+    -- emptying the other.
+    IF p_part = 0 THEN
+        INSERT INTO outbox.event_key_0 (id, tenant_key, event_type, payload_hash)
+        VALUES (p_id, p_tenant, p_event_type, p_hash) ON CONFLICT DO NOTHING;
+    ELSE
+        INSERT INTO outbox.event_key_1 (id, tenant_key, event_type, payload_hash)
+        VALUES (p_id, p_tenant, p_event_type, p_hash) ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN FOUND;
+END
+$$;
+
+-- What a caller's id named, from table p_part of the two.
+CREATE FUNCTION outbox._event_key(p_part smallint, p_id text, p_tenant text)
+RETURNS TABLE (event_type text, payload_hash bytea)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_part = 0 THEN
+        RETURN QUERY SELECT k.event_type, k.payload_hash FROM outbox.event_key_0 k
+                      WHERE k.id = p_id AND k.tenant_key = p_tenant;
+    ELSE
+        RETURN QUERY SELECT k.event_type, k.payload_hash FROM outbox.event_key_1 k
+                      WHERE k.id = p_id AND k.tenant_key = p_tenant;
+    END IF;
+END
+$$;
+
 -- Appends one event to the log, in the caller's transaction, and returns its id (the
 -- `webhook-id`). Nothing else happens here: after the transaction commits, the worker (or
 -- outbox.claim) reads the event and fans it out to the endpoints subscribed at that moment
 -- (outbox._fan_out), or to endpoint_id alone when it is given (it must be the tenant's own;
 -- its filter and enabled flag are not consulted: a disabled endpoint's delivery waits until
 -- it is enabled). With event_id (unique per tenant), enqueueing the same event again does
--- nothing and returns the id; the same id with another event type or payload is refused.
+-- nothing and returns the id, for outbox.retention_delivered at least after it was last
+-- enqueued; the same id with
+-- another event type or payload (its JSON text, as jsonb writes it) is refused.
 CREATE FUNCTION outbox.enqueue(
     event_type  text,
     payload     jsonb,
@@ -23,10 +65,18 @@ SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_endpoint outbox.endpoint;
-    v_known    outbox.event;
-    v_id       text;
-    v_due      timestamptz;
+    v_endpoint   outbox.endpoint;
+    v_id         text;
+    v_due        timestamptz;
+    v_tenant     text := coalesce(enqueue.tenant_id, '');
+    v_rc         boolean;
+    v_part       smallint;
+    v_gen        bigint;
+    v_latest     bigint;
+    v_hash       bytea;
+    v_known_type text;
+    v_known_hash bytea;
+    v_new        boolean;
 BEGIN
     -- The payload counts by its stored size, as the log's CHECK counts it: one rule, and
     -- no conversion of the JSON to text to measure it.
@@ -54,16 +104,47 @@ BEGIN
         RETURN v_id;
     END IF;
 
-    -- A caller's id is claimed in outbox.event, the table that keeps events by id: a
-    -- concurrent transaction enqueueing the same id makes this wait for it, then do nothing
-    -- (the SELECT, a new snapshot, then sees its row); one that rolled back leaves it free.
-    INSERT INTO outbox.event (id, event_type, payload, tenant_id)
-    VALUES (enqueue.event_id, enqueue.event_type, enqueue.payload, enqueue.tenant_id)
-    ON CONFLICT (id, tenant_key) DO NOTHING;
-    IF NOT FOUND THEN
-        SELECT * INTO v_known FROM outbox.event ev
-         WHERE ev.id = enqueue.event_id AND ev.tenant_key = coalesce(enqueue.tenant_id, '');
-        IF v_known.event_type IS DISTINCT FROM enqueue.event_type OR v_known.payload IS DISTINCT FROM enqueue.payload THEN
+    -- A caller's id (outbox.event_key_0/_1). It goes into the table taking new ids, whose
+    -- unique key makes a twin being enqueued at the same moment wait for this one (or this
+    -- one for it, then find it); and it must not be known from the table before (an id
+    -- outlives one turn). Under READ COMMITTED each look sees what committed before it.
+    v_rc := current_setting('transaction_isolation') = 'read committed';
+    SELECT r.current, r.generation, (SELECT g.last_value FROM outbox.event_key_generation g)
+      INTO v_part, v_gen, v_latest
+      FROM outbox.event_key_rotation r;
+    -- Under REPEATABLE READ or SERIALIZABLE the looks see the transaction's snapshot. An id
+    -- committed since then into the table this one goes to fails to serialize there; one
+    -- committed into the other means the tables took turns since the snapshot (a rotation
+    -- waits for the ids going into the table whose turn it ends), which the generation,
+    -- read past any snapshot, tells.
+    IF NOT v_rc AND v_gen <> v_latest THEN
+        RAISE EXCEPTION 'the table of event ids was rotated after this transaction''s snapshot was taken'
+            USING ERRCODE = 'serialization_failure',
+                  HINT = 'Retry the transaction.';
+    END IF;
+    v_hash := sha256(textsend(enqueue.payload::text));
+    v_new := outbox._remember_event_key(v_part, enqueue.event_id, v_tenant, enqueue.event_type, v_hash);
+    IF v_new AND (SELECT g.last_value FROM outbox.event_key_generation g) <> v_gen THEN
+        -- A rotation begun since `current` was read ends that table's turn once this
+        -- transaction ends: the id goes into the next one too, where a later snapshot
+        -- looks first, and where a twin enqueued meanwhile is met. (Under REPEATABLE READ,
+        -- retried instead.)
+        IF NOT v_rc THEN
+            RAISE EXCEPTION 'the table of event ids was rotated while this transaction enqueued %', quote_literal(enqueue.event_id)
+                USING ERRCODE = 'serialization_failure',
+                      HINT = 'Retry the transaction.';
+        END IF;
+        v_part := 1 - v_part;
+        v_new := outbox._remember_event_key(v_part, enqueue.event_id, v_tenant, enqueue.event_type, v_hash);
+    ELSIF v_new THEN
+        -- New in this turn's table: it may be known from the turn before.
+        v_part := 1 - v_part;
+        v_new := NOT EXISTS (SELECT 1 FROM outbox._event_key(v_part, enqueue.event_id, v_tenant));
+    END IF;
+    IF NOT v_new THEN
+        SELECT k.event_type, k.payload_hash INTO v_known_type, v_known_hash
+          FROM outbox._event_key(v_part, enqueue.event_id, v_tenant) k;
+        IF v_known_type IS DISTINCT FROM enqueue.event_type OR v_known_hash IS DISTINCT FROM v_hash THEN
             RAISE EXCEPTION 'event id % was enqueued before with another event type or payload', quote_literal(enqueue.event_id)
                 USING ERRCODE = 'unique_violation',
                       HINT = 'An event id names one event (receivers deduplicate on it): enqueue a new event under a new id.';

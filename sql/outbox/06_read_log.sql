@@ -115,7 +115,7 @@ BEGIN
         SELECT j.* FROM judged j WHERE j.status <> 'delivered'
     ),
     events AS (
-        -- A caller's id already has its row (enqueue claimed the id there).
+        -- An event gets its row with the first delivery that needs one.
         INSERT INTO outbox.event (id, event_type, payload, tenant_id, created_at)
         SELECT DISTINCT ON (p.id, coalesce(p.tenant_id, '')) p.id, p.event_type, p.payload, p.tenant_id, p.created_at
           FROM stateful p

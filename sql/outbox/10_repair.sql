@@ -198,6 +198,43 @@ BEGIN
 END
 $$;
 
+-- Ends the turn of the table of callers' ids taking new ones, once it has taken them for
+-- p_age, and gives the turn to the other, emptied (TRUNCATE): the ids in it are p_age old
+-- at least. Returns whether it did. It waits for the ids going into the table whose turn
+-- ends (so that a snapshot seeing the new turn sees every one of them: outbox.enqueue
+-- relies on it) and for enqueuers looking in the other, up to lock_timeout; enqueuers of
+-- ids wait behind it meanwhile. Held longer, it tries again at the next call.
+CREATE FUNCTION outbox._rotate_event_keys(p_age interval)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '100ms'
+AS $$
+DECLARE
+    r outbox.event_key_rotation;
+BEGIN
+    IF p_age IS NULL THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO r FROM outbox.event_key_rotation FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND OR r.since > now() - p_age OR r.since = now() THEN
+        RETURN false;
+    END IF;
+    BEGIN
+        EXECUTE format('LOCK TABLE outbox.%I IN SHARE MODE', 'event_key_' || r.current);
+        EXECUTE format('LOCK TABLE outbox.%I IN ACCESS EXCLUSIVE MODE', 'event_key_' || (1 - r.current));
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
+    -- Only now, with nothing left that can fail for lack of a lock: enqueuers read the
+    -- sequence past their snapshots, and one advanced by a rotation that rolled back makes
+    -- them take the careful way until the next one.
+    EXECUTE format('TRUNCATE outbox.%I', 'event_key_' || (1 - r.current));
+    UPDATE outbox.event_key_rotation
+       SET current = 1 - r.current, generation = nextval('outbox.event_key_generation'), since = now();
+    RETURN true;
+END
+$$;
+
 -- Moves rollup hours older than 90 days into outbox.stats_retired, in one statement, so
 -- a reader of the totals sees them either in the rollup or in the retired sums, never in
 -- neither: the counters in outbox.metrics never go down. The 90 days are the rollup's
@@ -273,9 +310,8 @@ BEGIN
      USING unnest(event_ids, tenant_keys) AS k(id, tenant_key)
      WHERE e.id = k.id AND e.tenant_key = k.tenant_key
        AND NOT EXISTS (SELECT 1 FROM outbox.delivery d WHERE d.event_id = e.id AND d.tenant_key = e.tenant_key);
-    -- A caller's event id, kept so that enqueueing it again does nothing, is kept as long
-    -- as a delivered delivery: its deliveries may all have gone to outbox.history, where
-    -- nothing refers to it.
+    -- Events no delivery refers to, past retention (rows an earlier version kept as
+    -- callers' ids, which are outbox.event_key_0/_1's now, or written by hand).
     WITH stale AS (
         DELETE FROM outbox.event e
          WHERE (e.id, e.tenant_key) IN (
@@ -287,13 +323,14 @@ BEGIN
     )
     SELECT n + count(*) INTO n FROM stale;
     PERFORM outbox._rotate_history(delivered_age);
+    PERFORM outbox._rotate_event_keys(delivered_age);
     PERFORM outbox._retire_stats();
     RETURN n;
 END
 $$;
 
--- Removes finished deliveries (and their attempts and orphaned events, and deliveries of
--- outbox.history) older than older_than, now; dead ones older than dead_older_than (default: the same). For manual
+-- Removes finished deliveries (and their attempts and orphaned events, deliveries of
+-- outbox.history, and callers' ids) older than older_than, now; dead ones older than dead_older_than (default: the same). For manual
 -- use; the worker does this continuously per outbox.retention_delivered / _dead.
 -- Returns how many deliveries were deleted.
 CREATE FUNCTION outbox.purge(older_than interval, dead_older_than interval DEFAULT NULL)
@@ -318,6 +355,9 @@ BEGIN
     -- deletes (VACUUM reclaims the space).
     DELETE FROM outbox.history WHERE finished_at < now() - older_than;
     GET DIAGNOSTICS n = ROW_COUNT;
+    -- So are callers' ids as old (the worker forgets them a table at a time).
+    DELETE FROM outbox.event_key_0 WHERE created_at < now() - older_than;
+    DELETE FROM outbox.event_key_1 WHERE created_at < now() - older_than;
     RETURN total + n;
 END
 $$;

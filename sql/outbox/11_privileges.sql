@@ -18,6 +18,10 @@ SELECT pg_catalog.pg_extension_config_dump('outbox.attempt', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.attempt_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.stats_hourly', '');
 SELECT pg_catalog.pg_extension_config_dump('outbox.stats_retired', '');
+-- Callers' ids, so that a restored database still knows them (both tables are looked in;
+-- which takes new ones is not dumped: a restored database starts a new turn).
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_key_0', '');
+SELECT pg_catalog.pg_extension_config_dump('outbox.event_key_1', '');
 -- The history's partitions hold its rows (which partition is written next is not dumped:
 -- a restored database starts a new turn).
 SELECT pg_catalog.pg_extension_config_dump('outbox.history_0', '');

@@ -102,6 +102,22 @@ COMMENT ON COLUMN outbox.history.duration_ms IS 'Request duration in millisecond
 COMMENT ON COLUMN outbox.history.response_body IS 'Start of the response body (at most outbox.max_response_body bytes).';
 COMMENT ON COLUMN outbox.history.worker IS 'The sender that delivered it (worker:<pid>).';
 
+COMMENT ON TABLE outbox.event_key_0 IS 'Callers'' event ids (outbox.enqueue''s event_id) with what they named, so that enqueueing one again does nothing; outbox.event_key_1 is its twin. The two take turns taking new ids (outbox.event_key_rotation); the one whose turn comes is emptied first.';
+COMMENT ON TABLE outbox.event_key_1 IS 'The twin of outbox.event_key_0.';
+COMMENT ON TABLE outbox.event_key_rotation IS 'Which of outbox.event_key_0 and _1 takes new ids (current) since when; generation counts the turns, as outbox.event_key_generation does.';
+COMMENT ON COLUMN outbox.event_key_0.id IS 'The caller''s event id.';
+COMMENT ON COLUMN outbox.event_key_0.tenant_key IS 'The event''s tenant, or '''' for none.';
+COMMENT ON COLUMN outbox.event_key_0.event_type IS 'The event type enqueued under the id.';
+COMMENT ON COLUMN outbox.event_key_0.payload_hash IS 'SHA-256 of the payload as jsonb writes it.';
+COMMENT ON COLUMN outbox.event_key_0.created_at IS 'When the id was first enqueued.';
+COMMENT ON COLUMN outbox.event_key_1.id IS 'The caller''s event id.';
+COMMENT ON COLUMN outbox.event_key_1.tenant_key IS 'The event''s tenant, or '''' for none.';
+COMMENT ON COLUMN outbox.event_key_1.event_type IS 'The event type enqueued under the id.';
+COMMENT ON COLUMN outbox.event_key_1.payload_hash IS 'SHA-256 of the payload as jsonb writes it.';
+COMMENT ON COLUMN outbox.event_key_1.created_at IS 'When the id was first enqueued.';
+COMMENT ON COLUMN outbox.event_key_rotation.current IS 'The table taking new ids: 0 or 1.';
+COMMENT ON COLUMN outbox.event_key_rotation.generation IS 'The turn''s number, as outbox.event_key_generation gave it.';
+COMMENT ON COLUMN outbox.event_key_rotation.since IS 'When the turn began.';
 COMMENT ON TABLE outbox.history_rotation IS 'Which partition of outbox.history is being written (until NULL) since when, and when each other one stopped being written; a partition is emptied for reuse only once its newest row is past retention.';
 COMMENT ON COLUMN outbox.history_rotation.part IS 'Partition number, 0-2.';
 COMMENT ON COLUMN outbox.history_rotation.since IS 'When writing to this partition started.';
