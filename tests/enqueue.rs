@@ -143,6 +143,13 @@ fn rotate(c: &mut impl postgres::GenericClient) -> bool {
         .get(0)
 }
 
+fn repeatable_read(c: &mut postgres::Client) -> postgres::Transaction<'_> {
+    c.build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .unwrap()
+}
+
 fn sqlstate(e: &postgres::Error) -> String {
     e.code().map(|c| c.code().to_string()).unwrap_or_default()
 }
@@ -209,29 +216,17 @@ fn ids_stay_unique_while_their_tables_take_turns() {
 
     // REPEATABLE READ: a snapshot from before a rotation cannot tell which ids committed
     // since, so its enqueue of an id fails to serialize (and succeeds when retried)...
-    let mut ta = a
-        .build_transaction()
-        .isolation_level(postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .unwrap();
+    let mut ta = repeatable_read(&mut a);
     ta.batch_execute("SELECT 1").unwrap();
     assert!(rotate(&mut b));
     let e = ta.batch_execute(&q("rr-1")).unwrap_err();
     assert_eq!(sqlstate(&e), "40001", "{e}");
     ta.rollback().unwrap();
-    let mut ta = a
-        .build_transaction()
-        .isolation_level(postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .unwrap();
+    let mut ta = repeatable_read(&mut a);
     ta.batch_execute(&q("rr-1")).unwrap();
     ta.commit().unwrap();
     // ...and so does one racing an id committed after its snapshot.
-    let mut ta = a
-        .build_transaction()
-        .isolation_level(postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .unwrap();
+    let mut ta = repeatable_read(&mut a);
     ta.batch_execute("SELECT 1").unwrap();
     b.batch_execute(&q("rr-2")).unwrap();
     let e = ta.batch_execute(&q("rr-2")).unwrap_err();
