@@ -213,7 +213,7 @@ INSERT INTO outbox.event_key_rotation VALUES (0, nextval('outbox.event_key_gener
 -- The ids callers gave before (kept until now as rows of outbox.event, which also holds
 -- the events of queued deliveries; every one is taken: the generated ones are unique).
 INSERT INTO outbox.event_key_0 (id, tenant_key, event_type, payload_hash, created_at)
-SELECT e.id, e.tenant_key, e.event_type, sha256(textsend(e.payload::text)), e.created_at FROM outbox.event e;
+SELECT e.id, e.tenant_key, e.event_type, sha256(convert_to(e.payload::text, 'UTF8')), e.created_at FROM outbox.event e;
 -- Callers' ids, so that a restored database still knows them (both tables are looked in;
 -- which takes new ones is not dumped: a restored database starts a new turn).
 SELECT pg_catalog.pg_extension_config_dump('outbox.event_key_0', '');
@@ -596,7 +596,8 @@ BEGIN
             USING ERRCODE = 'serialization_failure',
                   HINT = 'Retry the transaction.';
     END IF;
-    v_hash := sha256(textsend(enqueue.payload::text));
+    -- As UTF-8 whatever the client's encoding (textsend would convert to that).
+    v_hash := sha256(convert_to(enqueue.payload::text, 'UTF8'));
     v_new := outbox._remember_event_key(v_part, enqueue.event_id, v_tenant, enqueue.event_type, v_hash);
     IF v_new AND (SELECT g.last_value FROM outbox.event_key_generation g) <> v_gen THEN
         -- A rotation begun since `current` was read ends that table's turn once this
@@ -612,12 +613,14 @@ BEGIN
         v_new := outbox._remember_event_key(v_part, enqueue.event_id, v_tenant, enqueue.event_type, v_hash);
     ELSIF v_new THEN
         -- New in this turn's table: it may be known from the turn before.
-        v_part := 1 - v_part;
-        v_new := NOT EXISTS (SELECT 1 FROM outbox._event_key(v_part, enqueue.event_id, v_tenant));
-    END IF;
-    IF NOT v_new THEN
+        SELECT k.event_type, k.payload_hash INTO v_known_type, v_known_hash
+          FROM outbox._event_key((1 - v_part)::smallint, enqueue.event_id, v_tenant) k;
+        v_new := NOT FOUND;
+    ELSE
         SELECT k.event_type, k.payload_hash INTO v_known_type, v_known_hash
           FROM outbox._event_key(v_part, enqueue.event_id, v_tenant) k;
+    END IF;
+    IF NOT v_new THEN
         IF v_known_type IS DISTINCT FROM enqueue.event_type OR v_known_hash IS DISTINCT FROM v_hash THEN
             RAISE EXCEPTION 'event id % was enqueued before with another event type or payload', quote_literal(enqueue.event_id)
                 USING ERRCODE = 'unique_violation',
@@ -2218,7 +2221,8 @@ $$;
 -- at least. Returns whether it did. It waits for the ids going into the table whose turn
 -- ends (so that a snapshot seeing the new turn sees every one of them: outbox.enqueue
 -- relies on it) and for enqueuers looking in the other, up to lock_timeout; enqueuers of
--- ids wait behind it meanwhile. Held longer, it tries again at the next call.
+-- ids wait behind it meanwhile. Held longer, it tries again at the next call. A NULL
+-- p_age keeps ids for ever (the turn's number is caught up with all the same).
 CREATE OR REPLACE FUNCTION outbox._rotate_event_keys(p_age interval)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -2227,11 +2231,19 @@ AS $$
 DECLARE
     r outbox.event_key_rotation;
 BEGIN
-    IF p_age IS NULL THEN
+    SELECT * INTO r FROM outbox.event_key_rotation FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
         RETURN false;
     END IF;
-    SELECT * INTO r FROM outbox.event_key_rotation FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND OR r.since > now() - p_age OR r.since = now() THEN
+    -- The sequence may have run ahead of the turn's number without a turn: a rotation
+    -- rolled back after advancing it, or crash recovery or a promoted standby found it
+    -- ahead (a sequence is logged some values in advance). Until they agree again every
+    -- keyed enqueue under REPEATABLE READ would fail to serialize, so they are made to
+    -- agree: a snapshot from before this sees them differ and takes the careful way.
+    UPDATE outbox.event_key_rotation
+       SET generation = (SELECT g.last_value FROM outbox.event_key_generation g)
+     WHERE generation <> (SELECT g.last_value FROM outbox.event_key_generation g);
+    IF p_age IS NULL OR r.since > now() - p_age THEN
         RETURN false;
     END IF;
     BEGIN
@@ -2240,12 +2252,14 @@ BEGIN
     EXCEPTION WHEN lock_not_available THEN
         RETURN false;
     END;
-    -- Only now, with nothing left that can fail for lack of a lock: enqueuers read the
-    -- sequence past their snapshots, and one advanced by a rotation that rolled back makes
-    -- them take the careful way until the next one.
+    -- Only now, with nothing left that can fail for lack of a lock: a sequence advanced
+    -- by a rotation that rolls back makes enqueuers take the careful way until the next
+    -- call catches up (above).
     EXECUTE format('TRUNCATE outbox.%I', 'event_key_' || (1 - r.current));
+    -- The turn counts from now, not from the transaction's start: ids went into the
+    -- table whose turn ends until the locks were had.
     UPDATE outbox.event_key_rotation
-       SET current = 1 - r.current, generation = nextval('outbox.event_key_generation'), since = now();
+       SET current = 1 - r.current, generation = nextval('outbox.event_key_generation'), since = clock_timestamp();
     RETURN true;
 END
 $$;
@@ -2338,7 +2352,6 @@ BEGIN
     )
     SELECT n + count(*) INTO n FROM stale;
     PERFORM outbox._rotate_history(delivered_age);
-    PERFORM outbox._rotate_event_keys(delivered_age);
     PERFORM outbox._retire_stats();
     RETURN n;
 END
@@ -2450,6 +2463,7 @@ BEGIN
         outbox.ack_batch(uuid[], integer[], outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[], text),
         outbox._next_due(), outbox._purge_batch(interval, interval, integer),
         outbox._requeue_orphaned(), outbox._lock_for_ack(uuid[]), outbox._read_log(integer, bigint), outbox._rotate_log(),
+        outbox._rotate_event_keys(interval),
         outbox._claim(integer, text, interval, uuid, text), outbox._log_lock(), outbox._become_reader(),
         outbox._read_batch(integer, integer, bigint, bigint, pg_snapshot, boolean, bigint, bigint), outbox._recount_endpoints(),
         outbox._close_batch(bigint, pg_snapshot, integer, bigint, uuid[], bigint[], bigint[], uuid[], integer[],
@@ -2647,6 +2661,7 @@ BEGIN
          WHERE p.oid = 'outbox._next_due()'::regprocedure AND a.grantee NOT IN (0, p.proowner)
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION outbox._read_log(integer, bigint), outbox._rotate_log(),
+            outbox._rotate_event_keys(interval),
             outbox._claim(integer, text, interval, uuid, text), outbox._log_lock(), outbox._become_reader(),
             outbox._read_batch(integer, integer, bigint, bigint, pg_snapshot, boolean, bigint, bigint), outbox._recount_endpoints(),
             outbox._close_batch(bigint, pg_snapshot, integer, bigint, uuid[], bigint[], bigint[], uuid[], integer[],

@@ -88,3 +88,48 @@ fn the_worker_keeps_the_tables_flat() {
         "statistics remain"
     );
 }
+
+/// Callers' ids are forgotten by their tables taking turns, never by DELETE: with
+/// retention at two seconds an id is known for two seconds at least, and gone after a few.
+#[test]
+fn the_worker_gives_the_tables_of_event_ids_their_turns() {
+    let mut settings = FAST.to_vec();
+    settings.push("outbox.retention_delivered = 2");
+    let cluster = Cluster::start(&settings);
+    let rx = Receiver::start().unwrap();
+    let mut c = cluster.client();
+    endpoint(&mut c, &rx.url("/r"), "");
+    let enqueue = |c: &mut postgres::Client, payload: &str| {
+        c.batch_execute(&format!(
+            "SELECT outbox.enqueue('r.id', '{payload}', event_id => 'order-1')"
+        ))
+        .unwrap()
+    };
+    let turns = |c: &mut postgres::Client| {
+        scalar_i64(c, "SELECT generation FROM outbox.event_key_rotation")
+    };
+    let first_turn = turns(&mut c);
+    enqueue(&mut c, r#"{"n": 1}"#);
+    // Known at once: enqueued again, it is not sent again.
+    enqueue(&mut c, r#"{"n": 1}"#);
+    assert!(rx.wait_for(1, Duration::from_secs(20)), "{}", cluster.log());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rx.count(), 1);
+    // Two turns later the table that held it was emptied: the id names a new event.
+    assert!(
+        wait_until(Duration::from_secs(30), || turns(&mut c) >= first_turn + 2),
+        "the tables took {} turns: {}",
+        turns(&mut c) - first_turn,
+        cluster.log()
+    );
+    enqueue(&mut c, r#"{"n": 2}"#);
+    assert!(rx.wait_for(2, Duration::from_secs(20)), "{}", cluster.log());
+    let ids: Vec<String> = rx.received().into_iter().map(|r| r.webhook_id).collect();
+    assert_eq!(ids, ["order-1", "order-1"]);
+    let deleted = scalar_i64(
+        &mut c,
+        "SELECT coalesce(sum(n_tup_del), 0)::int8 FROM pg_stat_user_tables
+          WHERE schemaname = 'outbox' AND relname IN ('event_key_0', 'event_key_1')",
+    );
+    assert_eq!(deleted, 0, "ids were deleted, not truncated");
+}

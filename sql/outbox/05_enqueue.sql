@@ -122,7 +122,8 @@ BEGIN
             USING ERRCODE = 'serialization_failure',
                   HINT = 'Retry the transaction.';
     END IF;
-    v_hash := sha256(textsend(enqueue.payload::text));
+    -- As UTF-8 whatever the client's encoding (textsend would convert to that).
+    v_hash := sha256(convert_to(enqueue.payload::text, 'UTF8'));
     v_new := outbox._remember_event_key(v_part, enqueue.event_id, v_tenant, enqueue.event_type, v_hash);
     IF v_new AND (SELECT g.last_value FROM outbox.event_key_generation g) <> v_gen THEN
         -- A rotation begun since `current` was read ends that table's turn once this
@@ -138,12 +139,14 @@ BEGIN
         v_new := outbox._remember_event_key(v_part, enqueue.event_id, v_tenant, enqueue.event_type, v_hash);
     ELSIF v_new THEN
         -- New in this turn's table: it may be known from the turn before.
-        v_part := 1 - v_part;
-        v_new := NOT EXISTS (SELECT 1 FROM outbox._event_key(v_part, enqueue.event_id, v_tenant));
-    END IF;
-    IF NOT v_new THEN
+        SELECT k.event_type, k.payload_hash INTO v_known_type, v_known_hash
+          FROM outbox._event_key((1 - v_part)::smallint, enqueue.event_id, v_tenant) k;
+        v_new := NOT FOUND;
+    ELSE
         SELECT k.event_type, k.payload_hash INTO v_known_type, v_known_hash
           FROM outbox._event_key(v_part, enqueue.event_id, v_tenant) k;
+    END IF;
+    IF NOT v_new THEN
         IF v_known_type IS DISTINCT FROM enqueue.event_type OR v_known_hash IS DISTINCT FROM v_hash THEN
             RAISE EXCEPTION 'event id % was enqueued before with another event type or payload', quote_literal(enqueue.event_id)
                 USING ERRCODE = 'unique_violation',

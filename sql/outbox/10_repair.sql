@@ -203,7 +203,8 @@ $$;
 -- at least. Returns whether it did. It waits for the ids going into the table whose turn
 -- ends (so that a snapshot seeing the new turn sees every one of them: outbox.enqueue
 -- relies on it) and for enqueuers looking in the other, up to lock_timeout; enqueuers of
--- ids wait behind it meanwhile. Held longer, it tries again at the next call.
+-- ids wait behind it meanwhile. Held longer, it tries again at the next call. A NULL
+-- p_age keeps ids for ever (the turn's number is caught up with all the same).
 CREATE FUNCTION outbox._rotate_event_keys(p_age interval)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -212,11 +213,19 @@ AS $$
 DECLARE
     r outbox.event_key_rotation;
 BEGIN
-    IF p_age IS NULL THEN
+    SELECT * INTO r FROM outbox.event_key_rotation FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
         RETURN false;
     END IF;
-    SELECT * INTO r FROM outbox.event_key_rotation FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND OR r.since > now() - p_age OR r.since = now() THEN
+    -- The sequence may have run ahead of the turn's number without a turn: a rotation
+    -- rolled back after advancing it, or crash recovery or a promoted standby found it
+    -- ahead (a sequence is logged some values in advance). Until they agree again every
+    -- keyed enqueue under REPEATABLE READ would fail to serialize, so they are made to
+    -- agree: a snapshot from before this sees them differ and takes the careful way.
+    UPDATE outbox.event_key_rotation
+       SET generation = (SELECT g.last_value FROM outbox.event_key_generation g)
+     WHERE generation <> (SELECT g.last_value FROM outbox.event_key_generation g);
+    IF p_age IS NULL OR r.since > now() - p_age THEN
         RETURN false;
     END IF;
     BEGIN
@@ -225,12 +234,14 @@ BEGIN
     EXCEPTION WHEN lock_not_available THEN
         RETURN false;
     END;
-    -- Only now, with nothing left that can fail for lack of a lock: enqueuers read the
-    -- sequence past their snapshots, and one advanced by a rotation that rolled back makes
-    -- them take the careful way until the next one.
+    -- Only now, with nothing left that can fail for lack of a lock: a sequence advanced
+    -- by a rotation that rolls back makes enqueuers take the careful way until the next
+    -- call catches up (above).
     EXECUTE format('TRUNCATE outbox.%I', 'event_key_' || (1 - r.current));
+    -- The turn counts from now, not from the transaction's start: ids went into the
+    -- table whose turn ends until the locks were had.
     UPDATE outbox.event_key_rotation
-       SET current = 1 - r.current, generation = nextval('outbox.event_key_generation'), since = now();
+       SET current = 1 - r.current, generation = nextval('outbox.event_key_generation'), since = clock_timestamp();
     RETURN true;
 END
 $$;
@@ -323,7 +334,6 @@ BEGIN
     )
     SELECT n + count(*) INTO n FROM stale;
     PERFORM outbox._rotate_history(delivered_age);
-    PERFORM outbox._rotate_event_keys(delivered_age);
     PERFORM outbox._retire_stats();
     RETURN n;
 END

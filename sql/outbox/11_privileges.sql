@@ -115,6 +115,7 @@ BEGIN
         outbox.ack_batch(uuid[], integer[], outbox.attempt_outcome[], integer[], text[], double precision[], timestamptz[], text[], text),
         outbox._next_due(), outbox._purge_batch(interval, interval, integer),
         outbox._requeue_orphaned(), outbox._lock_for_ack(uuid[]), outbox._read_log(integer, bigint), outbox._rotate_log(),
+        outbox._rotate_event_keys(interval),
         outbox._claim(integer, text, interval, uuid, text), outbox._log_lock(), outbox._become_reader(),
         outbox._read_batch(integer, integer, bigint, bigint, pg_snapshot, boolean, bigint, bigint), outbox._recount_endpoints(),
         outbox._close_batch(bigint, pg_snapshot, integer, bigint, uuid[], bigint[], bigint[], uuid[], integer[],

@@ -5,10 +5,11 @@
 //! One cycle: take finished outcomes → one transaction that records those of claimed
 //! deliveries, closes the open batch of the log once its first attempts' outcomes are in
 //! (writing each of its deliveries once, as its attempt left it), claims due retries and
-//! reads the next batch into the free request slots → submit the requests → sleep on the
-//! latch and the sender's eventfd until a commit, an outcome, a retry coming due, the
-//! batch's hold ending or the poll interval. Reading, sending and recording overlap: the
-//! main thread never waits for HTTP.
+//! reads the next batch into the free request slots (a small batch answered in full is
+//! closed after the next one is read and its attempts are out) → submit the requests →
+//! sleep on the latch and the sender's eventfd until a commit, an outcome, a retry coming
+//! due, the batch's hold ending or the poll interval. Reading, sending and recording
+//! overlap: the main thread never waits for HTTP.
 
 pub mod launcher;
 mod store;
@@ -146,6 +147,8 @@ struct Worker {
     orphans_taken: bool,
     /// When the log is next rotated.
     next_rotation: std::time::Instant,
+    /// When the tables of callers' ids may next take turns.
+    next_key_rotation: std::time::Instant,
     /// The part of the log whose first attempts are out, if any.
     batch: Option<store::Batch>,
     /// The part read after it while it was still open (one worker only): its attempts go
@@ -234,6 +237,7 @@ impl Worker {
             installed: None,
             orphans_taken: false,
             next_rotation: std::time::Instant::now(),
+            next_key_rotation: std::time::Instant::now(),
             batch: None,
             next: None,
             queue_clear_until: None,
@@ -294,6 +298,7 @@ impl Worker {
                 _ => timeout,
             };
             self.rotate();
+            self.turn_event_keys();
             let timeout = match self.retention() {
                 // More expired rows are waiting: come back soon, between delivery cycles.
                 Some(true) => timeout.min(Duration::from_millis(100)),
@@ -705,6 +710,38 @@ impl Worker {
         };
         self.next_retention = if more { now } else { now + every };
         Some(more)
+    }
+
+    /// Gives the turn to the other table of callers' ids once the current one's is over,
+    /// and catches the turn's number up with its sequence (see `outbox._rotate_event_keys`):
+    /// at the start, and then a tenth of `outbox.retention_delivered` apart (1 s to 60 s),
+    /// retention or not. Not more often: a turn that cannot be had (enqueuers hold their
+    /// tables) makes those enqueueing ids wait up to 100 ms each time it is tried.
+    fn turn_event_keys(&mut self) {
+        let now = std::time::Instant::now();
+        if self.slot != 0
+            || now < self.next_key_rotation
+            || self.installed.as_deref() != Some(env!("CARGO_PKG_VERSION"))
+        {
+            return;
+        }
+        let delivered = self.settings.retention_delivered;
+        self.next_key_rotation = now
+            + delivered.map_or(RETENTION_EVERY, |d| {
+                (d / 10).clamp(Duration::from_secs(1), RETENTION_EVERY)
+            });
+        let result = in_transaction(|| {
+            Spi::connect_mut(|client| {
+                if store::extension_ready(client)? {
+                    store::rotate_event_keys(client, delivered).map(|_| ())
+                } else {
+                    Ok(())
+                }
+            })
+        });
+        if let Err(e) = result {
+            log!("webhook_outbox worker: the tables of event ids: {e}");
+        }
     }
 
     /// Truncates the log partitions (and cursor rows) that have been read, on the worker

@@ -780,6 +780,25 @@ pub fn purge_batch(
     )
 }
 
+/// Gives the turn to the other table of callers' ids once the current one's is over
+/// (`outbox._rotate_event_keys`): ids are remembered for `delivered` (None: for ever).
+/// Returns whether it did.
+pub fn rotate_event_keys(
+    client: &mut SpiClient<'_>,
+    delivered: Option<Duration>,
+) -> Result<bool, StoreError> {
+    let age = delivered.map(|d| format!("{} seconds", d.as_secs()));
+    client
+        .update(
+            "SELECT outbox._rotate_event_keys($1::pg_catalog.interval)",
+            None,
+            &[age.into()],
+        )
+        .and_then(|t| t.first().get::<bool>(1))
+        .map(|r| r.unwrap_or(false))
+        .map_err(|e| e.to_string())
+}
+
 /// Truncates what of the log has been read (see `outbox._rotate_log`); returns how many
 /// tables it truncated.
 pub fn rotate_log(client: &mut SpiClient<'_>) -> Result<i64, StoreError> {
