@@ -349,6 +349,15 @@ fn callers_ids_are_remembered_for_a_turn_of_their_tables_then_forgotten() {
     assert_eq!(logged(), before + 1);
     text("SELECT outbox.enqueue('a.b', '{\"v\": 9}', event_id => 'k2', tenant_id => 't')");
     assert_eq!(logged(), before + 2);
+    // The payload is compared as UTF-8 whatever the client's encoding, so a producer on
+    // another encoding enqueueing the same event is not refused (nor fails on a character
+    // its encoding lacks).
+    text("SELECT outbox.enqueue('a.b', '{\"name\": \"José €\"}', event_id => 'k-enc')");
+    Spi::run("SET LOCAL client_encoding = 'LATIN1'").unwrap();
+    let before = logged();
+    text("SELECT outbox.enqueue('a.b', '{\"name\": \"José €\"}', event_id => 'k-enc')");
+    assert_eq!(logged(), before);
+    Spi::run("SET LOCAL client_encoding = 'UTF8'").unwrap();
     // A sequence found ahead of the turn's number (crash recovery logs it some values in
     // advance; a rotation may roll back after advancing it) is caught up with by the next
     // call, due or not.

@@ -49,8 +49,8 @@ $$;
 -- its filter and enabled flag are not consulted: a disabled endpoint's delivery waits until
 -- it is enabled). With event_id (unique per tenant), enqueueing the same event again does
 -- nothing and returns the id, for outbox.retention_delivered at least after it was last
--- enqueued; the same id with
--- another event type or payload (its JSON text, as jsonb writes it) is refused.
+-- enqueued; the same id with another event type or payload (its JSON text, as jsonb
+-- writes it) is refused.
 CREATE FUNCTION outbox.enqueue(
     event_type  text,
     payload     jsonb,

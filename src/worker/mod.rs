@@ -680,12 +680,7 @@ impl Worker {
         );
         // Retention needs this release's SQL; with older SQL it waits for the update (the
         // delivery cycle says so in the log).
-        let shortest = [delivered, dead]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(RETENTION_EVERY);
-        let every = (shortest / 10).clamp(Duration::from_secs(1), RETENTION_EVERY);
+        let every = retention_interval([delivered, dead].into_iter().flatten().min());
         if self.installed.as_deref() != Some(env!("CARGO_PKG_VERSION")) {
             self.next_retention = now + every;
             return None;
@@ -726,10 +721,7 @@ impl Worker {
             return;
         }
         let delivered = self.settings.retention_delivered;
-        self.next_key_rotation = now
-            + delivered.map_or(RETENTION_EVERY, |d| {
-                (d / 10).clamp(Duration::from_secs(1), RETENTION_EVERY)
-            });
+        self.next_key_rotation = now + retention_interval(delivered);
         let result = in_transaction(|| {
             Spi::connect_mut(|client| {
                 if store::extension_ready(client)? {
@@ -839,6 +831,14 @@ impl Worker {
             Err(e) => log!("webhook_outbox worker stopping: could not record {n} attempts: {e}"),
         }
     }
+}
+
+/// How often retention looks for what `age` (None: no age) has made expire: a tenth of it,
+/// from a second to RETENTION_EVERY.
+fn retention_interval(age: Option<Duration>) -> Duration {
+    age.map_or(RETENTION_EVERY, |a| {
+        (a / 10).clamp(Duration::from_secs(1), RETENTION_EVERY)
+    })
 }
 
 /// Starts `b`'s attempts whose endpoints have room, within the request slots free now.
